@@ -1,0 +1,122 @@
+"""Gradient accumulators shared by the learned optimizers (upstream ``common.py``).
+
+All state is float32 and carries a trailing axis of size K (one slice per decay), exactly as
+upstream's ``vmap(..., out_axes=-1)`` lays it out. Every function updates state in place and
+follows upstream's order of operations:
+
+* momentum: ``m' = d*m + (1-d)*g`` (``d`` not clipped)
+* rms: ``v' = c*v + (1-c)*g^2`` with ``c = clip(d, 0, 1)``
+* factored (Adafactor-style), ``gs = g^2 + 1e-30``, ``c = clip(d, 0, 1)``:
+
+  - factored tensors (rank >= 2, dims ``(d1, d0)`` from :func:`factored_dims`):
+    ``v_row' = c*v_row + (1-c)*mean(gs, d0)``, ``v_col' = c*v_col + (1-c)*mean(gs, d1)``,
+    ``row_factor = safe_rsqrt(v_row' / (mean(v_row', rd1) + 1e-9))`` with
+    ``rd1 = d1 - 1 if d1 > d0 else d1``, ``col_factor = safe_rsqrt(v_col')``,
+    ``fac_g = g * expand(row_factor, d0) * expand(col_factor, d1)``
+  - other tensors: ``v' = c*v + (1-c)*gs``, ``fac_g = g * safe_rsqrt(v' + 1e-9)``
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from lopt_port.constants import (
+    DIAG_PRECOND_EPS,
+    FACTORED_GRAD_SQ_EPS,
+    ROW_COL_MEAN_EPS,
+    SAFE_RSQRT_FLOOR,
+)
+
+TieBreak = Literal["numpy", "stable"]
+
+
+def factored_dims(shape: Sequence[int], tie_break: TieBreak = "numpy") -> tuple[int, int] | None:
+    """Upstream's rule: ``None`` below rank 2, else ``(d1, d0)`` = the two largest dims.
+
+    ``d0`` is the largest dim and ``d1`` the second largest, as ordered by
+    ``numpy.argsort(shape)``. With ``tie_break="numpy"`` this is the very call upstream makes
+    (default sort kind), so equal dims resolve exactly as upstream resolves them on this machine;
+    numpy's default sort is not stable for some tie shapes on AVX-512 builds (e.g. ``(6,6,3,3)``
+    gives ``(1, 0)``). ``tie_break="stable"`` uses a stable sort, as older numpy builds did.
+    """
+    if len(shape) < 2:
+        return None
+    kind = "stable" if tie_break == "stable" else None
+    order = np.argsort(np.asarray(tuple(shape), dtype=np.int64), kind=kind)
+    return int(order[-2]), int(order[-1])
+
+
+def learned_decays(initial: Sequence[float], offsets: torch.Tensor) -> torch.Tensor:
+    """Effective decays ``1 - exp(10 * (log(1 - d0) / 10 + theta))`` in float32, upstream order."""
+    d0 = torch.tensor(tuple(initial), dtype=torch.float32)
+    param = torch.log(1 - d0) / 10.0 + offsets.to(torch.float32)
+    return 1 - torch.exp(param * 10.0)
+
+
+def safe_rsqrt(x: torch.Tensor) -> torch.Tensor:
+    """``rsqrt(max(x, 1e-9))``."""
+    return torch.rsqrt(torch.clamp_min(x, SAFE_RSQRT_FLOOR))
+
+
+def update_momentum(m: torch.Tensor, g: torch.Tensor, decays: torch.Tensor) -> None:
+    """``m <- d*m + (1-d)*g`` for every decay (trailing axis of ``m``)."""
+    m.mul_(decays).add_(g.unsqueeze(-1) * (1 - decays))
+
+
+def update_rms(v: torch.Tensor, g: torch.Tensor, decays: torch.Tensor) -> None:
+    """``v <- c*v + (1-c)*g^2`` with ``c = clip(d, 0, 1)``."""
+    c = decays.clamp(0.0, 1.0)
+    v.mul_(c).add_((g * g).unsqueeze(-1) * (1 - c))
+
+
+@dataclass
+class FactoredResult:
+    """Outputs of one factored-accumulator update, reused by the feature builders."""
+
+    fac_g: torch.Tensor
+    row_factor: torch.Tensor | None
+    col_factor: torch.Tensor | None
+
+
+def factored_state_shapes(shape: Sequence[int], dims: tuple[int, int] | None,
+                          k: int) -> dict[str, tuple[int, ...]]:
+    """Shapes of the factored accumulators for a tensor: ``v_row``/``v_col`` or ``v_diag``."""
+    shape = tuple(shape)
+    if dims is None:
+        return {"v_diag": (*shape, k)}
+    d1, d0 = dims
+    return {
+        "v_row": (*(s for i, s in enumerate(shape) if i != d0), k),
+        "v_col": (*(s for i, s in enumerate(shape) if i != d1), k),
+    }
+
+
+def update_factored(state: dict[str, torch.Tensor], g: torch.Tensor, decays: torch.Tensor,
+                    dims: tuple[int, int] | None) -> FactoredResult:
+    """Update ``v_row``/``v_col`` (factored) or ``v_diag`` in ``state``; return ``fac_g``.
+
+    ``g`` has the tensor's shape (rank >= 1); the state tensors carry the trailing decay axis.
+    """
+    c = decays.clamp(0.0, 1.0)
+    mix = 1.0 - c
+    gs = g * g + FACTORED_GRAD_SQ_EPS
+    if dims is None:
+        v = state["v_diag"]
+        v.mul_(c).add_(mix * gs.unsqueeze(-1))
+        fac_g = g.unsqueeze(-1) * safe_rsqrt(v + DIAG_PRECOND_EPS)
+        return FactoredResult(fac_g, None, None)
+    d1, d0 = dims
+    v_row, v_col = state["v_row"], state["v_col"]
+    v_row.mul_(c).add_(mix * gs.mean(dim=d0).unsqueeze(-1))
+    v_col.mul_(c).add_(mix * gs.mean(dim=d1).unsqueeze(-1))
+    reduced_d1 = d1 - 1 if d1 > d0 else d1
+    row_col_mean = v_row.mean(dim=reduced_d1, keepdim=True)
+    row_factor = safe_rsqrt(v_row / (row_col_mean + ROW_COL_MEAN_EPS))
+    col_factor = safe_rsqrt(v_col)
+    fac_g = g.unsqueeze(-1) * row_factor.unsqueeze(d0) * col_factor.unsqueeze(d1)
+    return FactoredResult(fac_g, row_factor, col_factor)

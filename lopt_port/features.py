@@ -1,0 +1,43 @@
+"""Feature math shared by the MLP-style learned optimizers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from lopt_port.constants import NORMALIZER_EPS, TIME_FEATURE_TIMESCALES
+
+
+def second_moment_normalize(x: torch.Tensor) -> torch.Tensor:
+    """``x * rsqrt(1e-5 + mean(x^2))`` per feature column (last axis), mean over all other axes.
+
+    The mean runs over every element of the tensor (all leading axes), never over the feature
+    axis.
+    """
+    dims = tuple(range(x.dim() - 1))
+    return x * torch.rsqrt(NORMALIZER_EPS + torch.mean(x * x, dim=dims, keepdim=True))
+
+
+def time_features(iteration: torch.Tensor) -> torch.Tensor:
+    """``tanh(t / s - 1)`` for the 11 upstream timescales ``s``; ``t`` is the pre-update count."""
+    scales = torch.tensor(TIME_FEATURE_TIMESCALES, dtype=torch.float32,
+                          device=iteration.device)
+    return torch.tanh(iteration.to(torch.float32) / scales - 1.0)
+
+
+def mlp_forward(x: torch.Tensor, layers: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                record: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """``x @ W.T + b`` per layer with ReLU between layers and none after the last.
+
+    ``x`` is ``[rows, in]``; weights use the ``nn.Linear`` layout ``[out, in]``. When ``record``
+    is given, the pre-ReLU activations of hidden layer ``i`` are stored under ``mlp_pre{i}``.
+    """
+    last = len(layers) - 1
+    for i, (w, b) in enumerate(layers):
+        x = torch.addmm(b, x, w.t())
+        if i != last:
+            if record is not None:
+                record[f"mlp_pre{i}"] = x
+            x = torch.relu(x)
+    return x
