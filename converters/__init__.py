@@ -1,0 +1,11 @@
+"""Read upstream learned_optimization checkpoints and write PyTorch weights (and back).
+
+Needs numpy, msgpack, safetensors, gin-config and torch; never JAX or flax.
+"""
+
+from converters.convert import FORMATS, Converted, convert
+from converters.errors import CheckpointError
+from converters.upstream import UpstreamCheckpoint, load_upstream
+
+__all__ = ["FORMATS", "CheckpointError", "Converted", "UpstreamCheckpoint", "convert",
+           "load_upstream"]

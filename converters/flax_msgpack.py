@@ -170,6 +170,17 @@ def read_file(path: str | os.PathLike, max_bytes: int = MAX_FILE_BYTES) -> tuple
     return decode_bytes(data, name), data
 
 
+def flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    """Leaves of a nested dict keyed by their key chain, in tree order."""
+    out: dict[tuple[str, ...], Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, (*prefix, key)))
+        else:
+            out[(*prefix, key)] = value
+    return out
+
+
 def _ext_default(obj: Any) -> msgpack.ExtType:
     if isinstance(obj, ScalarLeaf):
         return _pack_array(obj.value, EXT_NPSCALAR)

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from converters.errors import CheckpointError
+from converters.flax_msgpack import flatten
 from lopt_port import small_fc_lopt_config as cfg
 
 KIND = cfg.KIND
@@ -70,38 +71,51 @@ def _upstream_leaves(hparams: Mapping[str, Any]) -> dict[tuple[str, ...], tuple[
     return dict(sorted(leaves.items()))
 
 
-def flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    """Leaves of a nested dict keyed by their key chain, in tree order."""
-    out: dict[tuple[str, ...], Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, (*prefix, key)))
-        else:
-            out[(*prefix, key)] = value
-    return out
+def is_separate_layout(theta: Mapping[str, Any]) -> bool:
+    """True when the MLP is stored as scalar leaves (``make_separate_weights``)."""
+    net = flatten(theta)
+    return any(chain[:2] == _NET and "_" in chain[-1] for chain in net)
 
 
 def leaf_shapes_as_torch(theta: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
-    """Torch-side names and shapes implied by a theta tree (for inferring the architecture)."""
+    """Torch-side names and shapes implied by a theta tree (to infer the architecture)."""
     flat = flatten(theta)
     shapes: dict[str, tuple[int, ...]] = {}
     for up, name in _OFFSETS.items():
-        if (up,) in flat and isinstance(flat[(up,)], np.ndarray):
+        if isinstance(flat.get((up,)), np.ndarray):
             shapes[name] = tuple(flat[(up,)].shape)
+    extent: dict[str, list[int]] = {}
     for chain, value in flat.items():
-        if chain[:2] == _NET and len(chain) == 3 and isinstance(value, np.ndarray):
-            key = chain[2]
-            if key[:1] in "wb" and key[1:].isdigit():
-                kind = "weight" if key[0] == "w" else "bias"
-                shape = tuple(value.shape)
-                shapes[f"mlp.{key[1:]}.{kind}"] = shape[::-1] if kind == "weight" else shape
+        if chain[:2] != _NET or len(chain) != 3 or not isinstance(value, np.ndarray):
+            continue
+        head, *idx = chain[2].split("_")
+        if head[:1] not in ("w", "b") or not head[1:].isdigit() or not all(
+                i.isdigit() for i in idx):
+            continue
+        name = f"mlp.{head[1:]}.{'weight' if head[0] == 'w' else 'bias'}"
+        if not idx:
+            shapes[name] = tuple(value.shape)[::-1]
+        else:
+            dims = [int(i) + 1 for i in idx][::-1]
+            extent[name] = [max(a, b) for a, b in zip(extent.get(name, dims), dims)]
+    shapes.update({k: tuple(v) for k, v in extent.items()})
     return shapes
 
 
-def is_separate_layout(theta: Mapping[str, Any]) -> bool:
-    """True when the MLP is stored as scalar leaves (``make_separate_weights``)."""
-    net = theta.get("nn", {}).get("~", {}) if isinstance(theta.get("nn"), dict) else {}
-    return isinstance(net, dict) and any("_" in k for k in net)
+def config_defaults() -> dict[str, Any]:
+    """Upstream's constructor defaults: what an unbound gin argument means."""
+    return dict(cfg.UPSTREAM_DEFAULTS)
+
+
+def resolve_hparams(given: Mapping[str, Any], theta: Mapping[str, Any],
+                    upstream_defaults: bool) -> dict[str, Any]:
+    """Complete and validate hyperparameters against the theta tree's shapes."""
+    given = dict(given)
+    if is_separate_layout(theta):
+        given.setdefault("make_separate_weights", True)
+        given.setdefault("concat_weights", False)
+    return cfg.resolve_hparams(given, leaf_shapes_as_torch(theta),
+                               upstream_defaults=upstream_defaults)
 
 
 def theta_to_state_dict(theta: Mapping[str, Any], hparams: Mapping[str, Any], file: str,
@@ -169,3 +183,20 @@ def state_dict_to_leaves(sd: Mapping[str, np.ndarray], hparams: Mapping[str, Any
             leaves[(*_NET, f"w{i}")] = np.ascontiguousarray(w.T)
             leaves[(*_NET, f"b{i}")] = b
     return {chain: leaves[chain] for chain in _upstream_leaves(hparams)}
+
+
+def resolve_torch_hparams(given: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]],
+                          upstream_defaults: bool) -> dict[str, Any]:
+    """Hyperparameters for a PyTorch state dict (names as in the table above)."""
+    return cfg.resolve_hparams(given, shapes, upstream_defaults=upstream_defaults)
+
+
+def check_state_dict(sd: Mapping[str, Any], hparams: Mapping[str, Any], origin: str) -> None:
+    """Strict name/shape check of a PyTorch state dict; ``ValueError`` lists every mismatch."""
+    cfg.check_state_dict(sd, hparams, origin)
+
+
+def gin_bindings(hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """Constructor arguments of ``AdafacMLPLOpt`` for a generated ``config.gin``."""
+    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in hparams.items()
+            if k in cfg.UPSTREAM_DEFAULTS}

@@ -1,0 +1,239 @@
+"""Upstream checkpoint -> PyTorch weights (safetensors / pt) -> upstream, losslessly."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+import lopt_port
+from converters import flax_msgpack
+from converters.atomic import atomic_target, write_files_atomic
+from converters.errors import CheckpointError
+from converters.upstream import MAPPINGS, UpstreamCheckpoint, load_upstream
+from lopt_port.weights import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    WeightsError,
+    load_weights,
+    state_dict_with_metadata,
+)
+
+Format = Literal["safetensors", "pt", "upstream"]
+FORMATS: tuple[str, ...] = ("safetensors", "pt", "upstream")
+WEIGHTS_SUFFIXES = (".safetensors", ".pt")
+
+
+def _skeleton(node: Any, path: tuple[str, ...], theta_path: tuple[str, ...]) -> Any:
+    """JSON description of the msgpack document with theta leaves replaced by references."""
+    if isinstance(node, dict):
+        return {"m": [[k, _skeleton(v, (*path, k), theta_path)] for k, v in node.items()]}
+    if path[:len(theta_path)] == theta_path:
+        return {"a": list(path[len(theta_path):])}
+    if isinstance(node, (np.ndarray, flax_msgpack.ScalarLeaf)):
+        code = flax_msgpack.EXT_NPSCALAR if isinstance(node, flax_msgpack.ScalarLeaf) else 1
+        arr = node.value if isinstance(node, flax_msgpack.ScalarLeaf) else node
+        return {"x": [code, list(arr.shape), arr.dtype.name, arr.tobytes().hex()]}
+    return {"v": node}
+
+
+def _rebuild(skel: Any, leaves: Mapping[tuple[str, ...], np.ndarray], used: set) -> Any:
+    if not isinstance(skel, dict) or len(skel) != 1:
+        raise ValueError("malformed upstream_layout node")
+    (tag, body), = skel.items()
+    if tag == "m":
+        return {k: _rebuild(v, leaves, used) for k, v in body}
+    if tag == "a":
+        chain = tuple(body)
+        if chain not in leaves:
+            raise ValueError(f"upstream_layout names a leaf the weights lack: "
+                             f"{' > '.join(chain)}")
+        used.add(chain)
+        return leaves[chain]
+    if tag == "x":
+        code, shape, dtype, data = body
+        arr = np.frombuffer(bytes.fromhex(data), dtype=np.dtype(dtype)).reshape(shape).copy()
+        return flax_msgpack.ScalarLeaf(arr) if code == flax_msgpack.EXT_NPSCALAR else arr
+    if tag == "v":
+        return body
+    raise ValueError(f"malformed upstream_layout tag {tag!r}")
+
+
+def _nest(leaves: Mapping[tuple[str, ...], np.ndarray]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for chain, value in leaves.items():
+        node = tree
+        for key in chain[:-1]:
+            node = node.setdefault(key, {})
+        node[chain[-1]] = value
+    return tree
+
+
+def _gin_literal(value: Any) -> str:
+    if isinstance(value, tuple):
+        inner = ", ".join(_gin_literal(v) for v in value)
+        return f"({inner},)" if len(value) == 1 else f"({inner})"
+    return repr(value)
+
+
+@dataclass
+class Converted:
+    """A converted learned optimizer: PyTorch state dict plus provenance metadata."""
+
+    kind: str
+    state_dict: dict[str, torch.Tensor]
+    config: dict[str, Any]
+    metadata: dict[str, str]
+
+    @property
+    def hparams(self) -> dict[str, Any]:
+        return self.config["hparams"]
+
+    def upstream_tree(self) -> dict[str, Any]:
+        """The upstream msgpack document (root map) these weights came from or map to."""
+        mapping = MAPPINGS[self.kind]
+        arrays = {k: v.detach().cpu().numpy() for k, v in self.state_dict.items()}
+        leaves = mapping.state_dict_to_leaves(arrays, self.hparams)
+        layout = self.metadata.get("upstream_layout")
+        if layout is None:
+            gen_id = json.loads(self.metadata.get("upstream_gen_id", '""'))
+            step = json.loads(self.metadata.get("upstream_step", "0"))
+            return {"params": _nest(leaves), "gen_id": gen_id or "", "step": step or 0}
+        used: set = set()
+        try:
+            root = _rebuild(json.loads(layout), leaves, used)
+        except (ValueError, TypeError, KeyError) as e:
+            raise CheckpointError(f"metadata upstream_layout is unusable: {e}") from None
+        if used != set(leaves):
+            missing = sorted(" > ".join(c) for c in set(leaves) - used)
+            raise CheckpointError(f"metadata upstream_layout lacks leaves: {missing[:5]}")
+        return root
+
+    def upstream_bytes(self) -> bytes:
+        """The upstream ``params`` file contents (flax msgpack)."""
+        return flax_msgpack.encode(self.upstream_tree())
+
+    def upstream_config_text(self) -> str:
+        """The original ``config.gin`` when known, else a minimal one naming the class."""
+        text = self.metadata.get("upstream_config_gin")
+        if text is not None:
+            return text
+        mapping = MAPPINGS[self.kind]
+        cls = mapping.UPSTREAM_CLASS
+        lines = [f"# Written by lopt-port {lopt_port.__version__} ({self.kind}).",
+                 f"run_train.lopt = @{cls}()"]
+        for k, v in sorted(mapping.gin_bindings(self.hparams).items()):
+            lines.append(f"{cls}.{k} = {_gin_literal(v)}")
+        return "\n".join(lines) + "\n"
+
+    def save(self, path: str | os.PathLike, format: Format = "safetensors", *,
+             overwrite: bool = False) -> list[str]:
+        """Write the weights atomically; returns the written paths.
+
+        ``safetensors`` and ``pt`` write one file; ``upstream`` writes a folder with ``params``
+        and ``config.gin``. On any error no output file is left behind.
+        """
+        target = os.fspath(path)
+        if format == "safetensors":
+            from safetensors.torch import save_file
+            tensors = {k: v.contiguous() for k, v in self.state_dict.items()}
+            with atomic_target(target, overwrite) as tmp:
+                save_file(tensors, tmp, metadata=self.metadata)
+            return [target]
+        if format == "pt":
+            buffer = io.BytesIO()
+            torch.save(state_dict_with_metadata(self.state_dict, self.metadata), buffer)
+            with atomic_target(target, overwrite) as tmp, open(tmp, "wb") as f:
+                f.write(buffer.getvalue())
+            return [target]
+        if format == "upstream":
+            data = self.upstream_bytes()
+            text = self.upstream_config_text()
+
+            def write_params(p: str) -> None:
+                with open(p, "wb") as f:
+                    f.write(data)
+
+            def write_config(p: str) -> None:
+                with open(p, "w", encoding="utf-8") as f:
+                    f.write(text)
+
+            return write_files_atomic(target, {"params": write_params,
+                                               "config.gin": write_config}, overwrite)
+        raise CheckpointError(f"unknown format {format!r} (one of {', '.join(FORMATS)})")
+
+
+def _from_upstream(ckpt: UpstreamCheckpoint) -> Converted:
+    mapping = MAPPINGS[ckpt.kind]
+    arrays = mapping.theta_to_state_dict(ckpt.tree, ckpt.hparams, ckpt.path, ckpt.theta_path)
+    state_dict = {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
+    metadata = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "kind": ckpt.kind,
+        "hparams": json.dumps(ckpt.hparams, sort_keys=True),
+        "lopt_port_version": lopt_port.__version__,
+        "source_file": os.path.basename(ckpt.path),
+        "source_sha256": ckpt.sha256,
+        "upstream_gen_id": json.dumps(ckpt.gen_id),
+        "upstream_step": json.dumps(ckpt.step),
+        "upstream_layout": json.dumps(_skeleton(ckpt.root, (), ckpt.theta_path)),
+        "upstream_roundtrip": "exact" if ckpt.reencodes_exactly else "inexact",
+    }
+    if ckpt.config is not None:
+        metadata["upstream_config_gin"] = ckpt.config.text
+    converted = Converted(ckpt.kind, state_dict, {"kind": ckpt.kind, "hparams": ckpt.hparams},
+                          metadata)
+    if ckpt.reencodes_exactly and converted.upstream_bytes() != ckpt.raw:
+        raise CheckpointError("internal error: the converted weights do not map back to the "
+                              "original bytes", file=ckpt.path)
+    return converted
+
+
+def _from_weights(path: str, kind: str | None, upstream_defaults: bool,
+                  hparams: Mapping[str, Any]) -> Converted:
+    try:
+        loaded = load_weights(path)
+    except WeightsError as e:
+        raise CheckpointError(str(e)) from None
+    kind = kind or loaded.kind
+    if kind is None:
+        raise CheckpointError("weights carry no metadata: name the kind", file=path)
+    if loaded.kind not in (None, kind):
+        raise CheckpointError(f"weights are {loaded.kind!r}, not {kind!r}", file=path)
+    if kind not in MAPPINGS:
+        raise CheckpointError(f"unknown kind {kind!r} (supported: {', '.join(MAPPINGS)})",
+                              file=path)
+    mapping = MAPPINGS[kind]
+    shapes = {k: tuple(v.shape) for k, v in loaded.state_dict.items()}
+    try:
+        resolved = mapping.resolve_torch_hparams({**loaded.hparams, **hparams}, shapes,
+                                                 upstream_defaults)
+        mapping.check_state_dict(loaded.state_dict, resolved, os.path.basename(path))
+    except ValueError as e:
+        raise CheckpointError(str(e), file=path) from None
+    metadata = dict(loaded.metadata)
+    metadata.update({"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "kind": kind,
+                     "hparams": json.dumps(resolved, sort_keys=True)})
+    metadata.setdefault("lopt_port_version", lopt_port.__version__)
+    return Converted(kind, dict(loaded.state_dict), {"kind": kind, "hparams": resolved}, metadata)
+
+
+def convert(path: str | os.PathLike, kind: str | None = None, *,
+            upstream_defaults: bool = False, **hparams: Any) -> Converted:
+    """Convert an upstream checkpoint (folder or ``params`` file) to PyTorch weights.
+
+    ``path`` may also be a converted ``.safetensors``/``.pt`` file, to change its format or
+    write it back to upstream. ``kind`` and ``hparams`` follow :func:`load_upstream`.
+    """
+    name = os.fspath(path)
+    if os.path.isfile(name) and name.endswith(WEIGHTS_SUFFIXES):
+        return _from_weights(name, kind, upstream_defaults, hparams)
+    return _from_upstream(load_upstream(name, kind, upstream_defaults=upstream_defaults,
+                                        **hparams))
