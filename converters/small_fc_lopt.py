@@ -97,7 +97,7 @@ def leaf_shapes_as_torch(theta: Mapping[str, Any]) -> dict[str, tuple[int, ...]]
             shapes[name] = tuple(value.shape)[::-1]
         else:
             dims = [int(i) + 1 for i in idx][::-1]
-            extent[name] = [max(a, b) for a, b in zip(extent.get(name, dims), dims)]
+            extent[name] = [max(a, b) for a, b in zip(extent.get(name, dims), dims, strict=False)]
     shapes.update({k: tuple(v) for k, v in extent.items()})
     return shapes
 
