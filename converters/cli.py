@@ -1,0 +1,133 @@
+"""``lopt-convert``: upstream checkpoint <-> PyTorch weights, with a summary of what was written."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+from converters.convert import FORMATS, WEIGHTS_SUFFIXES, Converted, convert
+from converters.errors import CheckpointError
+from converters.upstream import MAPPINGS
+from lopt_port.weights import WeightsError
+
+_SUFFIX = {"safetensors": ".safetensors", "pt": ".pt", "upstream": "_upstream"}
+
+
+def _parse_set(items: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or not name.strip():
+            raise CheckpointError(f"--set expects name=value, got {item!r}")
+        try:
+            value = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            value = text.strip()
+        out[name.strip()] = value
+    return out
+
+
+def default_output(src: str, fmt: str) -> str:
+    """``<name><suffix>`` in the current folder, named after the checkpoint folder or file."""
+    path = os.path.abspath(src)
+    if os.path.isfile(path) and path.endswith(WEIGHTS_SUFFIXES):
+        stem = os.path.splitext(os.path.basename(path))[0]
+    elif os.path.isfile(path):
+        stem = os.path.basename(os.path.dirname(path))
+    else:
+        stem = os.path.basename(path.rstrip(os.sep))
+    return stem + _SUFFIX[fmt]
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def summarize(converted: Converted, src: str, written: Sequence[str], fmt: str) -> str:
+    """The human-readable report printed by the CLI."""
+    meta = converted.metadata
+    lines = [f"source    {src}"]
+    if "source_sha256" in meta:
+        lines.append(f"          from upstream file {meta.get('source_file')!r}, "
+                     f"sha256 {meta['source_sha256']}")
+    lines.append(f"kind      {converted.kind}")
+    hp = " ".join(f"{k}={v}" for k, v in converted.hparams.items())
+    lines.append(f"hparams   {hp}")
+    if "upstream_step" in meta:
+        lines.append(f"upstream  gen_id={meta.get('upstream_gen_id')} "
+                     f"step={meta.get('upstream_step')} "
+                     f"round trip={meta.get('upstream_roundtrip', 'unknown')}")
+    width = max(len(k) for k in converted.state_dict)
+    lines.append(f"  {'tensor':<{width}}  {'shape':<12} {'dtype':<8} {'bytes':>10}")
+    total_elems = total_bytes = 0
+    for name, t in converted.state_dict.items():
+        nbytes = t.numel() * t.element_size()
+        total_elems += t.numel()
+        total_bytes += nbytes
+        lines.append(f"  {name:<{width}}  {tuple(t.shape)!s:<12} "
+                     f"{str(t.dtype).removeprefix('torch.'):<8} {nbytes:>10,}")
+    lines.append(f"  {len(converted.state_dict)} tensors, {total_elems:,} values, "
+                 f"{total_bytes:,} bytes")
+    for path in written:
+        lines.append(f"wrote     {path} ({fmt}, {os.path.getsize(path):,} bytes, "
+                     f"sha256 {_sha256(path)})")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lopt-convert",
+        description="Convert a learned_optimization checkpoint (folder with 'params' and "
+                    "'config.gin', or a 'params' file) to PyTorch weights, or converted "
+                    "weights (.safetensors/.pt) to another format, upstream included.")
+    parser.add_argument("src", help="upstream checkpoint folder or file, or converted weights")
+    parser.add_argument("-o", "--output", help="output file (folder for --format upstream); "
+                        "default: named after SRC in the current folder")
+    parser.add_argument("--format", choices=FORMATS, default="safetensors")
+    parser.add_argument("--kind", choices=sorted(MAPPINGS),
+                        help="optimizer kind, needed when SRC has no config.gin and the "
+                             "leaves do not tell it")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="hyperparameter (Python literal), overriding config.gin; "
+                             "repeatable")
+    parser.add_argument("--upstream-defaults", action="store_true",
+                        help="without config.gin, fill hyperparameters that the weights "
+                             "cannot tell with upstream's constructor defaults")
+    parser.add_argument("--force", action="store_true", help="replace an existing output")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns 0 on success, 2 on bad input, 1 on an internal error."""
+    args = build_parser().parse_args(argv)
+    try:
+        hparams = _parse_set(args.set)
+        converted = convert(args.src, args.kind, upstream_defaults=args.upstream_defaults,
+                            **hparams)
+        out = args.output or default_output(args.src, args.format)
+        written = converted.save(out, args.format, overwrite=args.force)
+        print(summarize(converted, args.src, written, args.format))
+    except (CheckpointError, WeightsError) as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"lopt-convert: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"lopt-convert: internal error ({type(e).__name__}): {e} "
+              f"(rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
