@@ -93,7 +93,7 @@ class SmallFCLOpt(torch.optim.Optimizer):
         except ValueError as e:
             raise WeightsError(str(e)) from None
         self.tie_break: TieBreak = tie_break
-        sd = {k: v.detach().to(device="cpu", dtype=torch.float32)
+        sd = {k: v.detach().to(device="cpu", dtype=torch.float32).contiguous().clone()
               for k, v in loaded.state_dict.items()}
         self._decays = {
             "momentum": learned_decays(self.hparams["initial_momentum_decays"],

@@ -1,0 +1,88 @@
+"""The main job: convert the bundled checkpoints, prove the round trip, replay upstream's run.
+
+For every small_fc_lopt checkpoint under ``checkpoints/`` (a folder with ``params`` and
+``config.gin``):
+
+1. ``lopt-convert`` it to ``out/<name>.safetensors`` and back to ``out/<name>_upstream/``,
+   and check that the written ``params`` is byte-identical to the original;
+2. replay the bundled upstream golden case (``checkpoints/golden/<name>__taskA.npz``) with
+   ``lopt_port.SmallFCLOpt`` built from the converted file, free running from the same
+   initial parameters and gradients, and print per step the largest difference from what
+   upstream computed (definitions in :mod:`parity.golden`).
+
+Exit status 0 when everything is within the acceptance tolerances, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import os
+import sys
+
+from converters import cli
+from parity.golden import StepReport, decay_errors, load_case, replay_small_fc
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Acceptance tolerances (issue 2): the update within 1e-5 of the upstream update's scale and
+# the normalized features within 1e-5 absolute, per step and tensor.
+TOLERANCES = {"update": 1e-5, "mlp_input": 1e-5}
+COLUMNS = ("update", "mlp_input", "features_raw", "mlp_output", "params", "state")
+
+
+def _table(reports: list[StepReport]) -> str:
+    head = "step " + " ".join(f"{c:>12}" for c in COLUMNS) + "   worst update in"
+    rows = [head, "-" * len(head)]
+    for r in reports:
+        cells = " ".join(f"{r.errors.get(c, float('nan')):>12.2e}" for c in COLUMNS)
+        rows.append(f"{r.step:>4} {cells}   {r.worst.get('update', '')}")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.path.join(ROOT, "out"))
+    args = parser.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    names = sorted(d for d in os.listdir(os.path.join(ROOT, "checkpoints"))
+                   if os.path.isfile(os.path.join(ROOT, "checkpoints", d, "params")))
+    ok = True
+    for name in names:
+        src = os.path.join(ROOT, "checkpoints", name)
+        weights = os.path.join(args.out, f"{name}.safetensors")
+        back = os.path.join(args.out, f"{name}_upstream")
+        print(f"\n=== {name} ===")
+        if cli.main([src, "-o", weights, "--force"]) != 0:
+            return 1
+        if cli.main([weights, "--format", "upstream", "-o", back, "--force"]) != 0:
+            return 1
+        same = filecmp.cmp(os.path.join(src, "params"), os.path.join(back, "params"),
+                           shallow=False)
+        print(f"round trip upstream -> safetensors -> upstream: "
+              f"{'byte-identical' if same else 'DIFFERENT'}")
+        ok &= same
+        case_path = os.path.join(ROOT, "checkpoints", "golden", f"{name}__taskA.npz")
+        if not os.path.isfile(case_path):
+            print("no golden case bundled for this checkpoint")
+            continue
+        case = load_case(case_path)
+        decays = decay_errors(weights, case)
+        print(f"\nreplay of {os.path.basename(case_path)} ({case.steps} steps, "
+              f"{len(case.names)} tensors); effective decays max |diff| = "
+              f"{max(decays.values()):.1e}")
+        print("max difference from upstream per step (free running; definitions: "
+              "parity/golden.py)")
+        reports = replay_small_fc(weights, case)
+        print(_table(reports))
+        for quantity, tol in TOLERANCES.items():
+            worst = max(r.errors[quantity] for r in reports)
+            verdict = "ok" if worst <= tol else "FAIL"
+            print(f"{quantity:>10}: worst {worst:.2e} (tolerance {tol:.0e}) {verdict}")
+            ok &= worst <= tol
+    print("\nall checks passed" if ok else "\nSOME CHECKS FAILED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""Shared fixtures: the bundled checkpoints, their golden cases and converted weights."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import converters
+from lopt_port.weights import LoadedWeights
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHECKPOINTS = os.path.join(ROOT, "checkpoints")
+SMALL_FC_CHECKPOINTS = ("small_fc_h32_sm0p01", "small_fc_h32_default")
+DATA = os.path.join(ROOT, "tests", "data")
+
+
+def checkpoint_dir(name: str) -> str:
+    return os.path.join(CHECKPOINTS, name)
+
+
+def golden_case_path(name: str) -> str:
+    return os.path.join(CHECKPOINTS, "golden", f"{name}__taskA.npz")
+
+
+@pytest.fixture(scope="session")
+def small_fc_weights() -> LoadedWeights:
+    """The sm0p01 checkpoint converted in memory (step_mult=0.01, hidden 32x2)."""
+    c = converters.convert(checkpoint_dir("small_fc_h32_sm0p01"))
+    return LoadedWeights(c.kind, c.hparams, c.state_dict, c.metadata)
