@@ -14,7 +14,8 @@ from converters import cli
 from tests.conftest import ROOT, checkpoint_dir
 
 SRC = checkpoint_dir("small_fc_h32_sm0p01")
-GOOD = open(os.path.join(SRC, "params"), "rb").read()
+with open(os.path.join(SRC, "params"), "rb") as _f:
+    GOOD = _f.read()
 
 
 def test_convert_and_back(tmp_path, capsys):

@@ -178,7 +178,7 @@ def test_unsupported_class_and_unknown_binding(tmp_path):
 
 def test_without_config(tmp_path):
     folder = _write_ckpt(tmp_path / "nc", _golden_root())
-    with pytest.raises(CheckpointError, match="cannot be read off the weights.*step_mult"):
+    with pytest.raises(CheckpointError, match=r"cannot be read off the weights.*step_mult"):
         converters.convert(folder)
     c = converters.convert(folder, upstream_defaults=True)
     assert c.kind == "small_fc_lopt" and c.hparams["step_mult"] == 0.001
