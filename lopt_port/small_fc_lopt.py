@@ -171,6 +171,11 @@ class SmallFCLOpt(torch.optim.Optimizer):
         return loss
 
     def _update(self, p: torch.Tensor, state: dict[str, Any], lr: float) -> None:
+        if p.numel() == 0:
+            # Nothing to update. Upstream would fill the non-empty factored statistic of a
+            # shape like (0, 5) with NaN (a mean over zero elements); the state stays zero.
+            state["step"] = state["step"] + 1
+            return
         decays, layers = self._on_device(p.device)
         # Upstream treats a scalar parameter as shape (1,) with all its state; views keep the
         # in-place accumulator updates pointed at the stored state.
@@ -186,8 +191,6 @@ class SmallFCLOpt(torch.optim.Optimizer):
         t = state["step"]
         tfeat = time_features(t).to(p.device)
         state["step"] = t + 1
-        if p.numel() == 0:
-            return
         p32 = p.to(torch.float32).reshape(shape)
         raw = self._raw_features(p32, g, acc, fac, dims)
         normalized = second_moment_normalize(raw.reshape(-1, raw.shape[-1]))
@@ -237,8 +240,10 @@ class SmallFCLOpt(torch.optim.Optimizer):
              record: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
         """MLP over rows of normalized features (chunked to bound activation memory)."""
         outs, pres = [], []
-        for start in range(0, x.shape[0], MLP_CHUNK_ROWS):
-            chunk = x[start:start + MLP_CHUNK_ROWS]
+        # Meta tensors hold no data, so there is no memory to bound: one chunk.
+        rows = max(x.shape[0], 1) if x.device.type == "meta" else MLP_CHUNK_ROWS
+        for start in range(0, x.shape[0], rows):
+            chunk = x[start:start + rows]
             inp = torch.cat([chunk, tfeat.expand(chunk.shape[0], -1)], dim=-1)
             rec: dict[str, torch.Tensor] | None = {} if record is not None else None
             outs.append(mlp_forward(inp, layers, rec))
@@ -257,13 +262,18 @@ class SmallFCLOpt(torch.optim.Optimizer):
         lose the accumulators' precision), so the per-parameter state is restored here.
         """
         saved_state = state_dict["state"]
-        super().load_state_dict({**state_dict, "state": {}})
         params = [p for g in self.param_groups for p in g["params"]]
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        for index, (pid, p) in enumerate(zip(saved_ids, params, strict=True)):
-            if pid not in saved_state:
-                continue
-            self.state[p] = self._restore_param_state(saved_state[pid], p, index)
+        if len(params) != len(saved_ids):
+            raise ValueError(f"state dict has {len(saved_ids)} parameters, the optimizer "
+                             f"{len(params)}")
+        # Validate and convert everything before changing anything: a bad state leaves the
+        # optimizer as it was.
+        restored = {p: self._restore_param_state(saved_state[pid], p, index)
+                    for index, (pid, p) in enumerate(zip(saved_ids, params, strict=True))
+                    if pid in saved_state}
+        super().load_state_dict({**state_dict, "state": {}})
+        self.state.update(restored)
 
     def _restore_param_state(self, saved: Mapping[str, Any], p: torch.Tensor,
                              index: int) -> dict[str, Any]:
