@@ -259,3 +259,14 @@ def test_msgpack_not_even_a_checkpoint(tmp_path):
         converters.convert(tmp_path / "missing")
     with pytest.raises(CheckpointError, match="no 'params' file"):
         converters.convert(tmp_path)
+
+
+def test_bundled_files_match_documented_sha256():
+    readme = os.path.join(os.path.dirname(checkpoint_dir("x")), "README.md")
+    with open(readme) as f:
+        listed = [line.split() for line in f if len(line.split()) == 2
+                  and len(line.split()[0]) == 64]
+    assert len(listed) == 6
+    for digest, rel in listed:
+        with open(os.path.join(os.path.dirname(readme), rel), "rb") as f:
+            assert hashlib.sha256(f.read()).hexdigest() == digest, rel
