@@ -19,11 +19,17 @@ def second_moment_normalize(x: torch.Tensor) -> torch.Tensor:
     return x * torch.rsqrt(NORMALIZER_EPS + torch.mean(x * x, dim=dims, keepdim=True))
 
 
-def time_features(iteration: torch.Tensor) -> torch.Tensor:
-    """``tanh(t / s - 1)`` for the 11 upstream timescales ``s``; ``t`` is the pre-update count."""
-    scales = torch.tensor(TIME_FEATURE_TIMESCALES, dtype=torch.float32,
-                          device=iteration.device)
-    return torch.tanh(iteration.to(torch.float32) / scales - 1.0)
+def timescales(device: torch.device | str) -> torch.Tensor:
+    """The 11 timescales ``s`` of the training-step embedding, float32 on ``device``."""
+    return torch.tensor(TIME_FEATURE_TIMESCALES, dtype=torch.float32, device=device)
+
+
+def time_features(iteration: float, scales: torch.Tensor) -> torch.Tensor:
+    """``tanh(t / s - 1)`` in float32; ``t`` is the number of updates before this one.
+
+    ``t`` enters as a fill value, so nothing is copied from the host to the device.
+    """
+    return torch.tanh(torch.full_like(scales, iteration) / scales - 1.0)
 
 
 def mlp_forward(x: torch.Tensor, layers: Sequence[tuple[torch.Tensor, torch.Tensor]],

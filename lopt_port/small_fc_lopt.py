@@ -43,7 +43,7 @@ from lopt_port.constants import (
     RMS_FEATURE_EPS,
     ROW_COL_FEATURE_EPS,
 )
-from lopt_port.features import mlp_forward, second_moment_normalize, time_features
+from lopt_port.features import mlp_forward, second_moment_normalize, time_features, timescales
 from lopt_port.weights import LoadedWeights, WeightsError, load_weights
 
 _STATE_TENSORS = ("momentum", "rms", "v_row", "v_col", "v_diag")
@@ -117,6 +117,7 @@ class SmallFCLOpt(torch.optim.Optimizer):
     def _on_device(self, device: torch.device) -> tuple[dict[str, torch.Tensor], list]:
         if device not in self._device_cache:
             decays = {k: v.to(device) for k, v in self._decays.items()}
+            decays["timescales"] = timescales(device)
             layers = [(w.to(device), b.to(device)) for w, b in self._layers]
             self._device_cache[device] = (decays, layers)
         return self._device_cache[device]
@@ -181,16 +182,16 @@ class SmallFCLOpt(torch.optim.Optimizer):
         # in-place accumulator updates pointed at the stored state.
         shape = tuple(p.shape) or (1,)
         g = p.grad.to(torch.float32).reshape(shape)
-        acc = {k: state[k].view(*shape, state[k].shape[-1]) if k in ("momentum", "rms",
-                                                                    "v_diag") else state[k]
+        per_element = ("momentum", "rms", "v_diag")
+        acc = {k: state[k].view(*shape, state[k].shape[-1]) if k in per_element else state[k]
                for k in _STATE_TENSORS if k in state}
         dims = state["factored_dims"] or None
         update_momentum(acc["momentum"], g, decays["momentum"])
         update_rms(acc["rms"], g, decays["rms"])
         fac = update_factored(acc, g, decays["adafactor"], dims)
-        t = state["step"]
-        tfeat = time_features(t).to(p.device)
-        state["step"] = t + 1
+        # ``step`` lives on the CPU (torch.optim's convention): reading it is no device sync.
+        tfeat = time_features(float(state["step"]), decays["timescales"])
+        state["step"] = state["step"] + 1
         p32 = p.to(torch.float32).reshape(shape)
         raw = self._raw_features(p32, g, acc, fac, dims)
         normalized = second_moment_normalize(raw.reshape(-1, raw.shape[-1]))
@@ -200,14 +201,13 @@ class SmallFCLOpt(torch.optim.Optimizer):
         step = (step * self.hparams["step_mult"] * lr).reshape(p.shape)
         p.copy_(p32.reshape(p.shape) - step)
         if record is not None:
-            lead = shape
             record["fac_g"] = fac.fac_g.reshape(*p.shape, -1)
             record["features_raw"] = raw
             record["mlp_input"] = torch.cat(
-                [normalized, tfeat.expand(normalized.shape[0], -1)], dim=-1).reshape(*lead, -1)
+                [normalized, tfeat.expand(normalized.shape[0], -1)], dim=-1).reshape(*shape, -1)
             for key in [k for k in record if k.startswith("mlp_pre")]:
-                record[key] = record[key].reshape(*lead, -1)
-            record["mlp_output"] = torch.stack([direction, magnitude], -1).reshape(*lead, 2)
+                record[key] = record[key].reshape(*shape, -1)
+            record["mlp_output"] = torch.stack([direction, magnitude], -1).reshape(*shape, 2)
             record["update"] = step
             record["time_features"] = tfeat
             self._capture[p] = {k: v.detach().clone() for k, v in record.items()}
