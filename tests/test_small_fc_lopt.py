@@ -140,3 +140,17 @@ def test_argument_errors(small_fc_weights, tmp_path):
         SmallFCLOpt([torch.zeros(2)], small_fc_weights, variant="2019")
     with pytest.raises(WeightsError, match="convert it first"):
         SmallFCLOpt([torch.zeros(2)], tmp_path)
+
+
+def test_pt_and_safetensors_weights_give_identical_steps(tmp_path):
+    import converters
+    from tests.conftest import checkpoint_dir
+    c = converters.convert(checkpoint_dir("small_fc_h32_default"))
+    c.save(tmp_path / "w.pt", "pt")
+    c.save(tmp_path / "w.safetensors")
+    p, g = torch.randn(5, 4), torch.randn(5, 4)
+    a, _ = _one_step(str(tmp_path / "w.pt"), p, g)
+    b, _ = _one_step(tmp_path / "w.safetensors", p, g)
+    assert torch.equal(a, b)
+    opt = SmallFCLOpt([torch.zeros(1)], tmp_path / "w.pt")
+    assert opt.hparams["step_mult"] == 0.001 and opt.hparams["hidden_size"] == 32
