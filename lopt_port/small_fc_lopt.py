@@ -122,6 +122,12 @@ class SmallFCLOpt(torch.optim.Optimizer):
             self._device_cache[device] = (decays, layers)
         return self._device_cache[device]
 
+    def initial_state(self, p: torch.Tensor) -> dict[str, Any]:
+        """The state a parameter starts with: zeros, step 0, and its factored dims."""
+        state: dict[str, Any] = {}
+        self._init_state(p, state)
+        return state
+
     def _init_state(self, p: torch.Tensor, state: dict[str, Any]) -> None:
         dims = factored_dims(p.shape, self.tie_break)
         zeros = {"dtype": torch.float32, "device": p.device}

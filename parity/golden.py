@@ -28,7 +28,7 @@ Needs numpy and torch only (no JAX): the main job runs it on a fresh install.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,15 +37,8 @@ import torch
 
 from lopt_port.small_fc_lopt import SmallFCLOpt
 from lopt_port.weights import LoadedWeights
-
-#: Upstream AdafacMLPLOpt state paths (under ``state/step{t}/``) -> lopt_port state names.
-SMALL_FC_STATE_MAP = {
-    "mom_rolling/m": "momentum",
-    "rms_rolling/rms": "rms",
-    "fac_rolling_features/v_row": "v_row",
-    "fac_rolling_features/v_col": "v_col",
-    "fac_rolling_features/v_diag": "v_diag",
-}
+from parity.errors import relative, relative_per_column
+from parity.state_map import small_fc_state_errors, small_fc_state_from_upstream
 
 
 @dataclass
@@ -87,22 +80,6 @@ class StepReport:
             self.worst[quantity] = where
 
 
-def _rel(ours: np.ndarray, ref: np.ndarray) -> float:
-    diff = np.abs(ours.astype(np.float64) - ref.astype(np.float64))
-    if diff.size == 0:
-        return 0.0
-    scale = np.abs(ref.astype(np.float64)).max()
-    return float(diff.max() / scale) if scale > 0 else float(diff.max())
-
-
-def _rel_per_column(ours: np.ndarray, ref: np.ndarray) -> float:
-    ours2 = ours.reshape(-1, ours.shape[-1]).astype(np.float64)
-    ref2 = ref.reshape(-1, ref.shape[-1]).astype(np.float64)
-    scale = np.abs(ref2).max(axis=0)
-    diff = np.abs(ours2 - ref2).max(axis=0)
-    return float(np.max(np.where(scale > 0, diff / np.where(scale > 0, scale, 1), diff)))
-
-
 def upstream_update(mlp_output: np.ndarray, exp_mult: float, step_mult: float) -> np.ndarray:
     """Upstream's step from its MLP output, in float32 and upstream's order of operations."""
     f32 = np.float32
@@ -110,20 +87,8 @@ def upstream_update(mlp_output: np.ndarray, exp_mult: float, step_mult: float) -
     return (direction * np.exp(magnitude * f32(exp_mult))).astype(f32) * f32(step_mult)
 
 
-def small_fc_state_from_case(case: GoldenCase, t: int, name: str) -> dict[str, Any]:
-    """lopt_port per-parameter state equal to upstream's ``state/step{t}`` for one tensor."""
-    dims = case.data[f"meta/factored_dims/{name}"]
-    state: dict[str, Any] = {
-        "step": torch.tensor(float(case.data[f"state/step{t}/iteration"]),
-                             dtype=torch.float32),
-        "factored_dims": () if int(dims[0]) < 0 else (int(dims[0]), int(dims[1])),
-    }
-    for upstream, ours in SMALL_FC_STATE_MAP.items():
-        arr = case.data[f"state/step{t}/{upstream}/{name}"]
-        if arr.shape[0] == 0 and arr.ndim == 2:
-            continue  # upstream stores unused factored slots as (0, K)
-        state[ours] = torch.tensor(arr)
-    return state
+def _leaf(case: GoldenCase, t: int, name: str) -> Callable[[str], np.ndarray]:
+    return lambda path: case.data[f"state/step{t}/{path}/{name}"]
 
 
 def replay_small_fc(weights: str | os.PathLike | Mapping[str, torch.Tensor] | LoadedWeights,
@@ -141,9 +106,11 @@ def replay_small_fc(weights: str | os.PathLike | Mapping[str, torch.Tensor] | Lo
     reports = []
     for t in range(1, case.steps + 1):
         if teacher_forced:
+            iteration = int(case.data[f"state/step{t - 1}/iteration"])
             for n, p in params.items():
                 p.copy_(torch.tensor(case.data[f"params/step{t - 1}/{n}"]))
-                opt.state[p] = small_fc_state_from_case(case, t - 1, n)
+                opt.state[p] = small_fc_state_from_upstream(
+                    opt, p, _leaf(case, t - 1, n), iteration)
         for n, p in params.items():
             p.grad = torch.tensor(case.data[f"grads/step{t}/{n}"])
         with opt.capture_intermediates() as captured:
@@ -152,24 +119,23 @@ def replay_small_fc(weights: str | os.PathLike | Mapping[str, torch.Tensor] | Lo
         for n, p in params.items():
             got = {k: v.numpy() for k, v in captured[p].items()}
             if (ref := case.inter(t, n, "features_raw")) is not None:
-                report.record("features_raw", _rel_per_column(got["features_raw"], ref), n)
+                report.record("features_raw", relative_per_column(got["features_raw"], ref), n)
             if (ref := case.inter(t, n, "mlp_input")) is not None:
                 report.record("mlp_input", float(np.abs(got["mlp_input"] - ref).max()), n)
             for q in ("fac_g", "mlp_pre0", "mlp_pre1", "mlp_output"):
                 if (ref := case.inter(t, n, q)) is not None:
-                    report.record(q, _rel(got[q], ref), n)
+                    report.record(q, relative(got[q], ref), n)
             if (ref := case.inter(t, n, "mlp_output")) is not None:
                 ref_update = upstream_update(ref, hp["exp_mult"], hp["step_mult"])
-                report.record("update", _rel(got["update"], ref_update.reshape(p.shape)), n)
-            report.record("params", _rel(p.numpy(), case.data[f"params/step{t}/{n}"]), n)
-            ours = small_fc_state_from_case(case, t, n)
-            for key, ref_t in ours.items():
-                if key == "factored_dims":
-                    if tuple(opt.state[p][key]) != ref_t:
-                        report.record("factored_dims", 1.0, n)
-                    continue
-                report.record("state", _rel(opt.state[p][key].numpy(), ref_t.numpy()),
-                              f"{n}/{key}")
+                report.record("update", relative(got["update"], ref_update.reshape(p.shape)), n)
+            report.record("params", relative(p.numpy(), case.data[f"params/step{t}/{n}"]), n)
+            dims = tuple(int(d) for d in case.data[f"meta/factored_dims/{n}"])
+            if (opt.state[p]["factored_dims"] or (-1, -1)) != dims:
+                report.record("factored_dims", 1.0, n)
+            iteration = int(case.data[f"state/step{t}/iteration"])
+            for key, err in small_fc_state_errors(opt.state[p], _leaf(case, t, n),
+                                                  iteration).items():
+                report.record("state", err, f"{n}/{key.removeprefix('state/')}")
         reports.append(report)
     return reports
 

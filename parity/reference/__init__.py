@@ -1,0 +1,5 @@
+"""JAX references of the learned optimizers (import needs the ``jax`` extra)."""
+
+from parity.reference.small_fc_lopt import SmallFCLOptReference
+
+__all__ = ["SmallFCLOptReference"]
