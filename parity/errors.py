@@ -39,3 +39,25 @@ def relative_per_column(ours: np.ndarray, ref: np.ndarray) -> float:
     scale = np.abs(ref2).max(axis=0)
     diff = np.abs(ours2 - ref2).max(axis=0)
     return float(np.max(np.where(scale > 0, diff / np.where(scale > 0, scale, 1), diff)))
+
+
+def update_error(ours: np.ndarray, ref: np.ndarray, ref_mlp_output: np.ndarray,
+                 exp_mult: float, step_mult: float) -> float:
+    """``max|ours - ref|`` over the update's natural scale.
+
+    The update is ``direction * exp(magnitude * exp_mult) * step_mult``; its scale is
+    ``step_mult * max exp(magnitude * exp_mult) * max|MLP output|`` over the tensor: the step
+    an output of the tensor's largest size would make. Where the direction output cancels
+    (terms summing to 1.2 giving 0.05), this measures the error against the size of what was
+    summed, as a floating-point forward error bound does, instead of against the small
+    result.
+    """
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    if ours.shape != ref.shape:
+        return float("inf")
+    if ref.size == 0:
+        return 0.0
+    out = np.asarray(ref_mlp_output, np.float64)
+    scale = step_mult * np.exp(out[..., 1] * exp_mult).max() * np.abs(out).max()
+    diff = np.abs(ours - ref).max()
+    return float(diff / scale) if scale > 0 else float(diff)

@@ -134,8 +134,10 @@ class SmallFCLOptReference:
         }
 
     def step(self, state: Mapping[str, Any], params: Mapping[str, jnp.ndarray],
-             grads: Mapping[str, jnp.ndarray]) -> tuple[dict, dict, dict]:
-        """One update: ``(new_params, new_state, intermediates)`` (jitted)."""
+             grads: Mapping[str, jnp.ndarray], loss: Any = None) -> tuple[dict, dict, dict]:
+        """One update: ``(new_params, new_state, intermediates)`` (jitted; the loss is
+        accepted for a uniform interface and unused, as upstream)."""
+        del loss
         return self._jit_step(dict(state), dict(params), dict(grads))
 
     def _step(self, state, params, grads):

@@ -1,0 +1,317 @@
+"""The parity harness: the PyTorch optimizer against a JAX reference, step by step.
+
+Lockstep (:func:`lockstep`): at every step both sides start from the same params and the same
+optimizer state (the reference's, mapped into lopt_port's layout: teacher forcing) and get the
+same gradients and loss. Then every intermediate, the update, the new params and every state
+leaf are compared per tensor, as errors relative to the quantity's scale (definitions in
+:mod:`parity.errors`):
+
+==================  ========================================================================
+quantity            error
+==================  ========================================================================
+``update``          :func:`~parity.errors.update_error`: relative to ``step_mult *
+                    max|MLP output|`` of the tensor (the size of what the step is made from)
+``features_raw``    :func:`~parity.errors.relative_per_column`: per feature column
+``mlp_input``       absolute (normalized features and time features are unit scale)
+``params``,         :func:`~parity.errors.relative`: relative to the tensor's max
+``mlp_*``,
+``fac_g``,
+``state/*``
+==================  ========================================================================
+
+Teacher forcing keeps each step's comparison exact: nothing is inherited from earlier
+rounding.
+
+Free running (:func:`free_running`): both sides train the same model from the same weights on
+the same batches, each computing its own gradients, for N steps; the loss curves and final
+params are compared.
+
+The reference is ``builtin`` (:mod:`parity.reference`) or ``upstream`` (the real package,
+:mod:`parity.upstream`; it exposes no intermediates, so only params and state are compared).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+import converters
+from lopt_port import SmallFCLOpt
+from lopt_port.weights import LoadedWeights
+from parity import tolerances
+from parity.errors import (
+    absolute,
+    relative,
+    relative_per_column,
+    update_error,
+)
+from parity.state_map import small_fc_state_errors, small_fc_state_from_upstream
+from parity.tasks import REAL_TASKS, RealTask, Task, make_task
+
+Reference = Literal["builtin", "upstream"]
+Impl = Literal["eager", "fused"]
+INTERMEDIATES = ("features_raw", "mlp_input", "fac_g", "mlp_pre0", "mlp_pre1", "mlp_pre2",
+                 "mlp_output", "update")
+
+
+class HarnessError(ValueError):
+    """Bad input to the harness (unreadable source, unknown option, unavailable side)."""
+
+
+@dataclass
+class ErrorRecord:
+    """One error value: where it was measured and how large it was."""
+
+    task: str
+    step: int
+    tensor: str
+    quantity: str
+    error: float
+
+    @property
+    def tolerance(self) -> float:
+        return tolerances.lockstep_tolerance(self.quantity)
+
+    @property
+    def violates(self) -> bool:
+        return not self.error <= self.tolerance  # NaN violates too
+
+
+@dataclass
+class FreeResult:
+    """A free-running comparison: loss curves of both sides and final-state differences."""
+
+    task: str
+    steps: int
+    loss_torch: list[float]
+    loss_reference: list[float]
+    final_loss_error: float
+    final_params_error: float
+
+    @property
+    def violates(self) -> bool:
+        return not self.final_loss_error <= tolerances.FREE["final_loss"]
+
+
+@dataclass
+class Sides:
+    """Factories for both sides of a comparison, and a description of them."""
+
+    make_reference: Callable[[], Any]
+    make_torch: Callable[[list[torch.Tensor]], SmallFCLOpt]
+    info: dict[str, Any]
+
+
+def build_sides(src: str | os.PathLike, reference: Reference = "builtin",
+                impl: Impl = "eager", variant: str | None = None) -> Sides:
+    """Both sides from one upstream checkpoint folder or converted weights file."""
+    if impl not in ("eager", "fused"):
+        raise HarnessError(f"unknown implementation {impl!r} (eager, fused)")
+    if impl == "fused":
+        raise HarnessError("SmallFCLOpt has no fused implementation yet (only eager)")
+    try:
+        conv = converters.convert(src)
+    except converters.CheckpointError as e:
+        raise HarnessError(str(e)) from None
+    if conv.kind != "small_fc_lopt":
+        raise HarnessError(f"{src}: lopt-parity supports small_fc_lopt, not {conv.kind}")
+    root = conv.upstream_tree()
+    theta = root["params"] if "params" in root else root["0"]
+    info: dict[str, Any] = {"source": os.fspath(src), "kind": conv.kind, "impl": impl,
+                            "reference": reference, "hparams": conv.hparams,
+                            "jax": jax.__version__, "torch": torch.__version__,
+                            "matmul_precision": "highest (JAX), no TF32 (torch)"}
+    if reference == "upstream":
+        from parity import upstream
+        try:
+            ref = upstream.UpstreamSmallFC(theta, conv.hparams)
+        except upstream.UpstreamUnavailable as e:
+            raise HarnessError(f"reference 'upstream' is unavailable: {e}") from None
+        variant = ref.variant
+        info["upstream"] = ref.source
+
+        def make_reference() -> Any:
+            return ref
+    elif reference == "builtin":
+        from parity.reference import SmallFCLOptReference
+        variant = variant or conv.hparams["variant"]
+        ref_builtin = SmallFCLOptReference(theta, conv.hparams, variant=variant)
+
+        def make_reference() -> Any:
+            return ref_builtin
+    else:
+        raise HarnessError(f"unknown reference {reference!r} (builtin, upstream)")
+    info["variant"] = variant
+    weights = LoadedWeights(conv.kind, conv.hparams, conv.state_dict, conv.metadata)
+
+    def make_torch(params: list[torch.Tensor]) -> SmallFCLOpt:
+        return SmallFCLOpt(params, weights, variant=variant)
+
+    return Sides(make_reference, make_torch, info)
+
+
+def _as_jax(tree: dict[str, np.ndarray]) -> dict[str, jnp.ndarray]:
+    return {k: jnp.asarray(v) for k, v in tree.items()}
+
+
+def _upstream_leaf(state: dict[str, Any], name: str) -> Callable[[str], np.ndarray]:
+    def leaf(path: str) -> np.ndarray:
+        field_, sub = path.split("/")
+        return np.asarray(state[field_][sub][name])
+    return leaf
+
+
+def lockstep(sides: Sides, task: Task, num_steps: int = 1000) -> list[ErrorRecord]:
+    """Teacher-forced comparison of every step of ``task``; returns all error values."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ref = sides.make_reference()
+    names = list(task.params)
+    ref_params = _as_jax(task.params)
+    ref_state = ref.init(ref_params, num_steps)
+    tensors = {n: torch.tensor(task.params[n]) for n in names}
+    opt = sides.make_torch(list(tensors.values()))
+    records: list[ErrorRecord] = []
+    for t in range(task.steps):
+        iteration = int(ref_state["iteration"])
+        for n, p in tensors.items():
+            p.copy_(torch.from_numpy(np.array(ref_params[n])))
+            p.grad = torch.tensor(task.grads[t][n])
+            opt.state[p] = small_fc_state_from_upstream(opt, p, _upstream_leaf(ref_state, n),
+                                                        iteration)
+        with opt.capture_intermediates() as captured:
+            opt.step()
+        ref_params, ref_state, inter = ref.step(ref_state, ref_params,
+                                                _as_jax(task.grads[t]), task.losses[t])
+
+        def add(tensor: str, quantity: str, error: float, step: int = t + 1) -> None:
+            records.append(ErrorRecord(task.name, step, tensor, quantity, error))
+
+        for n, p in tensors.items():
+            ours = captured[p]
+            for q in INTERMEDIATES:
+                if n in inter and q in inter[n]:
+                    theirs = np.asarray(inter[n][q])
+                    if q == "features_raw":
+                        err = relative_per_column(ours[q].numpy(), theirs)
+                    elif q == "mlp_input":
+                        err = absolute(ours[q].numpy(), theirs)
+                    elif q == "update":
+                        err = update_error(ours[q].numpy(), theirs, inter[n]["mlp_output"],
+                                           opt.hparams["exp_mult"], opt.hparams["step_mult"])
+                    else:
+                        err = relative(ours[q].numpy(), theirs)
+                    add(n, q, err)
+            add(n, "params", relative(p.numpy(), np.asarray(ref_params[n])))
+            for q, err in small_fc_state_errors(opt.state[p], _upstream_leaf(ref_state, n),
+                                                int(ref_state["iteration"])).items():
+                add(n, q, err)
+    return records
+
+
+def free_running(sides: Sides, real: RealTask, steps: int) -> FreeResult:
+    """Train ``real`` on both sides for ``steps`` steps; compare losses and final params."""
+    ref = sides.make_reference()
+    ref_params = _as_jax(real.init_params)
+    ref_state = ref.init(ref_params, steps)
+    value_and_grad = jax.jit(jax.value_and_grad(real.jax_loss))
+    params = {k: torch.tensor(v, requires_grad=True) for k, v in real.init_params.items()}
+    opt = sides.make_torch(list(params.values()))
+    loss_t, loss_r = [], []
+    for t in range(steps):
+        x, y = real.batch(t)
+        opt.zero_grad()
+        loss = real.torch_loss(params, x, y)
+        loss.backward()
+        opt.step()
+        loss_t.append(float(loss.detach()))
+        lr_, grads = value_and_grad(ref_params, jnp.asarray(x), jnp.asarray(y))
+        ref_params, ref_state, _ = ref.step(ref_state, ref_params, grads, lr_)
+        loss_r.append(float(lr_))
+    final_loss = relative(np.asarray(loss_t[-1]), np.asarray(loss_r[-1]))
+    final_params = max(relative(params[k].detach().numpy(), np.asarray(ref_params[k]))
+                       for k in params)
+    return FreeResult(real.name, steps, loss_t, loss_r, final_loss, final_params)
+
+
+@dataclass
+class ParityResult:
+    """Everything one harness run measured."""
+
+    info: dict[str, Any]
+    records: list[ErrorRecord] = field(default_factory=list)
+    free: list[FreeResult] = field(default_factory=list)
+
+    def worst(self) -> dict[str, ErrorRecord]:
+        """The largest error per quantity (NaN counts as largest)."""
+        out: dict[str, ErrorRecord] = {}
+        for r in self.records:
+            best = out.get(r.quantity)
+            if best is None or not r.error <= best.error:
+                out[r.quantity] = r
+        return dict(sorted(out.items()))
+
+    def violations(self) -> list[str]:
+        """One line per gate violation."""
+        lines = [f"{r.task} step {r.step} {r.tensor} {r.quantity}: {r.error:.3g} > "
+                 f"{r.tolerance:g}" for r in self.records if r.violates]
+        lines += [f"free-running {f.task} ({f.steps} steps) final loss: "
+                  f"{f.final_loss_error:.3g} > {tolerances.FREE['final_loss']:g}"
+                  for f in self.free if f.violates]
+        return lines
+
+    def to_json(self) -> dict[str, Any]:
+        """The report as JSON-ready data (``parity/report_schema.json``; NaN/inf -> null)."""
+        worst = {q: {"error": r.error, "tolerance": r.tolerance, "task": r.task,
+                     "step": r.step, "tensor": r.tensor} for q, r in self.worst().items()}
+        return _finite_or_none({
+            "schema": "lopt-parity-report/1",
+            "info": self.info,
+            "passed": not self.violations(),
+            "violations": self.violations(),
+            "worst": worst,
+            "records": [asdict(r) for r in self.records],
+            "free_running": [{**asdict(f), "violates": f.violates} for f in self.free],
+        })
+
+
+def _finite_or_none(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if np.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite_or_none(v) for v in obj]
+    return obj
+
+
+def run(src: str | os.PathLike, *, tasks: int = 16, steps: int = 20, seed: int = 0,
+        reference: Reference = "builtin", impl: Impl = "eager", variant: str | None = None,
+        free_steps: int = 200, free_task: str = "mlp",
+        progress: Callable[[str, int, int], None] | None = None) -> ParityResult:
+    """Lockstep ``tasks`` random tasks of ``steps`` steps, then one free-running task."""
+    if tasks < 0 or steps < 1 or free_steps < 0:
+        raise HarnessError("--tasks must be >= 0, --steps >= 1, --free-steps >= 0")
+    if free_task not in REAL_TASKS:
+        raise HarnessError(f"unknown free-running task {free_task!r} "
+                           f"({', '.join(REAL_TASKS)})")
+    sides = build_sides(src, reference, impl, variant)
+    info = {**sides.info, "tasks": tasks, "steps": steps, "seed": seed,
+            "free_task": free_task if free_steps else None, "free_steps": free_steps}
+    result = ParityResult(info)
+    task_list: Iterable[Task] = (make_task(seed * 100_003 + i, steps) for i in range(tasks))
+    for i, task in enumerate(task_list):
+        result.records.extend(lockstep(sides, task))
+        if progress:
+            progress("lockstep", i + 1, tasks)
+    if free_steps:
+        result.free.append(free_running(sides, REAL_TASKS[free_task](seed), free_steps))
+        if progress:
+            progress("free-running", 1, 1)
+    return result

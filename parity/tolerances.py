@@ -1,0 +1,54 @@
+"""Every parity-gate tolerance, in one place, each with the reason for its value.
+
+float32 has eps = 1.19e-7. The reference and lopt_port implement the same float32 operations,
+so what remains is reduction order (XLA vs ATen means, XLA vs MKL matmuls) and the odd FMA
+contraction: a few ulp per operation, amplified only where a sum cancels. Upstream's own
+jitted and un-jitted runs differ by up to 5e-7 relative in state (golden README).
+"""
+
+from __future__ import annotations
+
+#: Lockstep (teacher forced) errors per tensor and step. Keys are quantities as the harness
+#: names them; ``state/*`` share one entry.
+LOCKSTEP: dict[str, float] = {
+    # The step actually applied, relative to step_mult * max|MLP output| of the tensor
+    # (parity.errors.update_error). Matmul reduction order gives ~5e-7 in the hidden layers
+    # and up to 6e-6 in the outputs (measured, 16 tasks x 20 steps); 1e-5 is the issue's bound.
+    # Relative to the largest step alone, a single-element tensor whose direction output
+    # cancels 25-fold reaches 5e-5 with every operation agreeing to an ulp.
+    "update": 1e-5,
+    # Parameters after the step, relative to the tensor's scale: steps are 1e-3..1e-2 of it,
+    # so an update error of 1e-5 is ~1e-7 here; 1e-5 is the issue's bound.
+    "params": 1e-5,
+    # Normalized features and time features are O(1) to O(20): 1e-5 absolute is 5 ulp at 16.
+    "mlp_input": 1e-5,
+    # Raw features (per column, relative): elementwise float32 math on accumulators that
+    # agree to ~2e-7 (the moving averages use upstream's jit FMA, see accumulators.py);
+    # measured 4.4e-7; 1e-5 still catches any dropped epsilon or swapped column.
+    "features_raw": 1e-5,
+    # Preconditioned gradient: same chain as the raw features.
+    "fac_g": 1e-5,
+    # Hidden activations and outputs, relative to their scale: matmul reduction order.
+    "mlp_pre": 1e-5,
+    "mlp_output": 1e-5,
+    # Accumulators after the step, relative to each leaf's scale: one EMA update from
+    # identical inputs is a few ulp; the step counter must match exactly (0 allowed).
+    "state": 1e-5,
+}
+
+#: Free-running runs (each side computes its own gradients on the same batches).
+FREE: dict[str, float] = {
+    # Relative difference of the final training loss. Trajectories drift apart by float32
+    # noise amplified by the training dynamics; over 200 steps of the MLP task that stays
+    # orders of magnitude below 1e-3, while any real bug moves the loss by percent.
+    "final_loss": 1e-3,
+}
+
+
+def lockstep_tolerance(quantity: str) -> float:
+    """Tolerance for a harness quantity (``state/momentum`` -> ``state``,
+    ``mlp_pre1`` -> ``mlp_pre``)."""
+    key = quantity.split("/")[0]
+    if key.startswith("mlp_pre"):
+        key = "mlp_pre"
+    return LOCKSTEP[key]
