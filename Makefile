@@ -1,6 +1,6 @@
 # Two entry points; each sets up .venv from the project's own files on first use.
 #   make demo   convert the bundled checkpoints, check the round trip, replay upstream's run
-#   make test   ruff + the test suite (what CI runs)
+#   make test   ruff + the parity gate + the test suite (what CI runs)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -10,18 +10,29 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
-# torch is pinned first so that no CUDA build of several GB is pulled in.
+# torch is pinned first so that no CUDA build of several GB is pulled in. The upstream
+# package (2022 wheel) installs without its dependencies: its pins (flax 0.3.3, TensorFlow,
+# ...) cannot install beside a modern JAX; parity/upstream.py shims what it needs. pip then
+# lists the wheel's unmet pins as "dependency conflicts" and exits 0.
+PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check torch==2.13.0
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[test]'
+	$(PIP) --no-deps learned-optimization==0.0.1
 	touch $(STAMP)
+
+GATE_SRC := checkpoints/small_fc_h32_sm0p01
 
 demo: $(STAMP)
 	$(BIN)/python scripts/main_job.py
 
 test: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/lopt-parity $(GATE_SRC) --gate --reference builtin --tasks 16 --steps 20 \
+		--free-task mlp --free-steps 200
+	$(BIN)/lopt-parity $(GATE_SRC) --gate --reference upstream --tasks 4 --steps 20 \
+		--free-steps 0
 	$(BIN)/python -m pytest
 
 clean:

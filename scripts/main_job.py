@@ -8,7 +8,9 @@ For every small_fc_lopt checkpoint under ``checkpoints/`` (a folder with ``param
 2. replay the bundled upstream golden case (``checkpoints/golden/<name>__taskA.npz``) with
    ``lopt_port.SmallFCLOpt`` built from the converted file, free running from the same
    initial parameters and gradients, and print per step the largest difference from what
-   upstream computed (definitions in :mod:`parity.golden`).
+   upstream computed (definitions in :mod:`parity.golden`);
+3. run a short ``lopt-parity`` check (random lockstep tasks against the JAX reference and a
+   free-running MLP) and write its report to ``out/parity/``.
 
 Exit status 0 when everything is within the acceptance tolerances, 1 otherwise.
 """
@@ -21,6 +23,7 @@ import os
 import sys
 
 from converters import cli
+from parity import cli as parity_cli
 from parity.golden import StepReport, decay_errors, load_case, replay_small_fc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,6 +83,12 @@ def main(argv: list[str] | None = None) -> int:
             verdict = "ok" if worst <= tol else "FAIL"
             print(f"{quantity:>10}: worst {worst:.2e} (tolerance {tol:.0e}) {verdict}")
             ok &= worst <= tol
+    print("\n=== short parity check (lopt-parity) ===")
+    report_dir = os.path.join(args.out, "parity")
+    ok &= parity_cli.main([os.path.join(ROOT, "checkpoints", "small_fc_h32_sm0p01"),
+                           "--tasks", "4", "--steps", "10", "--free-steps", "100",
+                           "--report", report_dir, "--gate"]) == 0
+    print(f"open {os.path.join(report_dir, 'report.md')} for the tables and plots")
     print("\nall checks passed" if ok else "\nSOME CHECKS FAILED")
     return 0 if ok else 1
 
