@@ -102,9 +102,12 @@ class FreeResult:
 
 @dataclass
 class Sides:
-    """Factories for both sides of a comparison, and a description of them."""
+    """Both sides of a comparison: the reference, a PyTorch factory, and a description.
 
-    make_reference: Callable[[], Any]
+    The reference is stateless (``init``/``step`` are pure), so one serves every task.
+    """
+
+    reference: Any
     make_torch: Callable[[list[torch.Tensor]], SmallFCLOpt]
     info: dict[str, Any]
 
@@ -136,16 +139,10 @@ def build_sides(src: str | os.PathLike, reference: Reference = "builtin",
             raise HarnessError(f"reference 'upstream' is unavailable: {e}") from None
         variant = ref.variant
         info["upstream"] = ref.source
-
-        def make_reference() -> Any:
-            return ref
     elif reference == "builtin":
         from parity.reference import SmallFCLOptReference
         variant = variant or conv.hparams["variant"]
-        ref_builtin = SmallFCLOptReference(theta, conv.hparams, variant=variant)
-
-        def make_reference() -> Any:
-            return ref_builtin
+        ref = SmallFCLOptReference(theta, conv.hparams, variant=variant)
     else:
         raise HarnessError(f"unknown reference {reference!r} (builtin, upstream)")
     info["variant"] = variant
@@ -154,7 +151,8 @@ def build_sides(src: str | os.PathLike, reference: Reference = "builtin",
     def make_torch(params: list[torch.Tensor]) -> SmallFCLOpt:
         return SmallFCLOpt(params, weights, variant=variant)
 
-    return Sides(make_reference, make_torch, info)
+    torch.backends.cuda.matmul.allow_tf32 = False  # pitfalls #1: true float32 matmuls
+    return Sides(ref, make_torch, info)
 
 
 def _as_jax(tree: dict[str, np.ndarray]) -> dict[str, jnp.ndarray]:
@@ -170,8 +168,7 @@ def _upstream_leaf(state: dict[str, Any], name: str) -> Callable[[str], np.ndarr
 
 def lockstep(sides: Sides, task: Task, num_steps: int = 1000) -> list[ErrorRecord]:
     """Teacher-forced comparison of every step of ``task``; returns all error values."""
-    torch.backends.cuda.matmul.allow_tf32 = False
-    ref = sides.make_reference()
+    ref = sides.reference
     names = list(task.params)
     ref_params = _as_jax(task.params)
     ref_state = ref.init(ref_params, num_steps)
@@ -217,7 +214,7 @@ def lockstep(sides: Sides, task: Task, num_steps: int = 1000) -> list[ErrorRecor
 
 def free_running(sides: Sides, real: RealTask, steps: int) -> FreeResult:
     """Train ``real`` on both sides for ``steps`` steps; compare losses and final params."""
-    ref = sides.make_reference()
+    ref = sides.reference
     ref_params = _as_jax(real.init_params)
     ref_state = ref.init(ref_params, steps)
     value_and_grad = jax.jit(jax.value_and_grad(real.jax_loss))
