@@ -33,6 +33,10 @@ test: $(STAMP)
 		--free-task mlp --free-steps 200
 	$(BIN)/lopt-parity $(GATE_SRC) --gate --reference upstream --tasks 4 --steps 20 \
 		--free-steps 0
+	$(BIN)/lopt-parity $(GATE_SRC) --gate --impl fused --reference builtin --tasks 16 \
+		--steps 20 --free-task conv --free-steps 100
+	$(BIN)/lopt-parity $(GATE_SRC) --gate --impl fused --reference upstream --tasks 4 \
+		--steps 20 --free-steps 0
 	$(BIN)/python -m pytest
 
 clean:

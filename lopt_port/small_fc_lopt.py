@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 
+from lopt_port import extension
 from lopt_port import small_fc_lopt_config as cfg
+from lopt_port import small_fc_lopt_fused as fused_path
 from lopt_port.accumulators import (
     FactoredResult,
     TieBreak,
@@ -64,6 +67,12 @@ class SmallFCLOpt(torch.optim.Optimizer):
             ``fac_mom_mult``); default: the weights' metadata, else ``"head"``.
         tie_break: how equal dims pick the factored axes: ``"numpy"`` (upstream's own
             ``numpy.argsort`` call, machine dependent for some ties) or ``"stable"``.
+        fused: ``True`` runs the fused kernels of ``csrc/`` (built on first use) and raises
+            when they cannot run; ``False`` runs the eager PyTorch path; ``None`` (default)
+            uses the kernels where they can run and otherwise falls back to eager with one
+            warning naming the reason. So far the kernels take float32 CPU parameters;
+            other parameters take the eager path. ``capture_intermediates`` always runs
+            eager.
 
     State per parameter (float32 whatever the parameter dtype; trailing axis = decays):
     ``step`` (0-d float32 CPU tensor, updates applied to this parameter), ``momentum``
@@ -75,7 +84,8 @@ class SmallFCLOpt(torch.optim.Optimizer):
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
                  weights: str | os.PathLike | Mapping[str, torch.Tensor] | LoadedWeights, *,
                  lr: float = 1.0, hparams: Mapping[str, Any] | None = None,
-                 variant: str | None = None, tie_break: TieBreak = "numpy") -> None:
+                 variant: str | None = None, tie_break: TieBreak = "numpy",
+                 fused: bool | None = None) -> None:
         if not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr < 0:
             raise ValueError(f"lr must be a non-negative float, got {lr!r}")
         if tie_break not in ("numpy", "stable"):
@@ -106,6 +116,18 @@ class SmallFCLOpt(torch.optim.Optimizer):
         self._layers = [(sd[f"mlp.{i}.weight"], sd[f"mlp.{i}.bias"]) for i in range(n_layers)]
         self._device_cache: dict[torch.device, tuple[dict[str, torch.Tensor], list]] = {}
         self._capture: dict[torch.Tensor, dict[str, torch.Tensor]] | None = None
+        self.fused = fused
+        self._fused_reason = fused_path.config_unsupported_reason(self.hparams)
+        if self._fused_reason is None and fused is not False:
+            try:
+                extension.load()
+            except extension.ExtensionUnavailable as e:
+                self._fused_reason = str(e)
+        if fused is True and self._fused_reason is not None:
+            raise RuntimeError(f"fused=True, but {self._fused_reason}")
+        self._warned: set[str] = set()
+        self._decay_vector = torch.cat([self._decays["momentum"], self._decays["rms"],
+                                        self._decays["adafactor"]])
         super().__init__(params, {"lr": float(lr)})
 
     @property
@@ -166,6 +188,7 @@ class SmallFCLOpt(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            fused_params = []
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -174,8 +197,31 @@ class SmallFCLOpt(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     self._init_state(p, state)
-                self._update(p, state, group["lr"])
+                if p.numel() and self._takes_fused_path(p):
+                    fused_params.append(p)
+                else:
+                    self._update(p, state, group["lr"])
+            if fused_params:
+                cpu_consts, layers = self._on_device(torch.device("cpu"))
+                fused_path.group_step(fused_params, [self.state[p] for p in fused_params],
+                                      self._decay_vector, layers, cpu_consts["timescales"],
+                                      self.hparams, group["lr"])
         return loss
+
+    def _takes_fused_path(self, p: torch.Tensor) -> bool:
+        """Fused when enabled and possible; ``fused=True`` raises where it is not."""
+        if self.fused is False or self._capture is not None:
+            return False
+        reason = self._fused_reason or fused_path.param_unsupported_reason(p)
+        if reason is None:
+            return True
+        if self.fused is True:
+            raise RuntimeError(f"fused=True, but {reason} (parameter of shape "
+                               f"{tuple(p.shape)})")
+        if reason not in self._warned:
+            self._warned.add(reason)
+            warnings.warn(f"SmallFCLOpt: using the eager path: {reason}", stacklevel=5)
+        return False
 
     def _update(self, p: torch.Tensor, state: dict[str, Any], lr: float) -> None:
         if p.numel() == 0:

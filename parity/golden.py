@@ -27,6 +27,7 @@ Needs numpy and torch only (no JAX): the main job runs it on a fresh install.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -91,17 +92,33 @@ def _leaf(case: GoldenCase, t: int, name: str) -> Callable[[str], np.ndarray]:
     return lambda path: case.data[f"state/step{t}/{path}/{name}"]
 
 
+def _record_intermediates(report: StepReport, got: Mapping[str, np.ndarray],
+                          case: GoldenCase, t: int, n: str, shape: tuple[int, ...],
+                          hp: Mapping[str, Any]) -> None:
+    if (ref := case.inter(t, n, "features_raw")) is not None:
+        report.record("features_raw", relative_per_column(got["features_raw"], ref), n)
+    if (ref := case.inter(t, n, "mlp_input")) is not None:
+        report.record("mlp_input", float(np.abs(got["mlp_input"] - ref).max()), n)
+    for q in ("fac_g", "mlp_pre0", "mlp_pre1", "mlp_output"):
+        if (ref := case.inter(t, n, q)) is not None:
+            report.record(q, relative(got[q], ref), n)
+    if (ref := case.inter(t, n, "mlp_output")) is not None:
+        ref_update = upstream_update(ref, hp["exp_mult"], hp["step_mult"])
+        report.record("update", relative(got["update"], ref_update.reshape(shape)), n)
+
+
 def replay_small_fc(weights: str | os.PathLike | Mapping[str, torch.Tensor] | LoadedWeights,
                     case: GoldenCase, *, teacher_forced: bool = False,
-                    variant: str | None = None) -> list[StepReport]:
+                    variant: str | None = None, fused: bool = False) -> list[StepReport]:
     """Run ``SmallFCLOpt`` on the case's gradients and compare with upstream at every step.
 
     Free running (default): start from the case's initial params and let the optimizer run.
     Teacher forced: before each call load upstream's params and state of the previous step,
-    so each step is compared from identical inputs.
+    so each step is compared from identical inputs. ``fused`` selects the fused kernels (the
+    intermediates are then not recorded: the fused path computes them in registers).
     """
     params = {n: torch.tensor(a) for n, a in case.tensors("params", 0).items()}
-    opt = SmallFCLOpt(list(params.values()), weights, variant=variant)
+    opt = SmallFCLOpt(list(params.values()), weights, variant=variant, fused=fused)
     hp = opt.hparams
     reports = []
     for t in range(1, case.steps + 1):
@@ -113,21 +130,13 @@ def replay_small_fc(weights: str | os.PathLike | Mapping[str, torch.Tensor] | Lo
                     opt, p, _leaf(case, t - 1, n), iteration)
         for n, p in params.items():
             p.grad = torch.tensor(case.data[f"grads/step{t}/{n}"])
-        with opt.capture_intermediates() as captured:
+        with contextlib.nullcontext({}) if fused else opt.capture_intermediates() as captured:
             opt.step()
         report = StepReport(t)
         for n, p in params.items():
-            got = {k: v.numpy() for k, v in captured[p].items()}
-            if (ref := case.inter(t, n, "features_raw")) is not None:
-                report.record("features_raw", relative_per_column(got["features_raw"], ref), n)
-            if (ref := case.inter(t, n, "mlp_input")) is not None:
-                report.record("mlp_input", float(np.abs(got["mlp_input"] - ref).max()), n)
-            for q in ("fac_g", "mlp_pre0", "mlp_pre1", "mlp_output"):
-                if (ref := case.inter(t, n, q)) is not None:
-                    report.record(q, relative(got[q], ref), n)
-            if (ref := case.inter(t, n, "mlp_output")) is not None:
-                ref_update = upstream_update(ref, hp["exp_mult"], hp["step_mult"])
-                report.record("update", relative(got["update"], ref_update.reshape(p.shape)), n)
+            if not fused:
+                got = {k: v.numpy() for k, v in captured[p].items()}
+                _record_intermediates(report, got, case, t, n, p.shape, hp)
             report.record("params", relative(p.numpy(), case.data[f"params/step{t}/{n}"]), n)
             dims = tuple(int(d) for d in case.data[f"meta/factored_dims/{n}"])
             if (opt.state[p]["factored_dims"] or (-1, -1)) != dims:

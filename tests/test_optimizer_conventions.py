@@ -6,6 +6,7 @@ Add an optimizer by adding a factory to ``OPTIMIZERS``.
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Callable
 
 import pytest
@@ -25,19 +26,33 @@ def _small_fc_weights():
 _WEIGHTS = {}
 
 
-def small_fc(params, **kw):
+def small_fc(params, fused=False, **kw):
     if "small_fc" not in _WEIGHTS:
         _WEIGHTS["small_fc"] = _small_fc_weights()
-    return SmallFCLOpt(params, _WEIGHTS["small_fc"], **kw)
+    return SmallFCLOpt(params, _WEIGHTS["small_fc"], fused=fused, **kw)
 
 
-OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {"small_fc_lopt": small_fc}
+def small_fc_fused(params, **kw):
+    """Fused kernels wherever they run (float32 CPU), eager elsewhere."""
+    return small_fc(params, fused=None, **kw)
+
+
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "small_fc_lopt-eager": small_fc, "small_fc_lopt-fused": small_fc_fused}
 SHAPES = [(), (5,), (1, 7), (7, 1), (8, 4), (10, 10), (4, 1, 1), (6, 6, 3, 3), (3, 3, 4, 6)]
 
 
 @pytest.fixture(params=sorted(OPTIMIZERS))
 def make(request):
     return OPTIMIZERS[request.param]
+
+
+@pytest.fixture(autouse=True)
+def _quiet_fallback_warnings():
+    """The fused factory falls back to eager for bf16/fp16/meta; tested in test_fused.py."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="SmallFCLOpt: using the eager path")
+        yield
 
 
 def _params(dtype=torch.float32, seed=0):

@@ -1,0 +1,87 @@
+"""The fused small_fc_lopt step: the kernels of ``csrc/`` driven for a whole param group.
+
+Per group and step: one ``small_fc_accumulate`` call (factored statistics, moving averages,
+per-feature sums of squares for every tensor) and one ``small_fc_apply`` call (features,
+normalization, MLP, parameter write). The state is the eager path's, tensor for tensor, so a
+run can switch between ``fused=True`` and ``fused=False`` at any step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from lopt_port import extension
+from lopt_port.features import time_features
+
+MAX_DECAYS = 4
+MAX_HIDDEN = 64
+MAX_LAYERS = 8
+MAX_RANK = 8
+
+
+def config_unsupported_reason(hparams: Mapping[str, Any]) -> str | None:
+    """Why these hyperparameters cannot run fused (``None`` when they can)."""
+    m = len(hparams["initial_momentum_decays"])
+    r = len(hparams["initial_rms_decays"])
+    a = len(hparams["initial_adafactor_decays"])
+    if r != 1 or m != a or m > MAX_DECAYS:
+        return (f"the fused kernels need 1 rms decay and equal momentum/adafactor decay "
+                f"counts <= {MAX_DECAYS} (got M={m}, R={r}, A={a})")
+    if hparams["hidden_layers"] + 1 > MAX_LAYERS or hparams["hidden_size"] > MAX_HIDDEN:
+        return (f"the fused kernels support up to {MAX_LAYERS - 1} hidden layers of at most "
+                f"{MAX_HIDDEN} units")
+    return None
+
+
+def param_unsupported_reason(p: torch.Tensor) -> str | None:
+    """Why this parameter cannot take the fused path (``None`` when it can)."""
+    if p.device.type != "cpu":
+        return f"no fused kernel for device {p.device.type} is built yet"
+    if p.dtype != torch.float32:
+        return f"the fused kernels take float32 parameters only so far (got {p.dtype})"
+    if not p.is_contiguous():
+        return "the parameter is not contiguous"
+    if p.dim() > MAX_RANK:
+        return f"rank above {MAX_RANK}"
+    return None
+
+
+def group_step(params: Sequence[torch.Tensor], states: Sequence[dict[str, Any]],
+               decays: torch.Tensor, layers: Sequence[tuple[torch.Tensor, torch.Tensor]],
+               scales: torch.Tensor, hparams: Mapping[str, Any], lr: float) -> None:
+    """Update ``params`` (fp32, CPU, contiguous, non-empty, with grads) in place."""
+    ops = extension.ops()
+    empty = torch.empty(0)
+    grads = [p.grad.contiguous() for p in params]
+    dims: list[int] = []
+    v_row, v_col, v_diag, row_factor, col_factor = [], [], [], [], []
+    for s in states:
+        d = s["factored_dims"]
+        dims += list(d) if d else [-1, -1]
+        if d:
+            v_row.append(s["v_row"])
+            v_col.append(s["v_col"])
+            row_factor.append(torch.empty_like(s["v_row"]))
+            col_factor.append(torch.empty_like(s["v_col"]))
+            v_diag.append(empty)
+        else:
+            v_row.append(empty)
+            v_col.append(empty)
+            row_factor.append(empty)
+            col_factor.append(empty)
+            v_diag.append(s["v_diag"])
+    momentum = [s["momentum"] for s in states]
+    rms = [s["rms"] for s in states]
+    head = hparams["variant"] == "head"
+    sumsq = ops.small_fc_accumulate(list(params), grads, momentum, rms, v_row, v_col, v_diag,
+                                    row_factor, col_factor, dims, decays, head)
+    tfeat = torch.stack([time_features(float(s["step"]), scales) for s in states])
+    mlp = [t for pair in layers for t in pair]
+    ops.small_fc_apply(list(params), grads, momentum, rms, v_row, v_col, v_diag, row_factor,
+                       col_factor, dims, decays, head, sumsq, tfeat, mlp,
+                       hparams["exp_mult"], hparams["step_mult"], lr)
+    for s in states:
+        s["step"] = s["step"] + 1
