@@ -4,6 +4,13 @@
 #include <algorithm>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+// GCC 12 reports its own avx512fintrin.h internals (`__m512 __Y = __Y;`) as maybe
+// uninitialized once inlined at -O3: a known false positive, not this file's code.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
 namespace lopt {
 namespace {
 
@@ -53,6 +60,74 @@ ElementState element_state(const TensorArgs& t, const GroupDecays& d, bool head_
     }
   }
   return s;
+}
+
+// The MLP for kLanes elements at once, feature-major (x[i * kLanes + e], out likewise), a
+// tile of TILE outputs per pass so that the FMA chains overlap. Every element gets exactly
+// the operations of MlpView's definition, in the same order.
+constexpr int kLanes = 16;
+constexpr int kOutTile = 8;
+
+template <int TILE>
+void mlp_tile(const float* in, int n_in, const float* w, const float* b, int o0, bool hidden,
+              float* target) {
+#if defined(__AVX512F__)
+  static_assert(kLanes == 16, "one zmm register per output");
+  __m512 acc[TILE];
+  for (int t = 0; t < TILE; ++t) acc[t] = _mm512_set1_ps(0.0f);
+  for (int i = 0; i < n_in; ++i) {
+    const __m512 xi = _mm512_loadu_ps(in + i * kLanes);
+    for (int t = 0; t < TILE; ++t)
+      acc[t] = _mm512_fmadd_ps(xi, _mm512_set1_ps(w[static_cast<int64_t>(o0 + t) * n_in + i]),
+                               acc[t]);
+  }
+  for (int t = 0; t < TILE; ++t) {
+    __m512 v = _mm512_add_ps(acc[t], _mm512_set1_ps(b[o0 + t]));
+    if (hidden) v = _mm512_max_ps(_mm512_set1_ps(0.0f), v);  // NaN passes, as relu()
+    _mm512_storeu_ps(target + (o0 + t) * kLanes, v);
+  }
+#else
+  float acc[TILE][kLanes] = {};
+  for (int i = 0; i < n_in; ++i)
+    for (int t = 0; t < TILE; ++t) {
+      const float wi = w[static_cast<int64_t>(o0 + t) * n_in + i];
+      for (int e = 0; e < kLanes; ++e) acc[t][e] = fmaf(in[i * kLanes + e], wi, acc[t][e]);
+    }
+  for (int t = 0; t < TILE; ++t)
+    for (int e = 0; e < kLanes; ++e) {
+      const float v = acc[t][e] + b[o0 + t];
+      target[(o0 + t) * kLanes + e] = hidden ? relu(v) : v;
+    }
+#endif
+}
+
+void mlp_forward_lanes(const MlpView& net, const float* x, float* out) {
+  alignas(64) float buf_a[kMaxHidden * kLanes];
+  alignas(64) float buf_b[kMaxHidden * kLanes];
+  const float* in = x;
+  float* dst = buf_a;
+  for (int l = 0; l < net.layers; ++l) {
+    const int n_in = net.sizes[l];
+    const int n_out = net.sizes[l + 1];
+    const bool hidden = l != net.layers - 1;
+    float* target = hidden ? dst : out;
+    const float* w = net.w[l];
+    const float* b = net.b[l];
+    int o0 = 0;
+    for (; o0 + kOutTile <= n_out; o0 += kOutTile) mlp_tile<kOutTile>(in, n_in, w, b, o0, hidden, target);
+    switch (n_out - o0) {
+      case 7: mlp_tile<7>(in, n_in, w, b, o0, hidden, target); break;
+      case 6: mlp_tile<6>(in, n_in, w, b, o0, hidden, target); break;
+      case 5: mlp_tile<5>(in, n_in, w, b, o0, hidden, target); break;
+      case 4: mlp_tile<4>(in, n_in, w, b, o0, hidden, target); break;
+      case 3: mlp_tile<3>(in, n_in, w, b, o0, hidden, target); break;
+      case 2: mlp_tile<2>(in, n_in, w, b, o0, hidden, target); break;
+      case 1: mlp_tile<1>(in, n_in, w, b, o0, hidden, target); break;
+      default: break;
+    }
+    in = target;
+    dst = (dst == buf_a) ? buf_b : buf_a;
+  }
 }
 
 }  // namespace
@@ -142,15 +217,22 @@ void small_fc_apply_cpu(const TensorArgs& t, const GroupDecays& d, bool head_var
   float inv[kMaxRawFeatures];
   for (int f = 0; f < nf; ++f)
     inv[f] = rsqrt_ieee(kNormalizerEps + sumsq[f] / static_cast<float>(t.n));
+  const int64_t groups = (t.n + kLanes - 1) / kLanes;
 #pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < t.n; ++i) {
-    float x[kMaxRawFeatures + kNumTimeFeatures];
-    raw_features(element_state(t, d, head_variant, i), k, x);
-    for (int f = 0; f < nf; ++f) x[f] *= inv[f];
-    for (int f = 0; f < kNumTimeFeatures; ++f) x[nf + f] = time_features[f];
-    float out[2];
-    mlp_forward(net, x, out);
-    t.p[i] = t.p[i] - step_from_output(out[0], out[1], exp_mult, step_mult, lr);
+  for (int64_t gidx = 0; gidx < groups; ++gidx) {
+    const int64_t i0 = gidx * kLanes;
+    const int lanes = static_cast<int>(std::min<int64_t>(kLanes, t.n - i0));
+    alignas(64) float x[(kMaxRawFeatures + kNumTimeFeatures) * kLanes];
+    for (int e = 0; e < kLanes; ++e) {
+      float raw[kMaxRawFeatures] = {};
+      if (e < lanes) raw_features(element_state(t, d, head_variant, i0 + e), k, raw);
+      for (int f = 0; f < nf; ++f) x[f * kLanes + e] = raw[f] * inv[f];
+      for (int f = 0; f < kNumTimeFeatures; ++f) x[(nf + f) * kLanes + e] = time_features[f];
+    }
+    alignas(64) float out[2 * kLanes];
+    mlp_forward_lanes(net, x, out);
+    for (int e = 0; e < lanes; ++e)
+      t.p[i0 + e] -= step_from_output(out[e], out[kLanes + e], exp_mult, step_mult, lr);
   }
 }
 

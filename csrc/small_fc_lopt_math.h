@@ -77,7 +77,9 @@ LOPT_HD float diag_mom_mult(float m, float v, bool head_variant) {
   return m * (1.0f / sqrtf(head_variant ? v + kFacMomMultEps : v));
 }
 
-// MLP with ReLU between layers; weights in the nn.Linear layout [out, in].
+// MLP with ReLU between layers; weights in the nn.Linear layout [out, in]. Per element and
+// output: acc = fma(x[i], w[o][i], acc) for i in order, then + b, then ReLU (not after the
+// last layer).
 struct MlpView {
   int layers;                  // number of Linear layers (hidden_layers + 1)
   int sizes[kMaxLayers + 1];   // sizes[0] = input width, sizes[layers] = 2
@@ -85,27 +87,12 @@ struct MlpView {
   const float* b[kMaxLayers];
 };
 
-LOPT_HD void mlp_forward(const MlpView& net, const float* x, float* out) {
-  float buf_a[kMaxHidden];
-  float buf_b[kMaxHidden];
-  const float* in = x;
-  float* dst = buf_a;
-  for (int l = 0; l < net.layers; ++l) {
-    const int n_in = net.sizes[l];
-    const int n_out = net.sizes[l + 1];
-    const bool last = l == net.layers - 1;
-    float* target = last ? out : dst;
-    for (int o = 0; o < n_out; ++o) {
-      const float* row = net.w[l] + static_cast<int64_t>(o) * n_in;
-      float acc = 0.0f;
-      for (int i = 0; i < n_in; ++i) acc = fmaf(in[i], row[i], acc);
-      acc += net.b[l][o];
-      target[o] = last ? acc : fmaxf(acc, 0.0f);
-    }
-    in = target;
-    dst = (dst == buf_a) ? buf_b : buf_a;
-  }
-}
+// The MLP for kLanes elements at once, feature-major (x[i * kLanes + e], out likewise):
+// per element and output, acc = fma(x[i], w[o][i], acc) for i in order, then + b, then ReLU
+// (not after the last layer). Lanes and a tile of outputs are independent, so the loops
+// vectorize and the FMA chains overlap.
+// ReLU that lets NaN through, as upstream's max(x, 0) and torch.relu do.
+LOPT_HD float relu(float v) { return v < 0.0f ? 0.0f : v; }
 
 // step = direction * exp(magnitude * exp_mult) * step_mult, times lr.
 LOPT_HD float step_from_output(float direction, float magnitude, float exp_mult,
