@@ -1,0 +1,157 @@
+"""Median optimizer-step time of small_fc_lopt implementations, side by side in one run.
+
+Implementations: ``fused`` (lopt_port kernels), ``eager`` (lopt_port PyTorch path), ``jax``
+(parity.reference under jit) and ``adamw`` (``torch.optim.AdamW(fused=True)``, the
+hand-designed baseline). Layouts: ``10m`` (one 10M tensor), ``100x100k`` (100 tensors of 100k)
+and ``gpt2`` (the parameter shapes of GPT-2 small, 124M). Also measured in the same run: the
+throughput of a 2048^3 float32 matmul, the machine's practical compute ceiling.
+
+Run with ``OMP_WAIT_POLICY=PASSIVE`` on a shared machine; compare ratios, not times::
+
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python scripts/bench_step.py --json out/bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MLP_FLOP_PER_PARAM = 2 * (39 * 32 + 32 * 32 + 32 * 2)  # 39-32-32-2 MLP: 4,672
+
+
+def gpt2_small_shapes() -> list[tuple[int, ...]]:
+    """Parameter shapes of GPT-2 small (124,439,808 parameters)."""
+    d, shapes = 768, [(50257, 768), (1024, 768)]
+    for _ in range(12):
+        shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d),
+                   (4 * d,), (4 * d, d), (d,)]
+    return [*shapes, (d,), (d,)]
+
+
+LAYOUTS: dict[str, Callable[[], list[tuple[int, ...]]]] = {
+    "10m": lambda: [(10_000_000,)],
+    "100x100k": lambda: [(100_000,)] * 100,
+    "gpt2": gpt2_small_shapes,
+}
+
+
+def median_ms(step: Callable[[], None], repeats: int) -> float:
+    step()  # warm-up (builds, compiles, allocates state)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def sgemm_gflops(repeats: int) -> float:
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    ms = median_ms(lambda: a @ b, repeats)
+    return 2 * 2048**3 / (ms / 1000) / 1e9
+
+
+def torch_step(impl: str, shapes: list[tuple[int, ...]], weights: str) -> Callable[[], None]:
+    from lopt_port import SmallFCLOpt
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=g) for s in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g)
+    if impl == "adamw":
+        opt = torch.optim.AdamW(params, lr=1e-3, fused=True)
+    else:
+        opt = SmallFCLOpt(params, weights, fused=impl == "fused")
+    return lambda: opt.step()
+
+
+def jax_step(shapes: list[tuple[int, ...]], weights: str) -> Callable[[], None]:
+    import jax
+    import jax.numpy as jnp
+
+    from parity.reference import SmallFCLOptReference
+    ref = SmallFCLOptReference.from_checkpoint(weights)
+    rng = np.random.default_rng(0)
+    params = {f"p{i}": jnp.asarray(rng.normal(size=s).astype(np.float32))
+              for i, s in enumerate(shapes)}
+    grads = {k: jnp.asarray(rng.normal(size=v.shape).astype(np.float32))
+             for k, v in params.items()}
+    box = {"params": params, "state": ref.init(params, 1000)}
+
+    def step() -> None:
+        new_params, new_state, _ = ref.step(box["state"], box["params"], grads)
+        jax.block_until_ready(new_params)
+        box["params"], box["state"] = new_params, new_state
+
+    return step
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--weights", default=os.path.join(ROOT, "checkpoints",
+                                                          "small_fc_h32_sm0p01"))
+    parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
+    parser.add_argument("--impls", nargs="+", default=["fused", "eager", "jax", "adamw"],
+                        choices=["fused", "eager", "jax", "adamw"])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--max-materializing-params", type=int, default=30_000_000,
+                        help="skip eager and jax above this size: they materialize a "
+                             "per-element feature matrix (~40 floats per parameter)")
+    parser.add_argument("--json", help="write the rows as JSON")
+    args = parser.parse_args(argv)
+    import converters
+    weights = os.path.join(ROOT, "out", "bench_weights.safetensors")
+    converters.convert(args.weights).save(weights, overwrite=True)
+    gflops = sgemm_gflops(args.repeats)
+    print(f"sgemm 2048^3: {gflops:.1f} GFLOP/s (in-run compute ceiling)")
+    rows = []
+    for layout in args.layouts:
+        shapes = LAYOUTS[layout]()
+        n = sum(int(np.prod(s)) for s in shapes)
+        for impl in args.impls:
+            if impl in ("eager", "jax") and n > args.max_materializing_params:
+                print(f"{layout:>9} {impl:>6}: skipped ({n:,} params > "
+                      f"--max-materializing-params)")
+                continue
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                step = jax_step(shapes, weights) if impl == "jax" else torch_step(
+                    impl, shapes, weights)
+                ms = median_ms(step, args.repeats)
+            row = {"optimizer": "adamw" if impl == "adamw" else "small_fc_lopt",
+                   "impl": impl, "layout": layout, "params": n, "ms": ms,
+                   "sgemm_gflops": gflops}
+            if impl == "fused":
+                row["mlp_gflops"] = MLP_FLOP_PER_PARAM * n / (ms / 1000) / 1e9
+            rows.append(row)
+            extra = (f"  MLP at {row['mlp_gflops']:.1f} GFLOP/s = "
+                     f"{row['mlp_gflops'] / gflops:.0%} of sgemm" if impl == "fused" else "")
+            print(f"{layout:>9} {impl:>6}: {ms:10.1f} ms{extra}", flush=True)
+            del step
+    print("\nratios (same run):")
+    by = {(r["layout"], r["impl"]): r["ms"] for r in rows}
+    for layout in args.layouts:
+        fused = by.get((layout, "fused"))
+        if fused is None:
+            continue
+        parts = [f"{other} / fused = {by[(layout, other)] / fused:.2f}x"
+                 for other in ("eager", "jax", "adamw") if (layout, other) in by]
+        print(f"{layout:>9}: " + ", ".join(parts))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
