@@ -44,6 +44,8 @@ def param_unsupported_reason(p: torch.Tensor) -> str | None:
         return f"the fused kernels take float32 parameters only so far (got {p.dtype})"
     if not p.is_contiguous():
         return "the parameter is not contiguous"
+    if p.grad is not None and p.grad.dtype != p.dtype:
+        return f"the gradient is {p.grad.dtype}, the parameter {p.dtype}"
     if p.dim() > MAX_RANK:
         return f"rank above {MAX_RANK}"
     return None

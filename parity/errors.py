@@ -5,9 +5,12 @@ from __future__ import annotations
 import numpy as np
 
 
-def relative(ours: np.ndarray, ref: np.ndarray) -> float:
+def relative(ours: np.ndarray, ref: np.ndarray, before: np.ndarray | None = None) -> float:
     """``max|ours - ref| / max|ref|`` (the absolute error when ``ref`` is all zeros).
 
+    With ``before`` (the value a step started from, e.g. parameters before an update), the
+    scale is ``max(|ref|, |before|)``: a step that lands near zero is rounded at the scale it
+    started from, and a relative error against the small result would be meaningless.
     Shapes must agree: a shape difference is reported as ``inf``.
     """
     ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
@@ -17,6 +20,8 @@ def relative(ours: np.ndarray, ref: np.ndarray) -> float:
         return 0.0
     diff = np.abs(ours - ref).max()
     scale = np.abs(ref).max()
+    if before is not None:
+        scale = max(scale, np.abs(np.asarray(before, np.float64)).max())
     return float(diff / scale) if scale > 0 else float(diff)
 
 

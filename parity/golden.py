@@ -18,7 +18,8 @@ quantity           error
 ``update``         ``max|ours - upstream| / max|upstream update|``, where the upstream update
                    is ``direction * exp(magnitude * exp_mult) * step_mult`` evaluated in float32
                    from upstream's recorded MLP output (upstream's formula and order)
-``params``         ``max|ours - upstream| / max|upstream params|``
+``params``         ``max|ours - upstream|`` over the larger of the params' scale before and
+                   after the step
 ``state``          per leaf ``max|ours - upstream| / max|upstream leaf|``
 =================  ==========================================================================
 
@@ -137,7 +138,8 @@ def replay_small_fc(weights: str | os.PathLike | Mapping[str, torch.Tensor] | Lo
             if not fused:
                 got = {k: v.numpy() for k, v in captured[p].items()}
                 _record_intermediates(report, got, case, t, n, p.shape, hp)
-            report.record("params", relative(p.numpy(), case.data[f"params/step{t}/{n}"]), n)
+            report.record("params", relative(p.numpy(), case.data[f"params/step{t}/{n}"],
+                                             case.data[f"params/step{t - 1}/{n}"]), n)
             dims = tuple(int(d) for d in case.data[f"meta/factored_dims/{n}"])
             if (opt.state[p]["factored_dims"] or (-1, -1)) != dims:
                 report.record("factored_dims", 1.0, n)

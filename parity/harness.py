@@ -182,6 +182,7 @@ def lockstep(sides: Sides, task: Task, num_steps: int = 1000) -> list[ErrorRecor
     records: list[ErrorRecord] = []
     for t in range(task.steps):
         iteration = int(ref_state["iteration"])
+        before = ref_params
         for n, p in tensors.items():
             p.copy_(torch.from_numpy(np.array(ref_params[n])))
             p.grad = torch.tensor(task.grads[t][n])
@@ -213,7 +214,8 @@ def lockstep(sides: Sides, task: Task, num_steps: int = 1000) -> list[ErrorRecor
                     else:
                         err = relative(ours[q].numpy(), theirs)
                     add(n, q, err)
-            add(n, "params", relative(p.numpy(), np.asarray(ref_params[n])))
+            add(n, "params", relative(p.numpy(), np.asarray(ref_params[n]),
+                                      np.asarray(before[n])))
             for q, err in small_fc_state_errors(opt.state[p], _upstream_leaf(ref_state, n),
                                                 int(ref_state["iteration"])).items():
                 add(n, q, err)

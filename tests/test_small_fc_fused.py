@@ -17,9 +17,14 @@ from tests.conftest import SMALL_FC_CHECKPOINTS, golden_case_path
 
 STATE = ("momentum", "rms", "v_row", "v_col", "v_diag")
 # Fused vs eager, per step from identical inputs: the same float32 operations, except that
-# the kernels accumulate reductions (means, sums of squares, matmul rows) in another order
-# (and the means in float64). Measured: params <= 8e-8, state <= 2.2e-7 relative.
+# the kernels accumulate reductions (means, sums of squares) in another order (the means in
+# float64) and the MLP as one FMA chain per output where the eager path calls MKL's sgemm.
+# State: <= 1e-6 relative (measured <= 2.2e-7). Params: the step may differ by the MLP's
+# summation order, bounded like the parity gate's update (1e-5 of the step's scale,
+# step_mult * max|MLP output|), plus one rounding of the parameter (2^-23 of its scale).
 TOL = 1e-6
+UPDATE_TOL = 1e-5
+ULP = 2.0**-23
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -39,6 +44,7 @@ def _lockstep(weights, task):
     """Per step: copy eager's params and state into the fused optimizer, step both."""
     pe, oe, pf, of = _pair(weights, task)
     for t in range(task.steps):
+        start = {k: v.clone() for k, v in pe.items()}
         for k in pe:
             pf[k].copy_(pe[k])
             if pe[k] in oe.state:
@@ -46,10 +52,16 @@ def _lockstep(weights, task):
                                    for n, v in oe.state[pe[k]].items()}
             g = torch.tensor(task.grads[t][k])
             pe[k].grad, pf[k].grad = g.clone(), g.clone()
-        oe.step()
+        with oe.capture_intermediates() as captured:
+            oe.step()
         of.step()
         for k in pe:
-            assert _rel(pf[k], pe[k]) <= TOL, (t, k, "params")
+            out = captured[pe[k]]["mlp_output"]
+            step_scale = (oe.hparams["step_mult"] * out.abs().max() *
+                          torch.exp(out[..., 1] * oe.hparams["exp_mult"]).max()).item()
+            p_scale = max(pe[k].abs().max().item(), start[k].abs().max().item())
+            bound = UPDATE_TOL * step_scale + ULP * p_scale
+            assert (pf[k] - pe[k]).abs().max().item() <= bound, (t, k, "params")
             for n in STATE:
                 if n in oe.state[pe[k]]:
                     assert _rel(of.state[pf[k]][n], oe.state[pe[k]][n]) <= TOL, (t, k, n)
@@ -148,6 +160,8 @@ def test_fused_none_falls_back_with_one_warning(small_fc_weights):
     messages = [str(w.message) for w in caught]
     assert len(messages) == 1 and "float16" in messages[0], messages
     assert caught[0].filename == __file__  # points at the caller's step()
+    # fp16 keeps 11 significant bits (relative spacing 1e-3): the fp16 run follows the fp32
+    # run to within a few of its roundings.
     np.testing.assert_allclose(low.float().numpy(), full.numpy(), rtol=1e-2)
 
 
