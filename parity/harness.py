@@ -13,8 +13,9 @@ quantity            error
                     max|MLP output|`` of the tensor (the size of what the step is made from)
 ``features_raw``    :func:`~parity.errors.relative_per_column`: per feature column
 ``mlp_input``       absolute (normalized features and time features are unit scale)
-``params``,         :func:`~parity.errors.relative`: relative to the tensor's max
-``mlp_*``,
+``params``          :func:`~parity.errors.relative` with the pre-step params: relative to
+                    the larger of the tensor's max before and after the step
+``mlp_*``,          :func:`~parity.errors.relative`: relative to the tensor's max
 ``fac_g``,
 ``state/*``
 ==================  ========================================================================
