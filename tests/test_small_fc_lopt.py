@@ -55,7 +55,8 @@ def test_variant_changes_only_nonfactored_fac_mom_mult(small_fc_weights):
     _, wheel = _one_step(small_fc_weights, vec, gv, variant="pypi-0.0.1")
     diff = (head["features_raw"] - wheel["features_raw"]).abs().amax(dim=0)
     assert torch.all(diff[:25] == 0) and torch.all(diff[25:] > 0)
-    # the wheel's column: m * v**-0.5 recomputed from the recorded m (cols 2-4) and v (13-15)
+    # the wheel's column: m * v**-0.5 recomputed from the recorded m (cols 2-4) and v (13-15);
+    # pow(v, -0.5) and the multiply may each round differently by an ulp: 1e-6 relative.
     raw = wheel["features_raw"]
     torch.testing.assert_close(raw[:, 25:28], raw[:, 2:5] * raw[:, 13:16] ** -0.5,
                                rtol=1e-6, atol=0)
@@ -102,9 +103,13 @@ def test_any_architecture_mlp(hidden_size, hidden_layers):
         x = x @ sd[f"mlp.{i}.weight"].double().t() + sd[f"mlp.{i}.bias"].double()
         if i < hidden_layers:
             x = x.clamp_min(0)
+    # float32 MLP vs a float64 recomputation from the same inputs: float32 accumulation over
+    # at most 39 terms of O(1), ~1e-6 relative; 1e-5 both ways.
     torch.testing.assert_close(cap["mlp_output"].reshape(-1, 2).double(), x, rtol=1e-5,
                                atol=1e-5)
     step = x[:, 0] * torch.exp(x[:, 1] * hp["exp_mult"]) * hp["step_mult"]
+    # The applied step p - new_p carries the rounding of new_p (an ulp of |p| ~ 1, 1.2e-7)
+    # on steps of ~1e-3: 1e-4 relative plus 1e-7 absolute.
     torch.testing.assert_close((p - new_p).double().reshape(-1), step, rtol=1e-4, atol=1e-7)
 
 
@@ -113,6 +118,7 @@ def test_normalized_features_have_unit_second_moment(small_fc_weights):
     _, cap = _one_step(small_fc_weights, p, g)
     ms = cap["mlp_input"][..., :28].square().mean(dim=(0, 1))
     raw_ms = cap["features_raw"].square().mean(dim=(0, 1))
+    # mean(x^2 / (eps + m)) = m / (eps + m) exactly; float32 means over 99 elements: 1e-5.
     torch.testing.assert_close(ms, raw_ms / (raw_ms + 1e-5), rtol=1e-5, atol=0)
 
 
