@@ -11,6 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 
 from lopt_port import SmallFCLOpt, extension
+from parity.errors import relative
 from parity.golden import load_case, replay_small_fc
 from parity.tasks import make_task, task_strategy
 from tests.conftest import SMALL_FC_CHECKPOINTS, golden_case_path
@@ -28,9 +29,7 @@ ULP = 2.0**-23
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    scale = b.abs().max().item() if b.numel() else 0.0
-    diff = (a - b).abs().max().item() if b.numel() else 0.0
-    return diff / scale if scale > 0 else diff
+    return relative(a.numpy(), b.numpy())
 
 
 def _pair(weights, task):

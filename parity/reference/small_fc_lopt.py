@@ -29,12 +29,12 @@ import optax
 
 from lopt_port import small_fc_lopt_config as cfg
 from lopt_port.accumulators import TieBreak, factored_dims
+from lopt_port.constants import TIME_FEATURE_TIMESCALES
 
 # Parity needs true float32 matmuls: JAX defaults to TF32 on Ampere/Hopper GPUs.
 jax.config.update("jax_default_matmul_precision", "highest")
 
 F32 = jnp.float32
-TIMESCALES = (1, 3, 10, 30, 100, 300, 1000, 3000, 10000, 30000, 100000)
 
 
 def _decays(initial: Any, offsets: jnp.ndarray) -> jnp.ndarray:
@@ -72,7 +72,7 @@ def _normalize(x: jnp.ndarray) -> jnp.ndarray:
 
 def time_features(iteration: jnp.ndarray) -> jnp.ndarray:
     """``tanh(t / s - 1)`` with an int32 ``t``, as upstream's ``tanh_embedding``."""
-    return jnp.tanh(iteration / jnp.asarray(TIMESCALES, dtype=F32) - 1.0)
+    return jnp.tanh(iteration / jnp.asarray(TIME_FEATURE_TIMESCALES, dtype=F32) - 1.0)
 
 
 class SmallFCLOptReference:
