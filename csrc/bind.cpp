@@ -1,31 +1,58 @@
 // Torch binding of the fused small_fc_lopt step: three multi-tensor ops, one per phase, each
-// called once per parameter group and step. Tensors arrive as lists; per-tensor factored
-// dims as a flat int list [d1, d0, d1, d0, ...] with -1 for non-factored tensors.
-#include <torch/library.h>
+// called once per parameter group and step, dispatched by device to the CPU backend or (when
+// built with LOPT_WITH_CUDA) the CUDA launchers. Tensors arrive as lists; per-tensor
+// factored dims as a flat int list [d1, d0, d1, d0, ...] with -1 for non-factored tensors.
+// Plain C++: the CUDA path needs no CUDA headers, only c10's device-generic guard and
+// stream interfaces.
 #include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "small_fc_lopt_cpu.h"
+#if defined(LOPT_WITH_CUDA)
+#include "small_fc_lopt_cuda.h"
+#endif
 
 namespace {
 
 using at::Tensor;
 
-float* fptr(const Tensor& t) { return t.numel() ? t.data_ptr<float>() : nullptr; }
+template <typename T>
+T* ptr(const Tensor& t) {
+  return t.numel() ? static_cast<T*>(t.data_ptr()) : nullptr;
+}
 
-void check_f32(const Tensor& t, const char* what) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat, what, " must be float32, got ", t.scalar_type());
+void check_tensor(const Tensor& t, const char* what, const at::Device& device,
+                  bool state = true) {
+  if (state)
+    TORCH_CHECK(t.scalar_type() == at::kFloat, what, " must be float32, got ",
+                t.scalar_type());
   TORCH_CHECK(t.is_contiguous(), what, " must be contiguous");
-  TORCH_CHECK(t.device().is_cpu(), what, " must be on the CPU (the CUDA backend is not built)");
+  TORCH_CHECK(t.device() == device, what, " is on ", t.device(), ", the parameters on ",
+              device);
+}
+
+lopt::DType dtype_of(const Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return lopt::DType::kFloat32;
+    case at::kBFloat16: return lopt::DType::kBFloat16;
+    case at::kHalf: return lopt::DType::kFloat16;
+    default: TORCH_CHECK(false, "parameters must be float32, bfloat16 or float16, got ",
+                         t.scalar_type());
+  }
 }
 
 lopt::GroupDecays group_decays(const Tensor& decays) {
   // decays: [momentum (k), rms (1), adafactor (k)], float32 on the CPU.
-  check_f32(decays, "decays");
+  check_tensor(decays, "decays", at::Device(at::kCPU));
   const int64_t total = decays.numel();
-  TORCH_CHECK(total % 2 == 1 && (total - 1) / 2 <= lopt::kMaxDecays,
-              "decays must hold k momentum, 1 rms and k adafactor values");
+  TORCH_CHECK(total % 2 == 1 && total >= 3 && (total - 1) / 2 <= lopt::kMaxDecays,
+              "decays must hold k momentum, 1 rms and k adafactor values, 1 <= k <= ",
+              lopt::kMaxDecays);
   lopt::GroupDecays d;
   d.k = static_cast<int>((total - 1) / 2);
   const float* v = decays.data_ptr<float>();
@@ -41,46 +68,66 @@ lopt::GroupDecays group_decays(const Tensor& decays) {
   return d;
 }
 
-std::vector<lopt::TensorArgs> tensor_args(
-    at::TensorList params, at::TensorList grads, at::TensorList momentum, at::TensorList rms,
-    at::TensorList v_row, at::TensorList v_col, at::TensorList v_diag,
-    at::TensorList row_factor, at::TensorList col_factor, at::IntArrayRef dims, int k) {
+struct Group {
+  at::Device device{at::kCPU};
+  lopt::GroupDecays decays;
+  std::vector<lopt::TensorArgs> tensors;
+};
+
+Group make_group(at::TensorList params, at::TensorList grads, at::TensorList momentum,
+                 at::TensorList rms, at::TensorList v_row, at::TensorList v_col,
+                 at::TensorList v_diag, at::TensorList row_factor, at::TensorList col_factor,
+                 at::IntArrayRef dims, const Tensor& decays) {
+  Group group;
+  group.decays = group_decays(decays);
+  const int k = group.decays.k;
   const size_t n = params.size();
+  TORCH_CHECK(n > 0, "no parameters");
   TORCH_CHECK(grads.size() == n && momentum.size() == n && rms.size() == n &&
                   v_row.size() == n && v_col.size() == n && v_diag.size() == n &&
                   row_factor.size() == n && col_factor.size() == n &&
                   dims.size() == 2 * n,
               "every tensor list needs one entry per parameter");
-  std::vector<lopt::TensorArgs> out(n);
+  group.device = params[0].device();
+  const at::Device& dev = group.device;
+  TORCH_CHECK(dev.is_cpu() || dev.is_cuda(), "no fused kernel for device ", dev);
+  group.tensors.resize(n);
   for (size_t i = 0; i < n; ++i) {
-    lopt::TensorArgs& t = out[i];
-    check_f32(params[i], "params");
-    check_f32(grads[i], "grads");
-    check_f32(momentum[i], "momentum");
-    check_f32(rms[i], "rms");
+    lopt::TensorArgs& t = group.tensors[i];
+    check_tensor(params[i], "params", dev, false);
+    check_tensor(grads[i], "grads", dev, false);
+    TORCH_CHECK(grads[i].scalar_type() == params[i].scalar_type(), "grad ", i, " is ",
+                grads[i].scalar_type(), ", its parameter ", params[i].scalar_type());
+    check_tensor(momentum[i], "momentum", dev);
+    check_tensor(rms[i], "rms", dev);
     TORCH_CHECK(params[i].dim() <= lopt::kMaxRank, "rank above ", lopt::kMaxRank);
+    TORCH_CHECK(params[i].numel() > 0, "parameter ", i, " is empty");
     TORCH_CHECK(grads[i].numel() == params[i].numel() &&
                     momentum[i].numel() == params[i].numel() * k &&
                     rms[i].numel() == params[i].numel(),
                 "state sizes do not match parameter ", i);
     t.n = params[i].numel();
-    t.p = fptr(params[i]);
-    t.g = fptr(grads[i]);
-    t.m = fptr(momentum[i]);
-    t.rms = fptr(rms[i]);
+    t.dtype = dtype_of(params[i]);
+    t.p = ptr<void>(params[i]);
+    t.g = ptr<void>(grads[i]);
+    t.m = ptr<float>(momentum[i]);
+    t.rms = ptr<float>(rms[i]);
     t.d1 = static_cast<int>(dims[2 * i]);
     t.d0 = static_cast<int>(dims[2 * i + 1]);
     t.factored = t.d1 >= 0;
+    t.v_row = t.v_col = t.v_diag = t.row_factor = t.col_factor = t.sumsq = nullptr;
+    t.n_row = t.n_col = t.n_rcm = 0;
     const auto sizes = params[i].sizes();
+    t.ix = lopt::FactoredIndex{};
     t.ix.rank = static_cast<int>(sizes.size());
+    for (int d = 0; d < t.ix.rank; ++d) t.ix.size[d] = sizes[d];
     if (t.factored) {
       TORCH_CHECK(t.d0 >= 0 && t.d0 < t.ix.rank && t.d1 < t.ix.rank && t.d0 != t.d1,
                   "bad factored dims for parameter ", i);
       for (const Tensor* s : {&v_row[i], &v_col[i], &row_factor[i], &col_factor[i]})
-        check_f32(*s, "factored state");
+        check_tensor(*s, "factored state", dev);
       int64_t rs = 1, cs = 1, qs = 1;
       for (int d = t.ix.rank - 1; d >= 0; --d) {
-        t.ix.size[d] = sizes[d];
         t.ix.row_stride[d] = d == t.d0 ? 0 : rs;
         t.ix.col_stride[d] = d == t.d1 ? 0 : cs;
         t.ix.rcm_stride[d] = (d == t.d0 || d == t.d1) ? 0 : qs;
@@ -94,18 +141,58 @@ std::vector<lopt::TensorArgs> tensor_args(
       TORCH_CHECK(v_row[i].numel() == rs * k && v_col[i].numel() == cs * k &&
                       row_factor[i].numel() == rs * k && col_factor[i].numel() == cs * k,
                   "factored state sizes do not match parameter ", i);
-      t.v_row = fptr(v_row[i]);
-      t.v_col = fptr(v_col[i]);
-      t.row_factor = fptr(row_factor[i]);
-      t.col_factor = fptr(col_factor[i]);
+      t.v_row = ptr<float>(v_row[i]);
+      t.v_col = ptr<float>(v_col[i]);
+      t.row_factor = ptr<float>(row_factor[i]);
+      t.col_factor = ptr<float>(col_factor[i]);
     } else {
-      check_f32(v_diag[i], "v_diag");
+      check_tensor(v_diag[i], "v_diag", dev);
       TORCH_CHECK(v_diag[i].numel() == t.n * k, "v_diag size does not match parameter ", i);
-      t.v_diag = fptr(v_diag[i]);
-      for (int d = 0; d < t.ix.rank; ++d) t.ix.size[d] = sizes[d];
+      t.v_diag = ptr<float>(v_diag[i]);
     }
   }
-  return out;
+  return group;
+}
+
+#if defined(LOPT_WITH_CUDA)
+// The current CUDA stream of the group's device, with that device made current for the
+// guard's lifetime; through c10's device-generic interfaces (no CUDA headers needed).
+void* current_stream(const at::Device& device) {
+  return c10::impl::getDeviceGuardImpl(device.type())->getStream(device).native_handle();
+}
+
+void check_cuda(int code, const char* phase) {
+  TORCH_CHECK(code == 0, "lopt_port CUDA ", phase, " failed: ", lopt_cuda_error_string(code));
+}
+#endif
+
+#if !defined(LOPT_WITH_CUDA)
+void cuda_unavailable(const Group& group) {
+  TORCH_CHECK(group.device.is_cpu(), "lopt_port was built without its CUDA kernels (nvcc "
+              "was not found when the extension was built); parameters are on ",
+              group.device);
+}
+#endif
+
+void reduce(at::TensorList params, at::TensorList grads, at::TensorList momentum,
+            at::TensorList rms, at::TensorList v_row, at::TensorList v_col,
+            at::TensorList v_diag, at::TensorList row_factor, at::TensorList col_factor,
+            at::IntArrayRef dims, const Tensor& decays) {
+  Group g = make_group(params, grads, momentum, rms, v_row, v_col, v_diag, row_factor,
+                       col_factor, dims, decays);
+  const int count = static_cast<int>(g.tensors.size());
+  if (g.device.is_cpu()) {
+    lopt::small_fc_reduce_cpu(g.tensors.data(), count, g.decays);
+    return;
+  }
+#if defined(LOPT_WITH_CUDA)
+  c10::DeviceGuard guard(g.device);
+  check_cuda(lopt_small_fc_reduce_cuda(g.tensors.data(), count, &g.decays,
+                                       current_stream(g.device)),
+             "reduce");
+#else
+  cuda_unavailable(g);
+#endif
 }
 
 Tensor accumulate(at::TensorList params, at::TensorList grads, at::TensorList momentum,
@@ -113,16 +200,28 @@ Tensor accumulate(at::TensorList params, at::TensorList grads, at::TensorList mo
                   at::TensorList v_diag, at::TensorList row_factor,
                   at::TensorList col_factor, at::IntArrayRef dims, const Tensor& decays,
                   bool head_variant) {
-  const lopt::GroupDecays d = group_decays(decays);
-  auto args = tensor_args(params, grads, momentum, rms, v_row, v_col, v_diag, row_factor,
-                          col_factor, dims, d.k);
-  const int nf = lopt::raw_feature_count(d.k);
-  Tensor sumsq = at::zeros({static_cast<int64_t>(args.size()), nf}, decays.options());
-  for (size_t i = 0; i < args.size(); ++i) {
-    lopt::small_fc_reduce_cpu(args[i], d);
-    lopt::small_fc_accumulate_cpu(args[i], d, head_variant,
-                                  sumsq.data_ptr<float>() + i * nf);
+  Group g = make_group(params, grads, momentum, rms, v_row, v_col, v_diag, row_factor,
+                       col_factor, dims, decays);
+  const int count = static_cast<int>(g.tensors.size());
+  const int nf = lopt::raw_feature_count(g.decays.k);
+  Tensor sumsq = at::empty({count, nf}, params[0].options().dtype(at::kFloat));
+  for (int i = 0; i < count; ++i) g.tensors[i].sumsq = sumsq.data_ptr<float>() + i * nf;
+  if (g.device.is_cpu()) {
+    lopt::small_fc_accumulate_cpu(g.tensors.data(), count, g.decays, head_variant);
+    return sumsq;
   }
+#if defined(LOPT_WITH_CUDA)
+  c10::DeviceGuard guard(g.device);
+  Tensor partials = at::empty(
+      {lopt_small_fc_partials(g.tensors.data(), count, g.decays.k)},
+      params[0].options().dtype(at::kDouble));
+  check_cuda(lopt_small_fc_accumulate_cuda(g.tensors.data(), count, &g.decays, head_variant,
+                                           partials.data_ptr<double>(),
+                                           current_stream(g.device)),
+             "accumulate");
+#else
+  cuda_unavailable(g);
+#endif
   return sumsq;
 }
 
@@ -132,16 +231,21 @@ void apply(at::TensorList params, at::TensorList grads, at::TensorList momentum,
            at::IntArrayRef dims, const Tensor& decays, bool head_variant,
            const Tensor& sumsq, const Tensor& time_features, at::TensorList mlp,
            double exp_mult, double step_mult, double lr) {
-  const lopt::GroupDecays d = group_decays(decays);
-  auto args = tensor_args(params, grads, momentum, rms, v_row, v_col, v_diag, row_factor,
-                          col_factor, dims, d.k);
-  const int nf = lopt::raw_feature_count(d.k);
-  check_f32(sumsq, "sumsq");
-  check_f32(time_features, "time_features");
-  TORCH_CHECK(sumsq.numel() == static_cast<int64_t>(args.size()) * nf, "sumsq shape");
-  TORCH_CHECK(time_features.numel() ==
-                  static_cast<int64_t>(args.size()) * lopt::kNumTimeFeatures,
-              "time_features shape");
+  Group g = make_group(params, grads, momentum, rms, v_row, v_col, v_diag, row_factor,
+                       col_factor, dims, decays);
+  const int count = static_cast<int>(g.tensors.size());
+  const int nf = lopt::raw_feature_count(g.decays.k);
+  check_tensor(sumsq, "sumsq", g.device);
+  check_tensor(time_features, "time_features", at::Device(at::kCPU));
+  TORCH_CHECK(sumsq.numel() == static_cast<int64_t>(count) * nf, "sumsq shape");
+  TORCH_CHECK(time_features.numel() == static_cast<int64_t>(count) * lopt::kNumTimeFeatures,
+              "time_features must be [number of parameters, ", lopt::kNumTimeFeatures, "]");
+  const float* tf = time_features.data_ptr<float>();
+  for (int i = 0; i < count; ++i) {
+    g.tensors[i].sumsq = sumsq.data_ptr<float>() + i * nf;
+    std::copy(tf + i * lopt::kNumTimeFeatures, tf + (i + 1) * lopt::kNumTimeFeatures,
+              g.tensors[i].time);
+  }
   TORCH_CHECK(mlp.size() % 2 == 0 && mlp.size() / 2 <= lopt::kMaxLayers && !mlp.empty(),
               "mlp must be [w0, b0, w1, b1, ...]");
   lopt::MlpView net;
@@ -150,8 +254,8 @@ void apply(at::TensorList params, at::TensorList grads, at::TensorList momentum,
   for (int l = 0; l < net.layers; ++l) {
     const Tensor& w = mlp[2 * l];
     const Tensor& b = mlp[2 * l + 1];
-    check_f32(w, "mlp weight");
-    check_f32(b, "mlp bias");
+    check_tensor(w, "mlp weight", g.device);
+    check_tensor(b, "mlp bias", g.device);
     TORCH_CHECK(w.dim() == 2 && w.size(1) == net.sizes[l] && b.numel() == w.size(0) &&
                     w.size(0) <= lopt::kMaxHidden,
                 "mlp layer ", l, " has the wrong shape");
@@ -160,21 +264,33 @@ void apply(at::TensorList params, at::TensorList grads, at::TensorList momentum,
     net.b[l] = b.data_ptr<float>();
   }
   TORCH_CHECK(net.sizes[net.layers] == 2, "the last mlp layer must have 2 outputs");
-  for (size_t i = 0; i < args.size(); ++i) {
-    if (args[i].n == 0) continue;
-    lopt::small_fc_apply_cpu(args[i], d, head_variant, sumsq.data_ptr<float>() + i * nf,
-                             time_features.data_ptr<float>() + i * lopt::kNumTimeFeatures,
-                             net, static_cast<float>(exp_mult),
-                             static_cast<float>(step_mult), static_cast<float>(lr));
+  const float em = static_cast<float>(exp_mult);
+  const float sm = static_cast<float>(step_mult);
+  const float lr32 = static_cast<float>(lr);
+  if (g.device.is_cpu()) {
+    lopt::small_fc_apply_cpu(g.tensors.data(), count, g.decays, head_variant, net, em, sm,
+                             lr32);
+    return;
   }
+#if defined(LOPT_WITH_CUDA)
+  c10::DeviceGuard guard(g.device);
+  check_cuda(lopt_small_fc_apply_cuda(g.tensors.data(), count, &g.decays, head_variant, &net,
+                                      em, sm, lr32, current_stream(g.device)),
+             "apply");
+#else
+  cuda_unavailable(g);
+#endif
 }
 
 }  // namespace
 
 TORCH_LIBRARY(lopt_port, m) {
+  m.def("small_fc_reduce(Tensor[] params, Tensor[] grads, Tensor[] momentum, "
+        "Tensor[] rms, Tensor(a!)[] v_row, Tensor(b!)[] v_col, Tensor[] v_diag, "
+        "Tensor(c!)[] row_factor, Tensor(d!)[] col_factor, int[] dims, Tensor decays) -> ()");
   m.def("small_fc_accumulate(Tensor[] params, Tensor[] grads, Tensor(a!)[] momentum, "
-        "Tensor(b!)[] rms, Tensor(c!)[] v_row, Tensor(d!)[] v_col, Tensor(e!)[] v_diag, "
-        "Tensor(f!)[] row_factor, Tensor(g!)[] col_factor, int[] dims, Tensor decays, "
+        "Tensor(b!)[] rms, Tensor[] v_row, Tensor[] v_col, Tensor(c!)[] v_diag, "
+        "Tensor[] row_factor, Tensor[] col_factor, int[] dims, Tensor decays, "
         "bool head_variant) -> Tensor");
   m.def("small_fc_apply(Tensor(a!)[] params, Tensor[] grads, Tensor[] momentum, "
         "Tensor[] rms, Tensor[] v_row, Tensor[] v_col, Tensor[] v_diag, "
@@ -184,6 +300,13 @@ TORCH_LIBRARY(lopt_port, m) {
 }
 
 TORCH_LIBRARY_IMPL(lopt_port, CPU, m) {
+  m.impl("small_fc_reduce", reduce);
+  m.impl("small_fc_accumulate", accumulate);
+  m.impl("small_fc_apply", apply);
+}
+
+TORCH_LIBRARY_IMPL(lopt_port, CUDA, m) {
+  m.impl("small_fc_reduce", reduce);
   m.impl("small_fc_accumulate", accumulate);
   m.impl("small_fc_apply", apply);
 }

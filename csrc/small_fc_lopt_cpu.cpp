@@ -1,4 +1,10 @@
 // CPU backend of the fused small_fc_lopt step (see small_fc_lopt_cpu.h).
+//
+// Elements are processed in groups of kLanes: a scalar loop gathers each element's inputs
+// (parameter dtype conversion, factored indices by cursor), then an `omp simd` loop runs the
+// header's per-element feature math across the lanes, and the MLP runs on the lane group as
+// a small matrix product. Work is split into fixed tiles, so results never depend on the
+// number of threads.
 #include "small_fc_lopt_cpu.h"
 
 #include <algorithm>
@@ -14,60 +20,124 @@
 namespace lopt {
 namespace {
 
-constexpr int64_t kBlock = 4096;  // fixed reduction blocks: results independent of threads
+constexpr int kLanes = 16;
+constexpr int kOutTile = 8;
+constexpr int64_t kApplyChunk = 1024;  // elements per parallel work item of phase 3
 
-// Linear index of `linear` (in `size[0..rank)`) in the shape with axis `del` removed.
-int64_t drop_axis_index(const int64_t* size, int rank, int del, int64_t linear) {
-  int64_t out = 0, stride = 1;
-  for (int d = rank - 1; d >= 0; --d) {
-    const int64_t coord = linear % size[d];
-    linear /= size[d];
-    if (d != del) {
-      out += coord * stride;
-      stride *= size[d];
+// One element range [begin, end) of tensor `tensor`.
+struct WorkItem {
+  int tensor;
+  int64_t begin, end;
+};
+
+// The inputs of up to kLanes consecutive elements, lane-major per quantity. Lanes past the
+// end hold zeros (and unit factors): finite features that are never used.
+struct LaneInputs {
+  alignas(64) float g[kLanes], p[kLanes], rms[kLanes];
+  alignas(64) float m[kMaxDecays][kLanes];
+  alignas(64) float vr[kMaxDecays][kLanes];  // v_row entry, or v_diag
+  alignas(64) float vc[kMaxDecays][kLanes];  // v_col entry (factored)
+  alignas(64) float rf[kMaxDecays][kLanes];  // row factor (factored)
+  alignas(64) float cf[kMaxDecays][kLanes];  // column factor (factored)
+};
+
+// Gather lanes [0, lanes) starting at element i0; with `update`, apply this step's moving
+// averages of momentum, rms and v_diag first and store them (phase 2).
+template <int K, bool Factored, bool Update>
+void gather(const TensorArgs& t, const GroupDecays& d, int64_t i0, int lanes,
+            FactoredCursor& cur, LaneInputs& in) {
+  for (int e = 0; e < kLanes; ++e) {
+    if (e >= lanes) {
+      in.g[e] = in.p[e] = in.rms[e] = 0.0f;
+      for (int a = 0; a < K; ++a) {
+        in.m[a][e] = in.vr[a][e] = in.vc[a][e] = 0.0f;
+        in.rf[a][e] = in.cf[a][e] = 1.0f;
+      }
+      continue;
+    }
+    const int64_t i = i0 + e;
+    const float g = load_value(t.g, t.dtype, i);
+    in.g[e] = g;
+    in.p[e] = load_value(t.p, t.dtype, i);
+    float* m = t.m + i * K;
+    if (Update) {
+      for (int a = 0; a < K; ++a) m[a] = ema(d.mom[a], m[a], d.mom_mix[a] * g);
+      t.rms[i] = ema(d.rms, t.rms[i], d.rms_mix * (g * g));
+    }
+    in.rms[e] = t.rms[i];
+    for (int a = 0; a < K; ++a) in.m[a][e] = m[a];
+    if (Factored) {
+      for (int a = 0; a < K; ++a) {
+        in.vr[a][e] = t.v_row[cur.row * K + a];
+        in.vc[a][e] = t.v_col[cur.col * K + a];
+        in.rf[a][e] = t.row_factor[cur.row * K + a];
+        in.cf[a][e] = t.col_factor[cur.col * K + a];
+      }
+      cur.next();
+    } else {
+      float* v = t.v_diag + i * K;
+      if (Update) {
+        const float gs = factored_grad_sq(g);
+        for (int a = 0; a < K; ++a) v[a] = ema(d.fac[a], v[a], d.fac_mix[a] * gs);
+      }
+      for (int a = 0; a < K; ++a) in.vr[a][e] = v[a];
     }
   }
-  return out;
 }
 
-// Per-element state after the accumulator update (phase 2 and 3 share it).
-ElementState element_state(const TensorArgs& t, const GroupDecays& d, bool head_variant,
-                           int64_t i) {
-  ElementState s;
-  const int k = d.k;
-  s.g = t.g[i];
-  s.p = t.p[i];
-  s.rms = t.rms[i];
-  for (int a = 0; a < k; ++a) s.m[a] = t.m[i * k + a];
-  if (t.factored) {
-    int64_t r, c, q;
-    factored_indices(t.ix, i, &r, &c, &q);
-    for (int a = 0; a < k; ++a) {
-      const float rf = t.row_factor[r * k + a];
-      const float cf = t.col_factor[c * k + a];
-      s.fac_g[a] = s.g * rf * cf;
-      s.row[a] = t.v_row[r * k + a];
-      s.col[a] = t.v_col[c * k + a];
-      s.mom_mult[a] = s.m[a] * rf * cf;
+// The header's per-element state for lane e.
+template <int K, bool Factored>
+inline ElementState lane_state(const LaneInputs& in, int e, bool head_variant) {
+  float m[K], vr[K];
+  for (int a = 0; a < K; ++a) {
+    m[a] = in.m[a][e];
+    vr[a] = in.vr[a][e];
+  }
+  if (Factored) {
+    float vc[K], rf[K], cf[K];
+    for (int a = 0; a < K; ++a) {
+      vc[a] = in.vc[a][e];
+      rf[a] = in.rf[a][e];
+      cf[a] = in.cf[a][e];
     }
-  } else {
-    for (int a = 0; a < k; ++a) {
-      const float v = t.v_diag[i * k + a];
-      s.fac_g[a] = s.g * safe_rsqrt(v + kDiagPrecondEps);
-      s.row[a] = v;
-      s.col[a] = v;
-      s.mom_mult[a] = diag_mom_mult(s.m[a], v, head_variant);
+    return factored_state(in.g[e], in.p[e], in.rms[e], m, vr, vc, rf, cf, K);
+  }
+  return diag_state(in.g[e], in.p[e], in.rms[e], m, vr, K, head_variant);
+}
+
+// Phase 2 on one tile: sums of squares of the raw features, per lane in element order, then
+// the lanes in order, into out[F].
+template <int K, bool Factored>
+void accumulate_tile_cpu(const TensorArgs& t, const GroupDecays& d, bool head_variant,
+                         int64_t begin, int64_t end, double* out) {
+  constexpr int F = 4 + 8 * K;
+  alignas(64) double acc[F][kLanes] = {};
+  LaneInputs in;
+  FactoredCursor cur;
+  if (Factored) cur.start(t.ix, begin);
+  for (int64_t i0 = begin; i0 < end; i0 += kLanes) {
+    const int lanes = static_cast<int>(std::min<int64_t>(kLanes, end - i0));
+    gather<K, Factored, true>(t, d, i0, lanes, cur, in);
+#pragma omp simd
+    for (int e = 0; e < kLanes; ++e) {
+      float raw[F];
+      raw_features(lane_state<K, Factored>(in, e, head_variant), K, raw);
+      for (int f = 0; f < F; ++f) {
+        const double v = e < lanes ? static_cast<double>(raw[f]) : 0.0;
+        acc[f][e] += v * v;
+      }
     }
   }
-  return s;
+  for (int f = 0; f < F; ++f) {
+    double total = 0.0;
+    for (int e = 0; e < kLanes; ++e) total += acc[f][e];
+    out[f] = total;
+  }
 }
 
 // The MLP for kLanes elements at once, feature-major (x[i * kLanes + e], out likewise), a
 // tile of TILE outputs per pass so that the FMA chains overlap. Every element gets exactly
-// the operations of MlpView's definition, in the same order.
-constexpr int kLanes = 16;
-constexpr int kOutTile = 8;
-
+// mlp_layer's operations, in the same order.
 template <int TILE>
 void mlp_tile(const float* in, int n_in, const float* w, const float* b, int o0, bool hidden,
               float* target) {
@@ -83,7 +153,7 @@ void mlp_tile(const float* in, int n_in, const float* w, const float* b, int o0,
   }
   for (int t = 0; t < TILE; ++t) {
     __m512 v = _mm512_add_ps(acc[t], _mm512_set1_ps(b[o0 + t]));
-    if (hidden) v = _mm512_max_ps(_mm512_set1_ps(0.0f), v);  // NaN passes, as relu()
+    if (hidden) v = _mm512_max_ps(_mm512_set1_ps(0.0f), v);  // NaN and -0 pass, as relu()
     _mm512_storeu_ps(target + (o0 + t) * kLanes, v);
   }
 #else
@@ -114,7 +184,8 @@ void mlp_forward_lanes(const MlpView& net, const float* x, float* out) {
     const float* w = net.w[l];
     const float* b = net.b[l];
     int o0 = 0;
-    for (; o0 + kOutTile <= n_out; o0 += kOutTile) mlp_tile<kOutTile>(in, n_in, w, b, o0, hidden, target);
+    for (; o0 + kOutTile <= n_out; o0 += kOutTile)
+      mlp_tile<kOutTile>(in, n_in, w, b, o0, hidden, target);
     switch (n_out - o0) {
       case 7: mlp_tile<7>(in, n_in, w, b, o0, hidden, target); break;
       case 6: mlp_tile<6>(in, n_in, w, b, o0, hidden, target); break;
@@ -130,19 +201,98 @@ void mlp_forward_lanes(const MlpView& net, const float* x, float* out) {
   }
 }
 
-}  // namespace
+// Phase 3 on elements [begin, end) of one tensor; inv[f] is the feature's normalizer.
+template <int K, bool Factored>
+void apply_range(const TensorArgs& t, const GroupDecays& d, bool head_variant,
+                 const float* inv, const MlpView& net, float exp_mult, float step_mult,
+                 float lr, int64_t begin, int64_t end) {
+  constexpr int F = 4 + 8 * K;
+  alignas(64) float x[(F + kNumTimeFeatures) * kLanes];
+  for (int f = 0; f < kNumTimeFeatures; ++f)
+    for (int e = 0; e < kLanes; ++e) x[(F + f) * kLanes + e] = t.time[f];
+  LaneInputs in;
+  FactoredCursor cur;
+  if (Factored) cur.start(t.ix, begin);
+  alignas(64) float out[2 * kLanes];
+  for (int64_t i0 = begin; i0 < end; i0 += kLanes) {
+    const int lanes = static_cast<int>(std::min<int64_t>(kLanes, end - i0));
+    gather<K, Factored, false>(t, d, i0, lanes, cur, in);
+#pragma omp simd
+    for (int e = 0; e < kLanes; ++e) {
+      float raw[F];
+      raw_features(lane_state<K, Factored>(in, e, head_variant), K, raw);
+      for (int f = 0; f < F; ++f) x[f * kLanes + e] = raw[f] * inv[f];
+    }
+    mlp_forward_lanes(net, x, out);
+    for (int e = 0; e < lanes; ++e)
+      store_value(t.p, t.dtype, i0 + e,
+                  in.p[e] - step_from_output(out[e], out[kLanes + e], exp_mult, step_mult, lr));
+  }
+}
 
-void small_fc_reduce_cpu(const TensorArgs& t, const GroupDecays& d) {
-  if (!t.factored || t.n == 0) return;
+template <int K>
+void accumulate_k(const TensorArgs* t, int count, const GroupDecays& d, bool head_variant) {
+  constexpr int F = 4 + 8 * K;
+  std::vector<WorkItem> items;
+  for (int i = 0; i < count; ++i) {
+    const int64_t tile = accumulate_tile(t[i].n);
+    for (int64_t b = 0; b < t[i].n; b += tile) items.push_back({i, b, std::min(t[i].n, b + tile)});
+  }
+  std::vector<double> partial(items.size() * F);
+  const int64_t n_items = static_cast<int64_t>(items.size());
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t w = 0; w < n_items; ++w) {
+    const WorkItem& it = items[w];
+    const TensorArgs& ti = t[it.tensor];
+    double* out = partial.data() + w * F;
+    if (ti.factored)
+      accumulate_tile_cpu<K, true>(ti, d, head_variant, it.begin, it.end, out);
+    else
+      accumulate_tile_cpu<K, false>(ti, d, head_variant, it.begin, it.end, out);
+  }
+  std::vector<double> total(static_cast<size_t>(count) * F, 0.0);
+  for (int64_t w = 0; w < n_items; ++w)
+    for (int f = 0; f < F; ++f) total[items[w].tensor * F + f] += partial[w * F + f];
+  for (int i = 0; i < count; ++i)
+    for (int f = 0; f < F; ++f) t[i].sumsq[f] = static_cast<float>(total[i * F + f]);
+}
+
+template <int K>
+void apply_k(const TensorArgs* t, int count, const GroupDecays& d, bool head_variant,
+             const MlpView& net, float exp_mult, float step_mult, float lr) {
+  constexpr int F = 4 + 8 * K;
+  std::vector<float> inv(static_cast<size_t>(count) * F);
+  std::vector<WorkItem> items;
+  for (int i = 0; i < count; ++i) {
+    for (int f = 0; f < F; ++f) inv[i * F + f] = normalizer(t[i].sumsq[f], t[i].n);
+    for (int64_t b = 0; b < t[i].n; b += kApplyChunk)
+      items.push_back({i, b, std::min(t[i].n, b + kApplyChunk)});
+  }
+  const int64_t n_items = static_cast<int64_t>(items.size());
+#pragma omp parallel for schedule(static)
+  for (int64_t w = 0; w < n_items; ++w) {
+    const WorkItem& it = items[w];
+    const TensorArgs& ti = t[it.tensor];
+    const float* iv = inv.data() + it.tensor * F;
+    if (ti.factored)
+      apply_range<K, true>(ti, d, head_variant, iv, net, exp_mult, step_mult, lr, it.begin,
+                           it.end);
+    else
+      apply_range<K, false>(ti, d, head_variant, iv, net, exp_mult, step_mult, lr, it.begin,
+                            it.end);
+  }
+}
+
+void reduce_one(const TensorArgs& t, const GroupDecays& d) {
   const int k = d.k;
   const int rank = t.ix.rank;
   std::vector<double> row_sum(t.n_row, 0.0), col_sum(t.n_col, 0.0);
-  for (int64_t i = 0; i < t.n; ++i) {
-    int64_t r, c, q;
-    factored_indices(t.ix, i, &r, &c, &q);
-    const float gs = t.g[i] * t.g[i] + kFactoredGradSqEps;
-    row_sum[r] += gs;
-    col_sum[c] += gs;
+  FactoredCursor cur;
+  cur.start(t.ix, 0);
+  for (int64_t i = 0; i < t.n; ++i, cur.next()) {
+    const float gs = factored_grad_sq(load_value(t.g, t.dtype, i));
+    row_sum[cur.row] += gs;
+    col_sum[cur.col] += gs;
   }
   const double n0 = static_cast<double>(t.ix.size[t.d0]);
   const double n1 = static_cast<double>(t.ix.size[t.d1]);
@@ -156,83 +306,58 @@ void small_fc_reduce_cpu(const TensorArgs& t, const GroupDecays& d) {
     for (int a = 0; a < k; ++a)
       t.v_col[c * k + a] = ema(d.fac[a], t.v_col[c * k + a], d.fac_mix[a] * mean);
   }
-  // Mean of v_row over the remaining copy of d1 (upstream's reduced_d1), per decay.
+  // Row factors: v_row over its mean along the remaining copy of d1 (upstream's
+  // reduced_d1), per decay; the header's index math walks that axis per mean entry.
   int64_t row_shape[kMaxRank];
   int j = 0;
   for (int dim = 0; dim < rank; ++dim)
     if (dim != t.d0) row_shape[j++] = t.ix.size[dim];
   const int reduced_d1 = t.d1 > t.d0 ? t.d1 - 1 : t.d1;
-  std::vector<double> rcm(t.n_rcm * k, 0.0);
-  for (int64_t r = 0; r < t.n_row; ++r) {
-    const int64_t q = drop_axis_index(row_shape, rank - 1, reduced_d1, r);
-    for (int a = 0; a < k; ++a) rcm[q * k + a] += t.v_row[r * k + a];
-  }
-  for (int64_t r = 0; r < t.n_row; ++r) {
-    const int64_t q = drop_axis_index(row_shape, rank - 1, reduced_d1, r);
+  const int64_t len = row_shape[reduced_d1];
+  const int64_t step = axis_stride(row_shape, rank - 1, reduced_d1);
+  for (int64_t q = 0; q < t.n_rcm; ++q) {
+    const int64_t base = deleted_axis_base(row_shape, rank - 1, reduced_d1, q);
     for (int a = 0; a < k; ++a) {
-      const float mean = static_cast<float>(rcm[q * k + a] / n1);
-      t.row_factor[r * k + a] = safe_rsqrt(t.v_row[r * k + a] / (mean + kRowColMeanEps));
+      double sum = 0.0;
+      for (int64_t x = 0; x < len; ++x) sum += t.v_row[(base + x * step) * k + a];
+      const float mean = static_cast<float>(sum / n1);
+      for (int64_t x = 0; x < len; ++x) {
+        const int64_t r = (base + x * step) * k + a;
+        t.row_factor[r] = safe_rsqrt(t.v_row[r] / (mean + kRowColMeanEps));
+      }
     }
   }
   for (int64_t c = 0; c < t.n_col * k; ++c) t.col_factor[c] = safe_rsqrt(t.v_col[c]);
 }
 
-void small_fc_accumulate_cpu(const TensorArgs& t, const GroupDecays& d, bool head_variant,
-                             float* sumsq) {
-  const int k = d.k;
-  const int nf = raw_feature_count(k);
-  const int64_t blocks = (t.n + kBlock - 1) / kBlock;
-  std::vector<double> partial(static_cast<size_t>(blocks) * nf, 0.0);
-#pragma omp parallel for schedule(static)
-  for (int64_t b = 0; b < blocks; ++b) {
-    double* acc = partial.data() + b * nf;
-    const int64_t end = std::min(t.n, (b + 1) * kBlock);
-    for (int64_t i = b * kBlock; i < end; ++i) {
-      const float g = t.g[i];
-      for (int a = 0; a < k; ++a)
-        t.m[i * k + a] = ema(d.mom[a], t.m[i * k + a], d.mom_mix[a] * g);
-      t.rms[i] = ema(d.rms, t.rms[i], d.rms_mix * (g * g));
-      if (!t.factored) {
-        const float gs = g * g + kFactoredGradSqEps;
-        for (int a = 0; a < k; ++a)
-          t.v_diag[i * k + a] = ema(d.fac[a], t.v_diag[i * k + a], d.fac_mix[a] * gs);
-      }
-      float raw[kMaxRawFeatures];
-      raw_features(element_state(t, d, head_variant, i), k, raw);
-      for (int f = 0; f < nf; ++f) acc[f] += static_cast<double>(raw[f]) * raw[f];
-    }
-  }
-  for (int f = 0; f < nf; ++f) {
-    double total = 0.0;
-    for (int64_t b = 0; b < blocks; ++b) total += partial[b * nf + f];
-    sumsq[f] = static_cast<float>(total);
+}  // namespace
+
+void small_fc_reduce_cpu(const TensorArgs* t, int count, const GroupDecays& d) {
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int i = 0; i < count; ++i)
+    if (t[i].factored && t[i].n > 0) reduce_one(t[i], d);
+}
+
+void small_fc_accumulate_cpu(const TensorArgs* t, int count, const GroupDecays& d,
+                             bool head_variant) {
+  switch (d.k) {
+    case 1: accumulate_k<1>(t, count, d, head_variant); break;
+    case 2: accumulate_k<2>(t, count, d, head_variant); break;
+    case 3: accumulate_k<3>(t, count, d, head_variant); break;
+    case 4: accumulate_k<4>(t, count, d, head_variant); break;
+    default: break;
   }
 }
 
-void small_fc_apply_cpu(const TensorArgs& t, const GroupDecays& d, bool head_variant,
-                        const float* sumsq, const float* time_features, const MlpView& net,
-                        float exp_mult, float step_mult, float lr) {
-  const int k = d.k;
-  const int nf = raw_feature_count(k);
-  float inv[kMaxRawFeatures];
-  for (int f = 0; f < nf; ++f)
-    inv[f] = rsqrt_ieee(kNormalizerEps + sumsq[f] / static_cast<float>(t.n));
-  const int64_t groups = (t.n + kLanes - 1) / kLanes;
-#pragma omp parallel for schedule(static)
-  for (int64_t gidx = 0; gidx < groups; ++gidx) {
-    const int64_t i0 = gidx * kLanes;
-    const int lanes = static_cast<int>(std::min<int64_t>(kLanes, t.n - i0));
-    alignas(64) float x[(kMaxRawFeatures + kNumTimeFeatures) * kLanes];
-    for (int e = 0; e < kLanes; ++e) {
-      float raw[kMaxRawFeatures] = {};
-      if (e < lanes) raw_features(element_state(t, d, head_variant, i0 + e), k, raw);
-      for (int f = 0; f < nf; ++f) x[f * kLanes + e] = raw[f] * inv[f];
-      for (int f = 0; f < kNumTimeFeatures; ++f) x[(nf + f) * kLanes + e] = time_features[f];
-    }
-    alignas(64) float out[2 * kLanes];
-    mlp_forward_lanes(net, x, out);
-    for (int e = 0; e < lanes; ++e)
-      t.p[i0 + e] -= step_from_output(out[e], out[kLanes + e], exp_mult, step_mult, lr);
+void small_fc_apply_cpu(const TensorArgs* t, int count, const GroupDecays& d,
+                        bool head_variant, const MlpView& net, float exp_mult,
+                        float step_mult, float lr) {
+  switch (d.k) {
+    case 1: apply_k<1>(t, count, d, head_variant, net, exp_mult, step_mult, lr); break;
+    case 2: apply_k<2>(t, count, d, head_variant, net, exp_mult, step_mult, lr); break;
+    case 3: apply_k<3>(t, count, d, head_variant, net, exp_mult, step_mult, lr); break;
+    case 4: apply_k<4>(t, count, d, head_variant, net, exp_mult, step_mult, lr); break;
+    default: break;
   }
 }
 

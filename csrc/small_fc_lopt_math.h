@@ -2,11 +2,14 @@
 // backends. Plain C++ (no torch headers); every function is host+device under nvcc.
 //
 // Float32 throughout, upstream's order of operations. Moving averages are
-// fma(decay, v, (1 - decay) * x), as XLA compiles upstream's `c*v + (1-c)*x` under jit.
+// fma(decay, v, (1 - decay) * x), as XLA compiles upstream's `c*v + (1-c)*x` under jit. Both
+// backends are compiled without floating-point contraction (-ffp-contract=off, nvcc
+// -fmad=false), so the only fused multiply-adds are the ones written here.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #if defined(__CUDACC__)
 #define LOPT_HD __host__ __device__ __forceinline__
@@ -33,14 +36,101 @@ constexpr int kMaxLayers = 8;
 constexpr int kMaxHidden = 64;
 constexpr int kNumTimeFeatures = 11;
 constexpr int kMaxRawFeatures = 2 + 1 + 1 + 8 * kMaxDecays;
+constexpr int kMaxMlpInput = kMaxRawFeatures + kNumTimeFeatures;
 
 LOPT_HD int raw_feature_count(int k) { return 4 + 8 * k; }
+
+// ---------------------------------------------------------------------------------------
+// Parameter and gradient storage: float32, bfloat16 or float16 (state is always float32).
+// Conversions are exact widenings on load and round-to-nearest-even on store, bit for bit
+// what torch's `.float()` and `copy_` do (NaN stores as torch's canonical quiet NaN).
+
+enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+LOPT_HD uint32_t float_bits(float f) {
+  uint32_t u;
+  memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+LOPT_HD float bits_float(uint32_t u) {
+  float f;
+  memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+LOPT_HD float bf16_to_float(uint16_t h) { return bits_float(static_cast<uint32_t>(h) << 16); }
+
+LOPT_HD uint16_t float_to_bf16(float f) {
+  if (f != f) return 0x7FC0;
+  const uint32_t u = float_bits(f);
+  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+LOPT_HD float fp16_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t e = (h >> 10) & 0x1Fu;
+  uint32_t m = h & 0x3FFu;
+  if (e == 0x1F) return bits_float(sign | 0x7F800000u | (m << 13));
+  if (e == 0) {
+    if (m == 0) return bits_float(sign);
+    e = 113;  // subnormal: shift the leading one into the implicit position
+    while (!(m & 0x400u)) {
+      m <<= 1;
+      --e;
+    }
+    return bits_float(sign | (e << 23) | ((m & 0x3FFu) << 13));
+  }
+  return bits_float(sign | ((e + 112) << 23) | (m << 13));
+}
+
+LOPT_HD uint16_t float_to_fp16(float f) {
+  const uint32_t u = float_bits(f);
+  const uint32_t sign = (u >> 16) & 0x8000u;
+  const uint32_t a = u & 0x7FFFFFFFu;
+  if (a >= 0x7F800000u) return static_cast<uint16_t>(sign | (a > 0x7F800000u ? 0x7E00u : 0x7C00u));
+  if (a >= 0x477FF000u) return static_cast<uint16_t>(sign | 0x7C00u);  // >= 65520: inf
+  if (a < 0x38800000u) {  // below 2^-14: a subnormal half or zero
+    if (a <= 0x33000000u) return static_cast<uint16_t>(sign);  // <= 2^-25 rounds to 0
+    const int shift = 126 - static_cast<int>(a >> 23);  // 14 .. 24
+    const uint32_t mant = (a & 0x7FFFFFu) | 0x800000u;
+    uint32_t r = mant >> shift;
+    const uint32_t rem = mant & ((1u << shift) - 1u);
+    const uint32_t half = 1u << (shift - 1);
+    if (rem > half || (rem == half && (r & 1u))) ++r;
+    return static_cast<uint16_t>(sign | r);
+  }
+  uint32_t r = (a >> 13) - (112u << 10);
+  const uint32_t rem = a & 0x1FFFu;
+  if (rem > 0x1000u || (rem == 0x1000u && (r & 1u))) ++r;  // a carry rounds up the exponent
+  return static_cast<uint16_t>(sign | r);
+}
+
+LOPT_HD float load_value(const void* base, DType dt, int64_t i) {
+  if (dt == DType::kFloat32) return static_cast<const float*>(base)[i];
+  const uint16_t h = static_cast<const uint16_t*>(base)[i];
+  return dt == DType::kBFloat16 ? bf16_to_float(h) : fp16_to_float(h);
+}
+
+LOPT_HD void store_value(void* base, DType dt, int64_t i, float v) {
+  if (dt == DType::kFloat32) {
+    static_cast<float*>(base)[i] = v;
+  } else {
+    static_cast<uint16_t*>(base)[i] = dt == DType::kBFloat16 ? float_to_bf16(v) : float_to_fp16(v);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Accumulators and features.
 
 LOPT_HD float rsqrt_ieee(float x) { return 1.0f / sqrtf(x); }
 
 LOPT_HD float safe_rsqrt(float x) { return rsqrt_ieee(fmaxf(x, kSafeRsqrtFloor)); }
 
 LOPT_HD float ema(float decay, float v, float increment) { return fmaf(decay, v, increment); }
+
+// g^2 + 1e-30, the quantity the adafactor accumulators average.
+LOPT_HD float factored_grad_sq(float g) { return g * g + kFactoredGradSqEps; }
 
 // Per-element values after this step's accumulator update, from which the features follow.
 struct ElementState {
@@ -52,30 +142,74 @@ struct ElementState {
   float mom_mult[kMaxDecays];  // fac_mom_mult
 };
 
-// Raw feature columns in upstream order: g, p, m[k], rms, m*rsqrt(rms+1e-6)[k],
-// rsqrt(rms+1e-6), fac_g[k], row[k], col[k], rsqrt(row+1e-8)[k], rsqrt(col+1e-8)[k],
-// fac_mom_mult[k].
-LOPT_HD void raw_features(const ElementState& s, int k, float* out) {
-  int j = 0;
-  out[j++] = s.g;
-  out[j++] = s.p;
-  for (int i = 0; i < k; ++i) out[j++] = s.m[i];
-  out[j++] = s.rms;
-  const float rr = rsqrt_ieee(s.rms + kRmsFeatureEps);
-  for (int i = 0; i < k; ++i) out[j++] = s.m[i] * rr;
-  out[j++] = rr;
-  for (int i = 0; i < k; ++i) out[j++] = s.fac_g[i];
-  for (int i = 0; i < k; ++i) out[j++] = s.row[i];
-  for (int i = 0; i < k; ++i) out[j++] = s.col[i];
-  for (int i = 0; i < k; ++i) out[j++] = rsqrt_ieee(s.row[i] + kRowColFeatureEps);
-  for (int i = 0; i < k; ++i) out[j++] = rsqrt_ieee(s.col[i] + kRowColFeatureEps);
-  for (int i = 0; i < k; ++i) out[j++] = s.mom_mult[i];
-}
-
 // Non-factored fac_mom_mult: m * (v + 1e-6)^-0.5 at HEAD, m * v^-0.5 in the 2022 wheel.
 LOPT_HD float diag_mom_mult(float m, float v, bool head_variant) {
   return m * (1.0f / sqrtf(head_variant ? v + kFacMomMultEps : v));
 }
+
+// A factored tensor's element: rf/cf are its row and column factors, vr/vc its v_row and
+// v_col entries (one per decay).
+LOPT_HD ElementState factored_state(float g, float p, float rms, const float* m,
+                                    const float* vr, const float* vc, const float* rf,
+                                    const float* cf, int k) {
+  ElementState s;
+  s.g = g;
+  s.p = p;
+  s.rms = rms;
+  for (int a = 0; a < k; ++a) {
+    s.m[a] = m[a];
+    s.fac_g[a] = g * rf[a] * cf[a];
+    s.row[a] = vr[a];
+    s.col[a] = vc[a];
+    s.mom_mult[a] = m[a] * rf[a] * cf[a];
+  }
+  return s;
+}
+
+// A non-factored tensor's element with its v_diag entries v.
+LOPT_HD ElementState diag_state(float g, float p, float rms, const float* m, const float* v,
+                                int k, bool head_variant) {
+  ElementState s;
+  s.g = g;
+  s.p = p;
+  s.rms = rms;
+  for (int a = 0; a < k; ++a) {
+    s.m[a] = m[a];
+    s.fac_g[a] = g * safe_rsqrt(v[a] + kDiagPrecondEps);
+    s.row[a] = v[a];
+    s.col[a] = v[a];
+    s.mom_mult[a] = diag_mom_mult(m[a], v[a], head_variant);
+  }
+  return s;
+}
+
+// Raw feature columns in upstream order: g, p, m[k], rms, m*rsqrt(rms+1e-6)[k],
+// rsqrt(rms+1e-6), fac_g[k], row[k], col[k], rsqrt(row+1e-8)[k], rsqrt(col+1e-8)[k],
+// fac_mom_mult[k]. Column f goes to out[f * stride].
+LOPT_HD void raw_features(const ElementState& s, int k, float* out, int stride = 1) {
+  int j = 0;
+  out[stride * j++] = s.g;
+  out[stride * j++] = s.p;
+  for (int i = 0; i < k; ++i) out[stride * j++] = s.m[i];
+  out[stride * j++] = s.rms;
+  const float rr = rsqrt_ieee(s.rms + kRmsFeatureEps);
+  for (int i = 0; i < k; ++i) out[stride * j++] = s.m[i] * rr;
+  out[stride * j++] = rr;
+  for (int i = 0; i < k; ++i) out[stride * j++] = s.fac_g[i];
+  for (int i = 0; i < k; ++i) out[stride * j++] = s.row[i];
+  for (int i = 0; i < k; ++i) out[stride * j++] = s.col[i];
+  for (int i = 0; i < k; ++i) out[stride * j++] = rsqrt_ieee(s.row[i] + kRowColFeatureEps);
+  for (int i = 0; i < k; ++i) out[stride * j++] = rsqrt_ieee(s.col[i] + kRowColFeatureEps);
+  for (int i = 0; i < k; ++i) out[stride * j++] = s.mom_mult[i];
+}
+
+// Second-moment normalizer of one feature column: rsqrt(1e-5 + sum(x^2) / n).
+LOPT_HD float normalizer(float sumsq, int64_t n) {
+  return rsqrt_ieee(kNormalizerEps + sumsq / static_cast<float>(n));
+}
+
+// ReLU that lets NaN through, as upstream's max(x, 0) and torch.relu do.
+LOPT_HD float relu(float v) { return v < 0.0f ? 0.0f : v; }
 
 // MLP with ReLU between layers; weights in the nn.Linear layout [out, in]. Per element and
 // output: acc = fma(x[i], w[o][i], acc) for i in order, then + b, then ReLU (not after the
@@ -87,12 +221,16 @@ struct MlpView {
   const float* b[kMaxLayers];
 };
 
-// The MLP for kLanes elements at once, feature-major (x[i * kLanes + e], out likewise):
-// per element and output, acc = fma(x[i], w[o][i], acc) for i in order, then + b, then ReLU
-// (not after the last layer). Lanes and a tile of outputs are independent, so the loops
-// vectorize and the FMA chains overlap.
-// ReLU that lets NaN through, as upstream's max(x, 0) and torch.relu do.
-LOPT_HD float relu(float v) { return v < 0.0f ? 0.0f : v; }
+// One layer for one element: out[o] = act(b[o] + sum_i fma-chain(x[i] * w[o][i])).
+LOPT_HD void mlp_layer(const float* w, const float* b, int n_in, int n_out, bool hidden,
+                       const float* x, float* out) {
+  for (int o = 0; o < n_out; ++o) {
+    float acc = 0.0f;
+    for (int i = 0; i < n_in; ++i) acc = fmaf(x[i], w[o * n_in + i], acc);
+    const float v = acc + b[o];
+    out[o] = hidden ? relu(v) : v;
+  }
+}
 
 // step = direction * exp(magnitude * exp_mult) * step_mult, times lr.
 LOPT_HD float step_from_output(float direction, float magnitude, float exp_mult,
@@ -100,6 +238,7 @@ LOPT_HD float step_from_output(float direction, float magnitude, float exp_mult,
   return ((direction * expf(magnitude * exp_mult)) * step_mult) * lr;
 }
 
+// ---------------------------------------------------------------------------------------
 // Index math for a contiguous tensor with factored dims (d1, d0): for an element's linear
 // index, the index of its v_row entry (d0 deleted), v_col entry (d1 deleted) and row-column
 // mean entry (both deleted). Strides are 0 along the deleted dims.
@@ -124,6 +263,79 @@ LOPT_HD void factored_indices(const FactoredIndex& ix, int64_t linear, int64_t* 
   *row = r;
   *col = c;
   *rcm = q;
+}
+
+// The same indices walked element by element without divisions: start at `linear`, then
+// next() moves to linear + 1 (the last axis varies fastest).
+struct FactoredCursor {
+  const FactoredIndex* ix;
+  int64_t coord[kMaxRank];
+  int64_t row, col, rcm;
+
+  LOPT_HD void start(const FactoredIndex& index, int64_t linear) {
+    ix = &index;
+    row = col = rcm = 0;
+    for (int d = index.rank - 1; d >= 0; --d) {
+      coord[d] = linear % index.size[d];
+      linear /= index.size[d];
+      row += coord[d] * index.row_stride[d];
+      col += coord[d] * index.col_stride[d];
+      rcm += coord[d] * index.rcm_stride[d];
+    }
+  }
+
+  LOPT_HD void next() {
+    for (int d = ix->rank - 1; d >= 0; --d) {
+      row += ix->row_stride[d];
+      col += ix->col_stride[d];
+      rcm += ix->rcm_stride[d];
+      if (++coord[d] < ix->size[d]) return;
+      row -= ix->row_stride[d] * ix->size[d];
+      col -= ix->col_stride[d] * ix->size[d];
+      rcm -= ix->rcm_stride[d] * ix->size[d];
+      coord[d] = 0;
+    }
+  }
+};
+
+// Stride of `axis` in a contiguous tensor of sizes size[0..rank).
+LOPT_HD int64_t axis_stride(const int64_t* size, int rank, int axis) {
+  int64_t s = 1;
+  for (int d = rank - 1; d > axis; --d) s *= size[d];
+  return s;
+}
+
+// The linear index, in a contiguous tensor of sizes size[0..rank), of the element at
+// coordinate 0 along axis `del` whose other coordinates are those of entry `entry` of the
+// shape with `del` deleted. Entry + j * axis_stride(del) walks the reduced axis.
+LOPT_HD int64_t deleted_axis_base(const int64_t* size, int rank, int del, int64_t entry) {
+  int64_t out = 0, stride = 1;
+  for (int d = rank - 1; d >= 0; --d) {
+    if (d != del) {
+      out += (entry % size[d]) * stride;
+      entry /= size[d];
+    }
+    stride *= size[d];
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------
+// Deterministic reductions: the per-feature sums of squares are summed per tile of
+// accumulate_tile(n) consecutive elements, then the tiles in order. The tile depends only on
+// n (never on the thread count or device), so every run and backend splits alike; at most
+// kMaxTilesPerTensor tiles bound the scratch memory whatever the tensor size.
+constexpr int64_t kMinTile = 4096;
+constexpr int64_t kMaxTilesPerTensor = 1024;
+
+LOPT_HD int64_t accumulate_tile(int64_t n) {
+  const int64_t per = (n + kMaxTilesPerTensor - 1) / kMaxTilesPerTensor;
+  return per <= kMinTile ? kMinTile : (per + kMinTile - 1) / kMinTile * kMinTile;
+}
+
+LOPT_HD int64_t accumulate_tiles(int64_t n) {
+  const int64_t t = accumulate_tile(n);
+  return (n + t - 1) / t;
 }
 
 }  // namespace lopt

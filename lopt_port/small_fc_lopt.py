@@ -188,7 +188,7 @@ class SmallFCLOpt(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            fused_params = []
+            fused_params: dict[torch.device, list[torch.Tensor]] = {}
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -198,12 +198,13 @@ class SmallFCLOpt(torch.optim.Optimizer):
                 if not state:
                     self._init_state(p, state)
                 if p.numel() and self._takes_fused_path(p):
-                    fused_params.append(p)
+                    fused_params.setdefault(p.device, []).append(p)
                 else:
                     self._update(p, state, group["lr"])
-            if fused_params:
-                cpu_consts, layers = self._on_device(torch.device("cpu"))
-                fused_path.group_step(fused_params, [self.state[p] for p in fused_params],
+            for device, params in fused_params.items():
+                cpu_consts, _ = self._on_device(torch.device("cpu"))
+                _, layers = self._on_device(device)
+                fused_path.group_step(params, [self.state[p] for p in params],
                                       self._decay_vector, layers, cpu_consts["timescales"],
                                       self.hparams, group["lr"])
         return loss

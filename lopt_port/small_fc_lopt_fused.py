@@ -1,9 +1,10 @@
 """The fused small_fc_lopt step: the kernels of ``csrc/`` driven for a whole param group.
 
-Per group and step: one ``small_fc_accumulate`` call (factored statistics, moving averages,
-per-feature sums of squares for every tensor) and one ``small_fc_apply`` call (features,
-normalization, MLP, parameter write). The state is the eager path's, tensor for tensor, so a
-run can switch between ``fused=True`` and ``fused=False`` at any step.
+Per group and step, one call per phase covers every tensor: ``small_fc_reduce`` (factored
+row/column statistics), ``small_fc_accumulate`` (moving averages, per-feature sums of squares)
+and ``small_fc_apply`` (features, normalization, MLP, parameter write). The state is the eager
+path's, tensor for tensor, so a run can switch between ``fused=True`` and ``fused=False`` at
+any step.
 """
 
 from __future__ import annotations
@@ -36,12 +37,17 @@ def config_unsupported_reason(hparams: Mapping[str, Any]) -> str | None:
     return None
 
 
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def param_unsupported_reason(p: torch.Tensor) -> str | None:
     """Why this parameter cannot take the fused path (``None`` when it can)."""
-    if p.device.type != "cpu":
-        return f"no fused kernel for device {p.device.type} is built yet"
-    if p.dtype != torch.float32:
-        return f"the fused kernels take float32 parameters only so far (got {p.dtype})"
+    if p.device.type not in ("cpu", "cuda"):
+        return f"no fused kernel for device {p.device.type}"
+    if p.device.type == "cuda" and not extension.cuda_launchers():
+        return "the fused kernels were built without CUDA (nvcc was not found)"
+    if p.dtype not in FUSED_DTYPES:
+        return f"the fused kernels take float32, bfloat16 or float16 parameters (got {p.dtype})"
     if not p.is_contiguous():
         return "the parameter is not contiguous"
     if p.grad is not None and p.grad.dtype != p.dtype:
@@ -54,9 +60,13 @@ def param_unsupported_reason(p: torch.Tensor) -> str | None:
 def group_step(params: Sequence[torch.Tensor], states: Sequence[dict[str, Any]],
                decays: torch.Tensor, layers: Sequence[tuple[torch.Tensor, torch.Tensor]],
                scales: torch.Tensor, hparams: Mapping[str, Any], lr: float) -> None:
-    """Update ``params`` (fp32, CPU, contiguous, non-empty, with grads) in place."""
+    """Update ``params`` (one device, contiguous, non-empty, with grads) in place.
+
+    ``decays``, ``scales`` and the step counts stay on the CPU; ``layers`` are on the
+    parameters' device.
+    """
     ops = extension.ops()
-    empty = torch.empty(0)
+    empty = torch.empty(0, device=params[0].device)
     grads = [p.grad.contiguous() for p in params]
     dims: list[int] = []
     v_row, v_col, v_diag, row_factor, col_factor = [], [], [], [], []
@@ -78,12 +88,13 @@ def group_step(params: Sequence[torch.Tensor], states: Sequence[dict[str, Any]],
     momentum = [s["momentum"] for s in states]
     rms = [s["rms"] for s in states]
     head = hparams["variant"] == "head"
-    sumsq = ops.small_fc_accumulate(list(params), grads, momentum, rms, v_row, v_col, v_diag,
-                                    row_factor, col_factor, dims, decays, head)
+    tensors = (list(params), grads, momentum, rms, v_row, v_col, v_diag, row_factor,
+               col_factor, dims, decays)
+    ops.small_fc_reduce(*tensors)
+    sumsq = ops.small_fc_accumulate(*tensors, head)
     tfeat = torch.stack([time_features(float(s["step"]), scales) for s in states])
     mlp = [t for pair in layers for t in pair]
-    ops.small_fc_apply(list(params), grads, momentum, rms, v_row, v_col, v_diag, row_factor,
-                       col_factor, dims, decays, head, sumsq, tfeat, mlp,
-                       hparams["exp_mult"], hparams["step_mult"], lr)
+    ops.small_fc_apply(*tensors, head, sumsq, tfeat, mlp, hparams["exp_mult"],
+                       hparams["step_mult"], lr)
     for s in states:
         s["step"] = s["step"] + 1

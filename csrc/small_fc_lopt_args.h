@@ -1,0 +1,42 @@
+// Arguments of the fused small_fc_lopt phases: plain structs of sizes and raw pointers,
+// filled by the torch binding and read by the CPU and CUDA backends alike.
+#pragma once
+
+#include <cstdint>
+
+#include "small_fc_lopt_math.h"
+
+namespace lopt {
+
+// Decays of a parameter group. mix = 1 - decay in float32; rms and adafactor decays are
+// clipped to [0, 1] as upstream does, momentum decays are not.
+struct GroupDecays {
+  int k;
+  float mom[kMaxDecays], mom_mix[kMaxDecays];
+  float rms, rms_mix;
+  float fac[kMaxDecays], fac_mix[kMaxDecays];
+};
+
+// One parameter tensor and its state. Params and grads are `dtype`; state is float32. All
+// contiguous, on the device the phase runs on.
+struct TensorArgs {
+  int64_t n;
+  DType dtype;
+  void* p;
+  const void* g;
+  float* m;       // [n, k]
+  float* rms;     // [n]
+  bool factored;
+  FactoredIndex ix;
+  int d1, d0;
+  int64_t n_row, n_col, n_rcm;
+  float* v_row;       // [n_row, k]   (factored)
+  float* v_col;       // [n_col, k]   (factored)
+  float* v_diag;      // [n, k]       (not factored)
+  float* row_factor;  // [n_row, k]   scratch (factored)
+  float* col_factor;  // [n_col, k]   scratch (factored)
+  float* sumsq;       // [F]: accumulate writes, apply reads
+  float time[kNumTimeFeatures];  // this tensor's time features (apply)
+};
+
+}  // namespace lopt

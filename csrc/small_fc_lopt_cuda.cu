@@ -1,0 +1,394 @@
+// CUDA backend of the fused small_fc_lopt step (see small_fc_lopt_cuda.h). Pure CUDA C++: no
+// torch headers. The per-element math is the header's, as on the CPU.
+//
+// Multi-tensor: the tensors of a group go to the kernels in chunks of kChunk TensorArgs held
+// in kernel parameter space (__grid_constant__, no copies). Work units (warps for the
+// reductions, blocks for the element phases) are numbered across the chunk's tensors by a
+// prefix sum, so one launch covers them all. Reductions are deterministic: fixed per-lane
+// strides, fixed shuffle trees, per-tile partials summed in order by one thread.
+#include <cuda_runtime.h>
+
+#include "small_fc_lopt_cuda.h"
+
+namespace {
+
+using namespace lopt;
+
+constexpr int kChunk = 16;          // tensors per launch
+constexpr int kThreads = 256;       // threads per block
+constexpr int kWarps = kThreads / 32;
+constexpr int64_t kApplyTile = 2048;  // elements per block in phase 3
+constexpr unsigned kFullMask = 0xFFFFFFFFu;
+
+struct Chunk {
+  int count;
+  int64_t offset[kChunk + 1];       // work units before tensor i (prefix sum)
+  int64_t part_offset[kChunk];      // phase 2: first partial row of tensor i
+  TensorArgs t[kChunk];
+};
+
+__device__ __forceinline__ int find_tensor(const Chunk& c, int64_t unit) {
+  int i = 0;
+  while (i + 1 < c.count && unit >= c.offset[i + 1]) ++i;
+  return i;
+}
+
+// Sum over a warp in a fixed butterfly order; every lane gets the total.
+__device__ __forceinline__ double warp_sum(double v) {
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);
+  return v;
+}
+
+// ---------------------------------------------------------------------------------------
+// Phase 1a: one warp per v_row entry (sum over d0) and per v_col entry (sum over d1).
+__global__ void rowcol_kernel(const __grid_constant__ Chunk c,
+                              const __grid_constant__ GroupDecays d) {
+  const int64_t unit = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (unit >= c.offset[c.count]) return;
+  const int i = find_tensor(c, unit);
+  const TensorArgs& t = c.t[i];
+  int64_t e = unit - c.offset[i];
+  const bool is_row = e < t.n_row;
+  if (!is_row) e -= t.n_row;
+  const int del = is_row ? t.d0 : t.d1;
+  const int64_t base = deleted_axis_base(t.ix.size, t.ix.rank, del, e);
+  const int64_t stride = axis_stride(t.ix.size, t.ix.rank, del);
+  const int64_t len = t.ix.size[del];
+  double s = 0.0;
+  for (int64_t j = lane; j < len; j += 32)
+    s += factored_grad_sq(load_value(t.g, t.dtype, base + j * stride));
+  s = warp_sum(s);
+  if (lane < d.k) {
+    const float mean = static_cast<float>(s / static_cast<double>(len));
+    float* v = (is_row ? t.v_row : t.v_col) + e * d.k + lane;
+    *v = ema(d.fac[lane], *v, d.fac_mix[lane] * mean);
+  }
+}
+
+// Phase 1b: one warp per row-column mean entry (row factors of the v_row entries along
+// reduced_d1), then warps of 32 column-factor values.
+__global__ void factor_kernel(const __grid_constant__ Chunk c,
+                              const __grid_constant__ GroupDecays d) {
+  const int64_t unit = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (unit >= c.offset[c.count]) return;
+  const int i = find_tensor(c, unit);
+  const TensorArgs& t = c.t[i];
+  const int64_t e = unit - c.offset[i];
+  const int k = d.k;
+  if (e >= t.n_rcm) {
+    const int64_t j = (e - t.n_rcm) * 32 + lane;
+    if (j < t.n_col * k) t.col_factor[j] = safe_rsqrt(t.v_col[j]);
+    return;
+  }
+  int64_t row_shape[kMaxRank];
+  int r = 0;
+  for (int dim = 0; dim < t.ix.rank; ++dim)
+    if (dim != t.d0) row_shape[r++] = t.ix.size[dim];
+  const int reduced_d1 = t.d1 > t.d0 ? t.d1 - 1 : t.d1;
+  const int64_t len = row_shape[reduced_d1];
+  const int64_t step = axis_stride(row_shape, t.ix.rank - 1, reduced_d1);
+  const int64_t base = deleted_axis_base(row_shape, t.ix.rank - 1, reduced_d1, e);
+  for (int a = 0; a < k; ++a) {
+    double s = 0.0;
+    for (int64_t x = lane; x < len; x += 32) s += t.v_row[(base + x * step) * k + a];
+    s = warp_sum(s);
+    const float mean = static_cast<float>(s / static_cast<double>(len));
+    for (int64_t x = lane; x < len; x += 32) {
+      const int64_t q = (base + x * step) * k + a;
+      t.row_factor[q] = safe_rsqrt(t.v_row[q] / (mean + kRowColMeanEps));
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Per-element state after this step's accumulator update (Update) or as stored.
+template <int K, bool Update>
+__device__ __forceinline__ ElementState element_state(const TensorArgs& t, const GroupDecays& d,
+                                                      bool head_variant, int64_t i) {
+  const float g = load_value(t.g, t.dtype, i);
+  const float p = load_value(t.p, t.dtype, i);
+  float m[K];
+  float* mp = t.m + i * K;
+  for (int a = 0; a < K; ++a) m[a] = Update ? ema(d.mom[a], mp[a], d.mom_mix[a] * g) : mp[a];
+  float rms = Update ? ema(d.rms, t.rms[i], d.rms_mix * (g * g)) : t.rms[i];
+  if (Update) {
+    for (int a = 0; a < K; ++a) mp[a] = m[a];
+    t.rms[i] = rms;
+  }
+  if (t.factored) {
+    int64_t r, c, q;
+    factored_indices(t.ix, i, &r, &c, &q);
+    float vr[K], vc[K], rf[K], cf[K];
+    for (int a = 0; a < K; ++a) {
+      vr[a] = t.v_row[r * K + a];
+      vc[a] = t.v_col[c * K + a];
+      rf[a] = t.row_factor[r * K + a];
+      cf[a] = t.col_factor[c * K + a];
+    }
+    return factored_state(g, p, rms, m, vr, vc, rf, cf, K);
+  }
+  float v[K];
+  float* vp = t.v_diag + i * K;
+  const float gs = factored_grad_sq(g);
+  for (int a = 0; a < K; ++a) {
+    v[a] = Update ? ema(d.fac[a], vp[a], d.fac_mix[a] * gs) : vp[a];
+    if (Update) vp[a] = v[a];
+  }
+  return diag_state(g, p, rms, m, v, K, head_variant);
+}
+
+// Phase 2: one block per tile of accumulate_tile(n) elements; per-tile partial sums of
+// squares (per thread in element order, then a fixed shuffle tree, then warps in order).
+template <int K>
+__global__ void __launch_bounds__(kThreads)
+accumulate_kernel(const __grid_constant__ Chunk c, const __grid_constant__ GroupDecays d,
+                  bool head_variant, double* partials) {
+  constexpr int F = 4 + 8 * K;
+  __shared__ double warp_part[kWarps][F];
+  const int64_t unit = blockIdx.x;
+  const int i = find_tensor(c, unit);
+  const TensorArgs& t = c.t[i];
+  const int64_t tile_index = unit - c.offset[i];
+  const int64_t tile = accumulate_tile(t.n);
+  const int64_t begin = tile_index * tile;
+  const int64_t end = begin + tile < t.n ? begin + tile : t.n;
+  double s[F];
+  for (int f = 0; f < F; ++f) s[f] = 0.0;
+  for (int64_t e = begin + threadIdx.x; e < end; e += kThreads) {
+    float raw[F];
+    raw_features(element_state<K, true>(t, d, head_variant, e), K, raw);
+    for (int f = 0; f < F; ++f) s[f] += static_cast<double>(raw[f]) * raw[f];
+  }
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int f = 0; f < F; ++f) {
+    const double v = warp_sum(s[f]);
+    if (lane == 0) warp_part[warp][f] = v;
+  }
+  __syncthreads();
+  if (threadIdx.x < F) {
+    double total = 0.0;
+    for (int w = 0; w < kWarps; ++w) total += warp_part[w][threadIdx.x];
+    partials[(c.part_offset[i] + tile_index) * F + threadIdx.x] = total;
+  }
+}
+
+// Phase 2, final: sumsq[f] of each tensor = its tiles' partials summed in order.
+template <int K>
+__global__ void sumsq_kernel(const __grid_constant__ Chunk c, const double* partials) {
+  constexpr int F = 4 + 8 * K;
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j >= static_cast<int64_t>(c.count) * F) return;
+  const int i = static_cast<int>(j / F);
+  const int f = static_cast<int>(j % F);
+  const TensorArgs& t = c.t[i];
+  const int64_t tiles = accumulate_tiles(t.n);
+  double total = 0.0;
+  for (int64_t b = 0; b < tiles; ++b) total += partials[(c.part_offset[i] + b) * F + f];
+  t.sumsq[f] = static_cast<float>(total);
+}
+
+// ---------------------------------------------------------------------------------------
+// Phase 3: one block per kApplyTile elements of a tensor, one element per thread at a time.
+// The MLP weights are staged in shared memory (every thread of a warp reads the same weight:
+// a broadcast); H > 0 specializes the 2-hidden-layer network of width H.
+template <int K, int H>
+__global__ void __launch_bounds__(kThreads)
+apply_kernel(const __grid_constant__ Chunk c, const __grid_constant__ GroupDecays d,
+             bool head_variant, const __grid_constant__ MlpView net, float exp_mult,
+             float step_mult, float lr) {
+  constexpr int F = 4 + 8 * K;
+  extern __shared__ float smem[];
+  __shared__ float inv[F];
+  const int64_t unit = blockIdx.x;
+  const int i = find_tensor(c, unit);
+  const TensorArgs& t = c.t[i];
+  // Stage the weights: layer l's w then b, in order.
+  const float* w[kMaxLayers];
+  const float* b[kMaxLayers];
+  int off = 0;
+  for (int l = 0; l < net.layers; ++l) {
+    const int nw = net.sizes[l] * net.sizes[l + 1];
+    for (int j = threadIdx.x; j < nw; j += kThreads) smem[off + j] = net.w[l][j];
+    w[l] = smem + off;
+    off += nw;
+    for (int j = threadIdx.x; j < net.sizes[l + 1]; j += kThreads) smem[off + j] = net.b[l][j];
+    b[l] = smem + off;
+    off += net.sizes[l + 1];
+  }
+  if (threadIdx.x < F) inv[threadIdx.x] = normalizer(t.sumsq[threadIdx.x], t.n);
+  __syncthreads();
+  const int64_t begin = (unit - c.offset[i]) * kApplyTile;
+  const int64_t end = begin + kApplyTile < t.n ? begin + kApplyTile : t.n;
+  for (int64_t e = begin + threadIdx.x; e < end; e += kThreads) {
+    const ElementState s = element_state<K, false>(t, d, head_variant, e);
+    float x[F + kNumTimeFeatures];
+    raw_features(s, K, x);
+    for (int f = 0; f < F; ++f) x[f] *= inv[f];
+    for (int f = 0; f < kNumTimeFeatures; ++f) x[F + f] = t.time[f];
+    float out[2];
+    if (H > 0) {
+      float h1[H > 0 ? H : 1], h2[H > 0 ? H : 1];
+      mlp_layer(w[0], b[0], F + kNumTimeFeatures, H, true, x, h1);
+      mlp_layer(w[1], b[1], H, H, true, h1, h2);
+      mlp_layer(w[2], b[2], H, 2, false, h2, out);
+    } else {
+      float buf_a[kMaxHidden], buf_b[kMaxHidden];
+      const float* in = x;
+      for (int l = 0; l < net.layers; ++l) {
+        const bool hidden = l != net.layers - 1;
+        float* target = hidden ? (l % 2 == 0 ? buf_a : buf_b) : out;
+        mlp_layer(w[l], b[l], net.sizes[l], net.sizes[l + 1], hidden, in, target);
+        in = target;
+      }
+    }
+    store_value(t.p, t.dtype, e, s.p - step_from_output(out[0], out[1], exp_mult, step_mult, lr));
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Launch helpers: split the tensors into chunks, number the work units, launch.
+
+int64_t blocks_for(int64_t units, int64_t per_block) { return (units + per_block - 1) / per_block; }
+
+template <typename Units, typename Launch>
+int for_each_chunk(const TensorArgs* tensors, int count, Units units, Launch launch) {
+  Chunk c;
+  for (int start = 0; start < count; start += kChunk) {
+    c.count = count - start < kChunk ? count - start : kChunk;
+    c.offset[0] = 0;
+    for (int i = 0; i < c.count; ++i) {
+      c.t[i] = tensors[start + i];
+      c.offset[i + 1] = c.offset[i] + units(c.t[i]);
+      c.part_offset[i] = 0;
+    }
+    if (c.offset[c.count] == 0) continue;
+    const int err = launch(c, start);
+    if (err != 0) return err;
+  }
+  return 0;
+}
+
+int last_error() { return static_cast<int>(cudaGetLastError()); }
+
+template <int K>
+int accumulate_k(const TensorArgs* tensors, int count, const GroupDecays& d, bool head,
+                 double* partials, cudaStream_t stream) {
+  constexpr int F = 4 + 8 * K;
+  // Partial rows are numbered across all chunks, so each chunk's tensors get their own.
+  int64_t next_row = 0;
+  return for_each_chunk(
+      tensors, count, [](const TensorArgs& t) { return accumulate_tiles(t.n); },
+      [&](Chunk& c, int) {
+        for (int i = 0; i < c.count; ++i) {
+          c.part_offset[i] = next_row;
+          next_row += accumulate_tiles(c.t[i].n);
+        }
+        accumulate_kernel<K><<<static_cast<unsigned>(c.offset[c.count]), kThreads, 0,
+                               stream>>>(c, d, head, partials);
+        int err = last_error();
+        if (err != 0) return err;
+        sumsq_kernel<K><<<static_cast<unsigned>(blocks_for(c.count * F, kThreads)), kThreads, 0,
+                          stream>>>(c, partials);
+        return last_error();
+      });
+}
+
+template <int K, int H>
+int apply_launch(const Chunk& c, const GroupDecays& d, bool head, const MlpView& net,
+                 float exp_mult, float step_mult, float lr, size_t smem, cudaStream_t stream) {
+  if (smem > 48 * 1024) {
+    const cudaError_t err = cudaFuncSetAttribute(
+        apply_kernel<K, H>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (err != cudaSuccess) return static_cast<int>(err);
+  }
+  apply_kernel<K, H><<<static_cast<unsigned>(c.offset[c.count]), kThreads, smem, stream>>>(
+      c, d, head, net, exp_mult, step_mult, lr);
+  return last_error();
+}
+
+template <int K>
+int apply_k(const TensorArgs* tensors, int count, const GroupDecays& d, bool head,
+            const MlpView& net, float exp_mult, float step_mult, float lr,
+            cudaStream_t stream) {
+  size_t floats = 0;
+  for (int l = 0; l < net.layers; ++l)
+    floats += static_cast<size_t>(net.sizes[l] + 1) * net.sizes[l + 1];
+  const size_t smem = floats * sizeof(float);
+  const bool h32 = net.layers == 3 && net.sizes[1] == 32 && net.sizes[2] == 32;
+  return for_each_chunk(
+      tensors, count, [](const TensorArgs& t) { return blocks_for(t.n, kApplyTile); },
+      [&](Chunk& c, int) {
+        return h32 ? apply_launch<K, 32>(c, d, head, net, exp_mult, step_mult, lr, smem, stream)
+                   : apply_launch<K, 0>(c, d, head, net, exp_mult, step_mult, lr, smem, stream);
+      });
+}
+
+}  // namespace
+
+extern "C" {
+
+int lopt_small_fc_reduce_cuda(const TensorArgs* tensors, int count, const GroupDecays* decays,
+                              void* stream) {
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const GroupDecays d = *decays;
+  int err = for_each_chunk(
+      tensors, count,
+      [](const TensorArgs& t) { return t.factored ? t.n_row + t.n_col : int64_t{0}; },
+      [&](Chunk& c, int) {
+        rowcol_kernel<<<static_cast<unsigned>(blocks_for(c.offset[c.count], kWarps)), kThreads,
+                        0, s>>>(c, d);
+        return last_error();
+      });
+  if (err != 0) return err;
+  const int k = d.k;
+  return for_each_chunk(
+      tensors, count,
+      [k](const TensorArgs& t) {
+        return t.factored ? t.n_rcm + blocks_for(t.n_col * k, 32) : int64_t{0};
+      },
+      [&](Chunk& c, int) {
+        factor_kernel<<<static_cast<unsigned>(blocks_for(c.offset[c.count], kWarps)), kThreads,
+                        0, s>>>(c, d);
+        return last_error();
+      });
+}
+
+int lopt_small_fc_accumulate_cuda(const TensorArgs* tensors, int count,
+                                  const GroupDecays* decays, bool head_variant,
+                                  double* partials, void* stream) {
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  switch (decays->k) {
+    case 1: return accumulate_k<1>(tensors, count, *decays, head_variant, partials, s);
+    case 2: return accumulate_k<2>(tensors, count, *decays, head_variant, partials, s);
+    case 3: return accumulate_k<3>(tensors, count, *decays, head_variant, partials, s);
+    case 4: return accumulate_k<4>(tensors, count, *decays, head_variant, partials, s);
+    default: return static_cast<int>(cudaErrorInvalidValue);
+  }
+}
+
+int lopt_small_fc_apply_cuda(const TensorArgs* tensors, int count, const GroupDecays* decays,
+                             bool head_variant, const MlpView* net, float exp_mult,
+                             float step_mult, float lr, void* stream) {
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  switch (decays->k) {
+    case 1: return apply_k<1>(tensors, count, *decays, head_variant, *net, exp_mult, step_mult, lr, s);
+    case 2: return apply_k<2>(tensors, count, *decays, head_variant, *net, exp_mult, step_mult, lr, s);
+    case 3: return apply_k<3>(tensors, count, *decays, head_variant, *net, exp_mult, step_mult, lr, s);
+    case 4: return apply_k<4>(tensors, count, *decays, head_variant, *net, exp_mult, step_mult, lr, s);
+    default: return static_cast<int>(cudaErrorInvalidValue);
+  }
+}
+
+int64_t lopt_small_fc_partials(const TensorArgs* tensors, int count, int k) {
+  int64_t tiles = 0;
+  for (int i = 0; i < count; ++i) tiles += accumulate_tiles(tensors[i].n);
+  return tiles * raw_feature_count(k);
+}
+
+const char* lopt_cuda_error_string(int code) {
+  return cudaGetErrorString(static_cast<cudaError_t>(code));
+}
+
+}  // extern "C"
