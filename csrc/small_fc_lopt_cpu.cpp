@@ -112,6 +112,7 @@ void accumulate_tile_cpu(const TensorArgs& t, const GroupDecays& d, bool head_va
                          int64_t begin, int64_t end, double* out) {
   constexpr int F = 4 + 8 * K;
   alignas(64) double acc[F][kLanes] = {};
+  alignas(64) float raw[F * kLanes];
   LaneInputs in;
   FactoredCursor cur;
   if (Factored) cur.start(t.ix, begin);
@@ -119,14 +120,17 @@ void accumulate_tile_cpu(const TensorArgs& t, const GroupDecays& d, bool head_va
     const int lanes = static_cast<int>(std::min<int64_t>(kLanes, end - i0));
     gather<K, Factored, true>(t, d, i0, lanes, cur, in);
 #pragma omp simd
-    for (int e = 0; e < kLanes; ++e) {
-      float raw[F];
-      raw_features(lane_state<K, Factored>(in, e, head_variant), K, raw);
-      for (int f = 0; f < F; ++f) {
-        const double v = e < lanes ? static_cast<double>(raw[f]) : 0.0;
+    for (int e = 0; e < kLanes; ++e)
+      raw_features(lane_state<K, Factored>(in, e, head_variant), K, raw + e, kLanes);
+    if (lanes < kLanes)  // the tile's last group: unused lanes add nothing
+      for (int f = 0; f < F; ++f)
+        for (int e = lanes; e < kLanes; ++e) raw[f * kLanes + e] = 0.0f;
+    for (int f = 0; f < F; ++f)
+#pragma omp simd
+      for (int e = 0; e < kLanes; ++e) {
+        const double v = raw[f * kLanes + e];
         acc[f][e] += v * v;
       }
-    }
   }
   for (int f = 0; f < F; ++f) {
     double total = 0.0;
@@ -218,11 +222,11 @@ void apply_range(const TensorArgs& t, const GroupDecays& d, bool head_variant,
     const int lanes = static_cast<int>(std::min<int64_t>(kLanes, end - i0));
     gather<K, Factored, false>(t, d, i0, lanes, cur, in);
 #pragma omp simd
-    for (int e = 0; e < kLanes; ++e) {
-      float raw[F];
-      raw_features(lane_state<K, Factored>(in, e, head_variant), K, raw);
-      for (int f = 0; f < F; ++f) x[f * kLanes + e] = raw[f] * inv[f];
-    }
+    for (int e = 0; e < kLanes; ++e)
+      raw_features(lane_state<K, Factored>(in, e, head_variant), K, x + e, kLanes);
+    for (int f = 0; f < F; ++f)
+#pragma omp simd
+      for (int e = 0; e < kLanes; ++e) x[f * kLanes + e] *= inv[f];
     mlp_forward_lanes(net, x, out);
     for (int e = 0; e < lanes; ++e)
       store_value(t.p, t.dtype, i0 + e,

@@ -125,7 +125,11 @@ LOPT_HD void store_value(void* base, DType dt, int64_t i, float v) {
 
 LOPT_HD float rsqrt_ieee(float x) { return 1.0f / sqrtf(x); }
 
-LOPT_HD float safe_rsqrt(float x) { return rsqrt_ieee(fmaxf(x, kSafeRsqrtFloor)); }
+// max(x, floor) that lets NaN through, as jnp.maximum and torch.clamp_min do (fmaxf would
+// return the floor for NaN).
+LOPT_HD float max_nan(float x, float floor) { return x < floor ? floor : x; }
+
+LOPT_HD float safe_rsqrt(float x) { return rsqrt_ieee(max_nan(x, kSafeRsqrtFloor)); }
 
 LOPT_HD float ema(float decay, float v, float increment) { return fmaf(decay, v, increment); }
 

@@ -4,7 +4,8 @@ Implementations: ``fused`` (lopt_port kernels), ``eager`` (lopt_port PyTorch pat
 (parity.reference under jit) and ``adamw`` (``torch.optim.AdamW(fused=True)``, the
 hand-designed baseline). Layouts: ``10m`` (one 10M tensor), ``100x100k`` (100 tensors of 100k)
 and ``gpt2`` (the parameter shapes of GPT-2 small, 124M). Also measured in the same run: the
-throughput of a 2048^3 float32 matmul, the machine's practical compute ceiling.
+throughput of a 2048^3 float32 matmul, the machine's practical compute ceiling, and the peak
+resident memory each implementation adds during one step (``step_peak_mb``).
 
 Run with ``OMP_WAIT_POLICY=PASSIVE`` on a shared machine; compare ratios, not times::
 
@@ -53,6 +54,27 @@ def median_ms(step: Callable[[], None], repeats: int) -> float:
         step()
         times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times)
+
+
+def peak_memory_growth_mb(step: Callable[[], None]) -> float | None:
+    """Peak resident memory added during one ``step()``, in MiB (Linux; else ``None``).
+
+    Resets the kernel's high-water mark (``/proc/self/clear_refs`` = 5), runs the step and
+    reads ``VmHWM``: every page touched by the step counts, torch allocations or not.
+    """
+    def status_kb(key: str) -> int:
+        with open("/proc/self/status") as f:
+            line = next(ln for ln in f if ln.startswith(key + ":"))
+        return int(line.split()[1])
+
+    try:
+        before = status_kb("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    step()
+    return max(0, status_kb("VmHWM") - before) / 1024
 
 
 def sgemm_gflops(repeats: int) -> float:
@@ -127,15 +149,17 @@ def main(argv: list[str] | None = None) -> int:
                 step = jax_step(shapes, weights) if impl == "jax" else torch_step(
                     impl, shapes, weights)
                 ms = median_ms(step, args.repeats)
+                mem = peak_memory_growth_mb(step)
             row = {"optimizer": "adamw" if impl == "adamw" else "small_fc_lopt",
                    "impl": impl, "layout": layout, "params": n, "ms": ms,
-                   "sgemm_gflops": gflops}
+                   "sgemm_gflops": gflops, "step_peak_mb": mem}
             if impl == "fused":
                 row["mlp_gflops"] = MLP_FLOP_PER_PARAM * n / (ms / 1000) / 1e9
             rows.append(row)
             extra = (f"  MLP at {row['mlp_gflops']:.1f} GFLOP/s = "
                      f"{row['mlp_gflops'] / gflops:.0%} of sgemm" if impl == "fused" else "")
-            print(f"{layout:>9} {impl:>6}: {ms:10.1f} ms{extra}", flush=True)
+            memory = "" if mem is None else f"  step peak +{mem:8.1f} MiB"
+            print(f"{layout:>9} {impl:>6}: {ms:10.1f} ms{memory}{extra}", flush=True)
             del step
     print("\nratios (same run):")
     by = {(r["layout"], r["impl"]): r["ms"] for r in rows}

@@ -253,3 +253,25 @@ def test_build_command(capsys):
     from lopt_port import cli
     assert cli.main(["build"]) == 0
     assert "fused kernels ready" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(7,), (6, 5)])
+def test_non_finite_gradients_propagate_like_eager(small_fc_weights, shape, device):
+    """A NaN or inf gradient poisons exactly the state and params it poisons in the eager
+    path (as upstream, nothing clamps a NaN away)."""
+    pe = torch.linspace(-1, 1, int(np.prod(shape))).reshape(shape).to(device)
+    pf = pe.clone()
+    oe = SmallFCLOpt([pe], small_fc_weights, fused=False)
+    of = SmallFCLOpt([pf], small_fc_weights, fused=True)
+    g = torch.ones(shape, device=device)
+    g.view(-1)[1], g.view(-1)[-1] = float("nan"), float("inf")
+    for _ in range(2):
+        pe.grad, pf.grad = g.clone(), g.clone()
+        oe.step()
+        of.step()
+    for name in ("momentum", "rms", "v_row", "v_col", "v_diag"):
+        if name in oe.state[pe]:
+            assert torch.equal(torch.isnan(of.state[pf][name]), torch.isnan(oe.state[pe][name]))
+    assert torch.equal(torch.isnan(pf), torch.isnan(pe))
+    assert torch.isnan(pf).any()
