@@ -22,7 +22,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except extension.ExtensionUnavailable as e:
         print(f"lopt-port: the fused kernels are unavailable: {e}", file=sys.stderr)
         return 1
-    print(f"fused kernels ready ({path}) in {time.monotonic() - start:.1f}s")
+    launchers = extension.cuda_launchers()
+    cuda = (f"CUDA kernels linked ({', '.join(extension.cuda_archs())})" if launchers else
+            "CPU only: nvcc not found (set CUDA_HOME)")
+    print(f"fused kernels ready ({path}) in {time.monotonic() - start:.1f}s; {cuda}")
     return 0
 
 

@@ -15,6 +15,8 @@ Run with ``OMP_WAIT_POLICY=PASSIVE`` on a shared machine; compare ratios, not ti
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import json
 import os
 import statistics
@@ -77,6 +79,13 @@ def peak_memory_growth_mb(step: Callable[[], None]) -> float | None:
     return max(0, status_kb("VmHWM") - before) / 1024
 
 
+def count_every_large_allocation() -> None:
+    """Have glibc map (and unmap) each allocation above 64 KiB instead of reusing freed heap,
+    so every step's large buffers show in its peak (``M_MMAP_THRESHOLD``; glibc only)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)
+
+
 def sgemm_gflops(repeats: int) -> float:
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     ms = median_ms(lambda: a @ b, repeats)
@@ -117,6 +126,18 @@ def jax_step(shapes: list[tuple[int, ...]], weights: str) -> Callable[[], None]:
     return step
 
 
+def make_step(impl: str, shapes: list[tuple[int, ...]], weights: str,
+              warm: bool = False) -> Callable[[], None]:
+    """One optimizer step of ``impl`` on fresh params; ``warm`` runs a first step now."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        step = jax_step(shapes, weights) if impl == "jax" else torch_step(impl, shapes,
+                                                                          weights)
+        if warm:
+            step()
+    return step
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", default=os.path.join(ROOT, "checkpoints",
@@ -129,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip eager and jax above this size: they materialize a "
                              "per-element feature matrix (~40 floats per parameter)")
     parser.add_argument("--json", help="write the rows as JSON")
+    parser.add_argument("--no-memory", action="store_true",
+                        help="skip the per-step peak-memory pass")
     args = parser.parse_args(argv)
     import converters
     weights = os.path.join(ROOT, "out", "bench_weights.safetensors")
@@ -136,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     gflops = sgemm_gflops(args.repeats)
     print(f"sgemm 2048^3: {gflops:.1f} GFLOP/s (in-run compute ceiling)")
     rows = []
+    cases = []
     for layout in args.layouts:
         shapes = LAYOUTS[layout]()
         n = sum(int(np.prod(s)) for s in shapes)
@@ -144,23 +168,27 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{layout:>9} {impl:>6}: skipped ({n:,} params > "
                       f"--max-materializing-params)")
                 continue
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                step = jax_step(shapes, weights) if impl == "jax" else torch_step(
-                    impl, shapes, weights)
-                ms = median_ms(step, args.repeats)
-                mem = peak_memory_growth_mb(step)
+            ms = median_ms(make_step(impl, shapes, weights), args.repeats)
             row = {"optimizer": "adamw" if impl == "adamw" else "small_fc_lopt",
                    "impl": impl, "layout": layout, "params": n, "ms": ms,
-                   "sgemm_gflops": gflops, "step_peak_mb": mem}
+                   "sgemm_gflops": gflops}
             if impl == "fused":
                 row["mlp_gflops"] = MLP_FLOP_PER_PARAM * n / (ms / 1000) / 1e9
             rows.append(row)
+            cases.append((row, shapes))
             extra = (f"  MLP at {row['mlp_gflops']:.1f} GFLOP/s = "
                      f"{row['mlp_gflops'] / gflops:.0%} of sgemm" if impl == "fused" else "")
-            memory = "" if mem is None else f"  step peak +{mem:8.1f} MiB"
-            print(f"{layout:>9} {impl:>6}: {ms:10.1f} ms{memory}{extra}", flush=True)
-            del step
+            print(f"{layout:>9} {impl:>6}: {ms:10.1f} ms{extra}", flush=True)
+    if not args.no_memory:
+        # After all timings: the allocator setting below would slow the baselines down.
+        count_every_large_allocation()
+        print("\npeak resident memory added during one step (after a warm-up step):")
+        for row, shapes in cases:
+            row["step_peak_mb"] = peak_memory_growth_mb(make_step(row["impl"], shapes,
+                                                                  weights, warm=True))
+            if row["step_peak_mb"] is not None:
+                print(f"{row['layout']:>9} {row['impl']:>6}: {row['step_peak_mb']:10.1f} MiB",
+                      flush=True)
     print("\nratios (same run):")
     by = {(r["layout"], r["impl"]): r["ms"] for r in rows}
     for layout in args.layouts:
