@@ -17,6 +17,13 @@
 #define LOPT_HD inline
 #endif
 
+// Full unrolling on the device, so that small per-element arrays stay in registers.
+#if defined(__CUDA_ARCH__)
+#define LOPT_UNROLL _Pragma("unroll")
+#else
+#define LOPT_UNROLL
+#endif
+
 namespace lopt {
 
 constexpr float kFactoredGradSqEps = 1e-30f;
@@ -228,8 +235,10 @@ struct MlpView {
 // One layer for one element: out[o] = act(b[o] + sum_i fma-chain(x[i] * w[o][i])).
 LOPT_HD void mlp_layer(const float* w, const float* b, int n_in, int n_out, bool hidden,
                        const float* x, float* out) {
+  LOPT_UNROLL
   for (int o = 0; o < n_out; ++o) {
     float acc = 0.0f;
+    LOPT_UNROLL
     for (int i = 0; i < n_in; ++i) acc = fmaf(x[i], w[o * n_in + i], acc);
     const float v = acc + b[o];
     out[o] = hidden ? relu(v) : v;

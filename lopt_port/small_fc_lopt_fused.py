@@ -92,9 +92,12 @@ def group_step(params: Sequence[torch.Tensor], states: Sequence[dict[str, Any]],
                col_factor, dims, decays)
     ops.small_fc_reduce(*tensors)
     sumsq = ops.small_fc_accumulate(*tensors, head)
-    tfeat = torch.stack([time_features(float(s["step"]), scales) for s in states])
+    # Time features per distinct step count (usually one for the whole group), computed as
+    # the eager path computes them, so both paths see the same bits.
+    steps = [float(s["step"]) for s in states]
+    by_step = {t: time_features(t, scales) for t in set(steps)}
+    tfeat = torch.stack([by_step[t] for t in steps])
     mlp = [t for pair in layers for t in pair]
     ops.small_fc_apply(*tensors, head, sumsq, tfeat, mlp, hparams["exp_mult"],
                        hparams["step_mult"], lr)
-    for s in states:
-        s["step"] = s["step"] + 1
+    torch._foreach_add_([s["step"] for s in states], 1.0)

@@ -70,6 +70,10 @@ def _lockstep(weights, task, dtype=torch.float32, device="cpu"):
             p_scale = max(pe[k].float().abs().max().item(), start[k].float().abs().max().item())
             bound = UPDATE_TOL * step_scale + DTYPE_ULP[dtype] * p_scale
             assert (pf[k].float() - pe[k].float()).abs().max().item() <= bound, (t, k, "params")
+            if dtype == torch.float32:  # the acceptance figure: per step, relative, fp32
+                rel = relative(pf[k].cpu().numpy(), pe[k].cpu().numpy(),
+                               before=start[k].cpu().numpy())
+                assert rel <= TOL, (t, k, "params relative", rel)
             for n in STATE:
                 if n in oe.state[pe[k]]:
                     assert _rel(of.state[pf[k]][n], oe.state[pe[k]][n]) <= TOL, (t, k, n)
