@@ -50,6 +50,17 @@ def _sha256(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
+def _wrap_items(head: str, items: Sequence[str], width: int = 100) -> list[str]:
+    """``items`` space-separated after ``head``, on lines of at most ``width`` characters where
+    possible; an item is never split."""
+    lines = [head]
+    for item in items:
+        if len(lines[-1]) > len(head) and len(lines[-1]) + 1 + len(item) > width:
+            lines.append(" " * len(head))
+        lines[-1] += item if len(lines[-1]) == len(head) else " " + item
+    return lines
+
+
 def summarize(converted: Converted, src: str, written: Sequence[str], fmt: str) -> str:
     """The human-readable report printed by the CLI."""
     meta = converted.metadata
@@ -58,8 +69,7 @@ def summarize(converted: Converted, src: str, written: Sequence[str], fmt: str) 
         lines.append(f"          from upstream file {meta.get('source_file')!r}, "
                      f"sha256 {meta['source_sha256']}")
     lines.append(f"kind      {converted.kind}")
-    hp = " ".join(f"{k}={v}" for k, v in converted.hparams.items())
-    lines.append(f"hparams   {hp}")
+    lines.extend(_wrap_items("hparams   ", [f"{k}={v}" for k, v in converted.hparams.items()]))
     if "upstream_step" in meta:
         lines.append(f"upstream  gen_id={meta.get('upstream_gen_id')} "
                      f"step={meta.get('upstream_step')} "
@@ -99,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "repeatable")
     parser.add_argument("--upstream-defaults", action="store_true",
                         help="without config.gin, fill hyperparameters that the weights "
-                             "cannot tell with upstream's constructor defaults")
+                             "cannot tell with upstream's constructor defaults; a tuple-rooted "
+                             "VeLO 'no_config' file first takes upstream's loader choices "
+                             "(use_bugged_next_lstm_state=True, use_bugged_loss_features=True)")
     parser.add_argument("--force", action="store_true", help="replace an existing output")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser

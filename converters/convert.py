@@ -31,26 +31,34 @@ WEIGHTS_SUFFIXES = (".safetensors", ".pt")
 
 
 def _skeleton(node: Any, path: tuple[str, ...], theta_path: tuple[str, ...]) -> Any:
-    """JSON description of the msgpack document with theta leaves replaced by references."""
+    """JSON description of the msgpack document with theta's arrays replaced by references.
+
+    A reference is the array's key chain under theta as read, so structural facts such as
+    which encoding of a namedtuple the file used survive; other values (strings of a flax
+    namedtuple envelope, ``gen_id``, ``step``) are stored as they are.
+    """
+    is_array = isinstance(node, (np.ndarray, flax_msgpack.ScalarLeaf))
     if isinstance(node, dict):
         return {"m": [[k, _skeleton(v, (*path, k), theta_path)] for k, v in node.items()]}
-    if path[:len(theta_path)] == theta_path:
+    if is_array and path[:len(theta_path)] == theta_path:
         return {"a": list(path[len(theta_path):])}
-    if isinstance(node, (np.ndarray, flax_msgpack.ScalarLeaf)):
+    if is_array:
         code = flax_msgpack.EXT_NPSCALAR if isinstance(node, flax_msgpack.ScalarLeaf) else 1
         arr = node.value if isinstance(node, flax_msgpack.ScalarLeaf) else node
         return {"x": [code, list(arr.shape), arr.dtype.name, arr.tobytes().hex()]}
     return {"v": node}
 
 
-def _rebuild(skel: Any, leaves: Mapping[tuple[str, ...], np.ndarray], used: set) -> Any:
+def _rebuild(skel: Any, leaves: Mapping[tuple[str, ...], np.ndarray], used: set,
+             aliases: Mapping[tuple[str, ...], tuple[str, ...]]) -> Any:
+    """Inverse of :func:`_skeleton`; a reference is looked up under its canonical chain."""
     if not isinstance(skel, dict) or len(skel) != 1:
         raise ValueError("malformed upstream_layout node")
     (tag, body), = skel.items()
     if tag == "m":
-        return {k: _rebuild(v, leaves, used) for k, v in body}
+        return {k: _rebuild(v, leaves, used, aliases) for k, v in body}
     if tag == "a":
-        chain = tuple(body)
+        chain = aliases.get(tuple(body), tuple(body))
         if chain not in leaves:
             raise ValueError(f"upstream_layout names a leaf the weights lack: "
                              f"{' > '.join(chain)}")
@@ -107,7 +115,7 @@ class Converted:
             return {"params": _nest(leaves), "gen_id": gen_id or "", "step": step or 0}
         used: set = set()
         try:
-            root = _rebuild(json.loads(layout), leaves, used)
+            root = _rebuild(json.loads(layout), leaves, used, mapping.CHAIN_ALIASES)
         except (ValueError, TypeError, KeyError) as e:
             raise CheckpointError(f"metadata upstream_layout is unusable: {e}") from None
         if used != set(leaves):

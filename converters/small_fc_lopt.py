@@ -26,6 +26,7 @@ import numpy as np
 
 from converters.errors import CheckpointError
 from converters.flax_msgpack import flatten
+from converters.tree_check import join_problems, leaf_problems
 from lopt_port import small_fc_lopt_config as cfg
 
 KIND = cfg.KIND
@@ -37,6 +38,12 @@ _OFFSETS = {
     "adafactor_decays": "adafactor_decay_offsets",
 }
 _NET = ("nn", "~")
+
+#: Upstream loads AdafacMLPLOpt only through ``config.gin``: no no-config loader choices.
+NO_CONFIG_DEFAULTS: dict[str, Any] = {}
+
+#: Every theta leaf has one key chain (no alternative encodings to canonicalize).
+CHAIN_ALIASES: dict[tuple[str, ...], tuple[str, ...]] = {}
 
 
 def matches(theta: Mapping[str, Any]) -> bool:
@@ -123,27 +130,11 @@ def theta_to_state_dict(theta: Mapping[str, Any], hparams: Mapping[str, Any], fi
     """Map every theta leaf to the PyTorch state dict; strict on names, shapes and dtypes."""
     expected = _upstream_leaves(hparams)
     flat = flatten(theta)
-    problems = []
-    for chain, shape in expected.items():
-        if chain not in flat:
-            problems.append(f"missing {' > '.join(chain)} {shape}")
-        elif not isinstance(flat[chain], np.ndarray):
-            problems.append(f"{' > '.join(chain)} is a {type(flat[chain]).__name__}, "
-                            f"not an array")
-        elif tuple(flat[chain].shape) != shape:
-            problems.append(f"{' > '.join(chain)}: expected shape {shape}, found "
-                            f"{tuple(flat[chain].shape)}")
-        elif flat[chain].dtype.kind != "f":
-            problems.append(f"{' > '.join(chain)}: expected a float array, found "
-                            f"{flat[chain].dtype.name}")
-    for chain, value in flat.items():
-        if chain not in expected:
-            problems.append(f"unexpected {' > '.join(chain)} {getattr(value, 'shape', value)!r}")
+    problems = leaf_problems(flat, expected)
     if problems:
         raise CheckpointError(
             f"small_fc_lopt theta does not match hidden_size={hparams['hidden_size']}, "
-            f"hidden_layers={hparams['hidden_layers']}: " + "; ".join(problems[:12])
-            + (f"; ... {len(problems) - 12} more" if len(problems) > 12 else ""),
+            f"hidden_layers={hparams['hidden_layers']}: " + join_problems(problems),
             file=file, key_path=root)
     sd: dict[str, np.ndarray] = {}
     for up, name in _OFFSETS.items():

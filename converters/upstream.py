@@ -10,12 +10,19 @@ from typing import Any
 
 import numpy as np
 
-from converters import flax_msgpack, small_fc_lopt
+from converters import flax_msgpack, small_fc_lopt, velo
 from converters.errors import CheckpointError
 from converters.gin_config import GinConfig, read_gin
 
-#: One mapping module per optimizer kind.
-MAPPINGS: dict[str, ModuleType] = {small_fc_lopt.KIND: small_fc_lopt}
+#: One mapping module per optimizer kind. A mapping module provides ``KIND``,
+#: ``UPSTREAM_CLASS``, ``NO_CONFIG_DEFAULTS`` (upstream's loader choices for tuple-rooted
+#: checkpoints without ``config.gin``), ``CHAIN_ALIASES`` (older key chains of a leaf -> its
+#: canonical chain), ``matches(theta)``, ``config_defaults()``,
+#: ``resolve_hparams(given, theta, upstream_defaults)``,
+#: ``theta_to_state_dict(theta, hparams, file, root)``, ``state_dict_to_leaves(sd, hparams)``
+#: (canonical chains), ``resolve_torch_hparams(given, shapes, upstream_defaults)``,
+#: ``check_state_dict(sd, hparams, origin)`` and ``gin_bindings(hparams)``.
+MAPPINGS: dict[str, ModuleType] = {m.KIND: m for m in (small_fc_lopt, velo)}
 CLASS_TO_KIND = {m.UPSTREAM_CLASS: kind for kind, m in MAPPINGS.items()}
 
 WRAPPER_KEYS = ("params", "gen_id", "step")
@@ -109,7 +116,11 @@ def load_upstream(path: str | os.PathLike, kind: str | None = None, *,
     bindings; unbound constructor arguments take upstream's defaults, as upstream's loader
     does). Keyword ``hparams`` override the config. Without a config the caller names the
     kind (or it is told from the leaf names) and the hyperparameters that cannot be read off
-    the shapes; ``upstream_defaults=True`` fills those with upstream's constructor defaults.
+    the shapes; ``upstream_defaults=True`` fills those with upstream's constructor defaults,
+    except that a tuple-rooted file (upstream's ``no_config`` checkpoints) first takes the
+    choices of upstream's loader for such files (the mapping's ``NO_CONFIG_DEFAULTS``; for VeLO
+    ``use_bugged_next_lstm_state=True, use_bugged_loss_features=True``). Keyword ``hparams``
+    override those defaults too.
     """
     params_file, config_file = locate(path)
     root, raw = flax_msgpack.read_file(params_file, max_bytes)
@@ -135,6 +146,8 @@ def load_upstream(path: str | os.PathLike, kind: str | None = None, *,
     try:
         if config is not None:
             given = {**mapping.config_defaults(), **config.bindings, **hparams}
+        elif upstream_defaults and theta_path == TUPLE_KEYS[:1]:
+            given = {**mapping.NO_CONFIG_DEFAULTS, **hparams}
         else:
             given = dict(hparams)
         resolved = mapping.resolve_hparams(given, theta, upstream_defaults)

@@ -1,0 +1,587 @@
+"""VeLO (upstream ``HyperV2``, ``research/general_lopt/hyper_v2.py``) as a torch optimizer.
+
+One step, in upstream's order (``lr = 1`` and ``weight_decay = 0`` reproduce upstream exactly):
+
+1. Loss buffer (10 moving averages of the loss with half-lives log-spaced from 10 to
+   ``num_steps``): the loss is clipped from above to ``2 * |max bias-corrected mean|``, the
+   averages and running minima advance, and 9 loss features are read from the new buffer.
+2. ``g <- clip(g, -1000, 1000)``.
+3. Per tensor, 30 LSTM inputs from ``p`` and the **old** momentum and rms (before this step's
+   update): ``tanh(10 (t/T - c))`` for 9 offsets ``c``, the loss features, ``clip_log_abs`` of
+   the mean rms, a one-hot rank, and of the variances of momentum and of rms about the
+   *momentum* mean (upstream's ``var_rms`` quirk: 3 columns).
+4. The per-tensor network over all tensors at once: ``x' = W2 x + b2 + max_tensors relu(W1 x +
+   b1)``, a Haiku LSTM (gates i, g, f, o; forget bias +1), ``controls = Wc h + bc`` (K values)
+   and ``lr_mult = Ws h + bs`` (raw, unbounded).
+5. Momentum, rms and factored accumulators from the clipped gradient (fixed decays).
+6. Per tensor: MLP weights ``100 * mean_k(controls_k * bank_k)``; 30 per-parameter features
+   from the **new** accumulators, normalized per column over the whole tensor; the MLP
+   (first layer summed group by group, ReLU, ..., 3 outputs); then
+   ``step = lr_mult * (direction * (param_scale * exp(exp_mult * magnitude)) * step_mult)``
+   with ``param_scale = sqrt(mean(p^2) + 1e-9)``, and ``p <- p - lr * step``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+
+from lopt_port import velo_config as cfg
+from lopt_port.accumulators import (
+    FactoredResult,
+    TieBreak,
+    factored_dims,
+    factored_state_shapes,
+    update_factored,
+    update_momentum,
+    update_rms,
+)
+from lopt_port.constants import (
+    MLP_CHUNK_ROWS,
+    NORMALIZER_EPS,
+    RMS_FEATURE_EPS,
+    ROW_COL_FEATURE_EPS,
+    VELO_FF_MULT,
+    VELO_FRACTION_SHARPNESS,
+    VELO_FRACTION_TIMESCALES,
+    VELO_GRAD_CLIP,
+    VELO_GRAD_CLIP_FEATURE,
+    VELO_LOG_ABS_CLIP,
+    VELO_LOG_ABS_EPS,
+    VELO_LOG_ABS_SCALE,
+    VELO_LOSS_BUFFER_SIZE,
+    VELO_LOSS_DEN_FLOOR,
+    VELO_LOSS_RUNNING_MIN_INIT,
+    VELO_MAX_TRAINING_STEPS,
+    VELO_NORM_MULT_FLOOR,
+    VELO_PARAM_SCALE_EPS,
+)
+from lopt_port.weights import LoadedWeights, WeightsError, load_weights
+
+GLOBAL_STATE = "velo"
+N_GROUPS = 14
+_PER_ELEMENT = ("momentum", "rms", "v_diag")
+
+
+def loss_buffer_decays(num_steps: int, bugged: bool) -> np.ndarray:
+    """``exp(-1 / halflife)`` for 10 half-lives ``logspace(1, log10(N), 10)``, float32.
+
+    ``N = num_steps``, or 10 with ``use_bugged_loss_features`` (then every decay is
+    ``exp(-0.1)``). Computed in float64 and rounded once: XLA's float32 ``log``/``pow``/``exp``
+    are not correctly rounded, so upstream's values can differ from these by one float32 ulp.
+    """
+    n = 10 if bugged else num_steps
+    f32 = np.float32
+    stop = f32(np.log10(np.float64(n)))
+    step = (np.arange(VELO_LOSS_BUFFER_SIZE - 1, dtype=f32) / f32(VELO_LOSS_BUFFER_SIZE - 1))
+    lin = np.concatenate([f32(1) * (f32(1) - step) + stop * step, [stop]]).astype(f32)
+    halflife = np.power(10.0, lin.astype(np.float64)).astype(f32)
+    return np.exp(-1.0 / halflife.astype(np.float64)).astype(f32)
+
+
+def clip_log_abs(v: torch.Tensor) -> torch.Tensor:
+    """``0.5 * clip(log(1e-8 + |10 v|), -5, 5)``."""
+    mag = torch.log(VELO_LOG_ABS_EPS + torch.abs(v * VELO_LOG_ABS_SCALE))
+    return torch.clamp(mag, -VELO_LOG_ABS_CLIP, VELO_LOG_ABS_CLIP) * 0.5
+
+
+def _mean_over(x: torch.Tensor, axes: tuple[int, ...], keepdim: bool = False) -> torch.Tensor:
+    """Mean over ``axes``; no axes is the identity (``torch.mean(dim=())`` reduces all)."""
+    return x.mean(dim=axes, keepdim=keepdim) if axes else x
+
+
+class VeLO(torch.optim.Optimizer):
+    """VeLO, the learned optimizer of Metz et al. 2022, as upstream's ``HyperV2`` computes it.
+
+    Args:
+        params: parameters or param groups (``lr`` and ``weight_decay`` per group).
+        weights: converted weights (``lopt-convert`` output, a state dict with ``hparams``, or
+            :class:`~lopt_port.LoadedWeights`).
+        num_steps: the training horizon T (required): the LSTM sees ``t / T`` and, unless the
+            weights use the bugged loss features, the loss half-lives reach T.
+        weight_decay: upstream prefab's ``WeightDecayWrapper``: ``g += wd * p`` and
+            ``loss += wd * sum(p^2)`` before VeLO sees them. With
+            ``decoupled_weight_decay=True`` instead ``p <- p * (1 - lr * wd) - lr * step``
+            (AdamW's convention; the step is computed from the undecayed ``p``).
+        lr: multiplies upstream's step (``1.0`` = upstream).
+        hparams: hyperparameters overriding those recorded in the weights.
+        tie_break: factored-dims rule for tied sizes (see :func:`factored_dims`).
+        max_training_steps: upstream's prefab averages gradients over ``ceil(T / 150000)``
+            steps above this horizon; that accumulation is not reproduced, so a larger
+            ``num_steps`` is refused (accumulate gradients yourself and pass the number of
+            updates).
+
+    The loss enters through ``step(loss=...)`` (a tensor, kept on its device, or a float) or a
+    closure. Parameters whose ``grad`` is ``None`` (frozen or unused) and zero-size parameters
+    are skipped: the per-tensor network sees the non-empty tensors that have a gradient at this
+    step, in param-group order, each with its own LSTM state.
+
+    State: per parameter ``momentum`` ``(*S, 3)``, ``rms`` ``(*S, 1)``, ``v_row``/``v_col`` or
+    ``v_diag``, ``factored_dims``, ``lstm_hidden``/``lstm_cell`` ``(H,)``, all float32; globally
+    (key ``"velo"``) ``iteration`` (a CPU tensor: reading it is no device sync), ``num_steps``
+    and the loss buffer's ``loss_means``, ``loss_running_min``, ``loss_decays``.
+    """
+
+    def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+                 weights: str | os.PathLike | Mapping[str, torch.Tensor] | LoadedWeights, *,
+                 num_steps: int, weight_decay: float = 0.0, lr: float = 1.0,
+                 decoupled_weight_decay: bool = False, hparams: Mapping[str, Any] | None = None,
+                 tie_break: TieBreak = "numpy",
+                 max_training_steps: int = VELO_MAX_TRAINING_STEPS) -> None:
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps must be a positive int (the training horizon), got "
+                             f"{num_steps!r}")
+        if num_steps > max_training_steps:
+            raise ValueError(
+                f"num_steps={num_steps} exceeds max_training_steps={max_training_steps}: "
+                f"upstream's prefab would average gradients over "
+                f"{math.ceil(num_steps / max_training_steps)} steps, which lopt_port does not "
+                f"reproduce; accumulate gradients yourself and pass the number of updates")
+        for name, value in (("lr", lr), ("weight_decay", weight_decay)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"{name} must be a non-negative float, got {value!r}")
+        if tie_break not in ("numpy", "stable"):
+            raise ValueError(f"tie_break must be 'numpy' or 'stable', got {tie_break!r}")
+        loaded = load_weights(weights)
+        if loaded.kind not in (None, cfg.KIND):
+            raise WeightsError(f"weights are for {loaded.kind!r}, not {cfg.KIND!r}")
+        given = {**loaded.hparams, **(hparams or {})}
+        shapes = {k: tuple(v.shape) for k, v in loaded.state_dict.items()}
+        try:
+            self.hparams = cfg.resolve_hparams(given, shapes, upstream_defaults=False)
+            cfg.check_state_dict(loaded.state_dict, self.hparams, "weights")
+        except ValueError as e:
+            raise WeightsError(str(e)) from None
+        self.num_steps = num_steps
+        self.decoupled_weight_decay = bool(decoupled_weight_decay)
+        self.tie_break: TieBreak = tie_break
+        self._theta = {k: v.detach().to(device="cpu", dtype=torch.float32).contiguous().clone()
+                       for k, v in loaded.state_dict.items()}
+        self._loss_decays = torch.from_numpy(
+            loss_buffer_decays(num_steps, self.hparams["use_bugged_loss_features"]))
+        self._device_cache: dict[torch.device, dict[str, Any]] = {}
+        self._capture: dict[str, Any] | None = None
+        super().__init__(params, {"lr": float(lr), "weight_decay": float(weight_decay)})
+
+    # ------------------------------------------------------------------ weights on a device
+    def _on_device(self, device: torch.device) -> dict[str, Any]:
+        if device not in self._device_cache:
+            t = {k: v.to(device) for k, v in self._theta.items()}
+            h = self.hparams
+            k_bank = h["param_inits"]
+            groups = [t[f"ff.w0__{j}"] for j in range(N_GROUPS)]
+            bank = {"w0": groups, "b0": t["ff.b0"]}
+            for i in range(1, h["ff_hidden_layers"] + 1):
+                bank[f"w{i}"], bank[f"b{i}"] = t[f"ff.w{i}"], t[f"ff.b{i}"]
+            flat = torch.cat([x.reshape(k_bank, -1) for x in _bank_leaves(bank)], dim=1)
+            self._device_cache[device] = {
+                "theta": t,
+                "bank": bank,
+                "bank_flat": flat,
+                "momentum": torch.tensor(h["initial_momentum_decays"], dtype=torch.float32,
+                                         device=device),
+                "rms": torch.tensor(h["initial_rms_decays"], dtype=torch.float32,
+                                    device=device),
+                "adafactor": torch.tensor(h["initial_adafactor_decays"], dtype=torch.float32,
+                                          device=device),
+                "fraction_offsets": torch.tensor(VELO_FRACTION_TIMESCALES, dtype=torch.float32,
+                                                 device=device),
+            }
+        return self._device_cache[device]
+
+    # ------------------------------------------------------------------------------- state
+    def initial_state(self, p: torch.Tensor) -> dict[str, Any]:
+        """The state a parameter starts with: zero accumulators and the LSTM's initial state."""
+        shape = tuple(p.shape)
+        dims = factored_dims(shape, self.tie_break)
+        zeros = {"dtype": torch.float32, "device": p.device}
+        h = self.hparams
+        state: dict[str, Any] = {
+            "momentum": torch.zeros((*shape, len(h["initial_momentum_decays"])), **zeros),
+            "rms": torch.zeros((*shape, len(h["initial_rms_decays"])), **zeros),
+            "factored_dims": tuple(dims) if dims else (),
+        }
+        k = len(h["initial_adafactor_decays"])
+        for name, fshape in factored_state_shapes(shape, dims, k).items():
+            state[name] = torch.zeros(fshape, **zeros)
+        state["lstm_hidden"] = self._theta["lstm_init_state.hidden"].reshape(-1).to(p.device)
+        state["lstm_cell"] = self._theta["lstm_init_state.cell"].reshape(-1).to(p.device)
+        return state
+
+    def _global_state(self, device: torch.device) -> dict[str, Any]:
+        st = self.state[GLOBAL_STATE]
+        if not st:
+            st["iteration"] = torch.zeros((), dtype=torch.int64)
+            st["num_steps"] = self.num_steps
+            st["loss_means"] = torch.zeros(VELO_LOSS_BUFFER_SIZE, dtype=torch.float32,
+                                           device=device)
+            st["loss_running_min"] = torch.full((VELO_LOSS_BUFFER_SIZE,),
+                                                VELO_LOSS_RUNNING_MIN_INIT,
+                                                dtype=torch.float32, device=device)
+            st["loss_decays"] = self._loss_decays.to(device)
+        return st
+
+    @contextmanager
+    def capture_intermediates(self) -> Iterator[dict[str, Any]]:
+        """Record the next steps' intermediates: ``out["step"]`` (loss_features,
+        fraction_trained, lstm_input, lstm_state_in/out, controls, lr_mult) and
+        ``out["tensors"][p]`` (ff_params, g_clipped, fac_g, features_raw, mlp_input, mlp_pre*,
+        mlp_output, param_scale, update), named as upstream's golden vectors."""
+        previous = self._capture
+        self._capture = {"step": {}, "tensors": {}}
+        try:
+            yield self._capture
+        finally:
+            self._capture = previous
+
+    # -------------------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None, *,
+             loss: torch.Tensor | float | None = None) -> Any:
+        """One VeLO update of every parameter with a gradient; returns the closure's loss."""
+        returned = None
+        if closure is not None:
+            with torch.enable_grad():
+                returned = closure()
+            if loss is None:
+                loss = returned
+        entries = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None or p.numel() == 0:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("VeLO does not support sparse gradients")
+                entries.append((p, group))
+        if not entries:
+            return returned
+        if loss is None:
+            raise RuntimeError("VeLO needs the training loss: call step(loss=loss) or pass a "
+                               "closure that returns it")
+        device = entries[0][0].device
+        consts = self._on_device(device)
+        glob = self._global_state(device)
+        if glob["num_steps"] != self.num_steps:
+            raise RuntimeError(f"the loaded state was trained with num_steps="
+                               f"{glob['num_steps']}, this optimizer has {self.num_steps}")
+        loss_t = self._loss_tensor(loss, device)
+        states, grads = [], []
+        for p, group in entries:
+            state = self.state[p]
+            if not state:
+                state.update(self.initial_state(p))
+            states.append(state)
+            g = p.grad.to(torch.float32)
+            wd = group["weight_decay"]
+            if wd and not self.decoupled_weight_decay:
+                p32 = p.to(torch.float32)
+                g = g + wd * p32
+                loss_t = loss_t + wd * torch.sum(p32 * p32)
+            grads.append(torch.clamp(g, -VELO_GRAD_CLIP, VELO_GRAD_CLIP))
+        iteration = int(glob["iteration"])
+        loss_features = self._advance_loss_buffer(glob, loss_t, iteration)
+        fraction = float(np.float32(iteration) / np.float32(self.num_steps))
+        frac_feat = torch.tanh((torch.full_like(consts["fraction_offsets"], fraction)
+                                - consts["fraction_offsets"]) * VELO_FRACTION_SHARPNESS)
+        lstm_in = torch.stack([
+            self._lstm_features(p, s, frac_feat, loss_features)
+            for (p, _), s in zip(entries, states, strict=True)])
+        h_prev = torch.stack([s["lstm_hidden"].to(device) for s in states])
+        c_prev = torch.stack([s["lstm_cell"].to(device) for s in states])
+        controls, lr_mult, h_new, c_new = self._rnn(lstm_in, h_prev, c_prev, consts["theta"])
+        if not self.hparams["use_bugged_next_lstm_state"]:
+            for i, s in enumerate(states):
+                s["lstm_hidden"], s["lstm_cell"] = h_new[i].to(s["lstm_hidden"].device), \
+                    c_new[i].to(s["lstm_cell"].device)
+        ff = self._interpolate(controls, consts)
+        if self._capture is not None:
+            self._capture["step"].update({
+                "loss_features": loss_features.clone(), "fraction_trained": fraction,
+                "lstm_input": lstm_in.clone(), "controls": controls.clone(),
+                "lr_mult": lr_mult.clone(),
+                "lstm_state_in": {"hidden": h_prev.clone(), "cell": c_prev.clone()},
+                "lstm_state_out": {"hidden": h_new.clone(), "cell": c_new.clone()}})
+        for i, ((p, group), s, g) in enumerate(zip(entries, states, grads, strict=True)):
+            self._update(p, s, g, {k: v[i] for k, v in ff.items()}, lr_mult[i], group)
+        glob["iteration"] = glob["iteration"] + 1
+        return returned
+
+    def _loss_tensor(self, loss: Any, device: torch.device) -> torch.Tensor:
+        if isinstance(loss, torch.Tensor):
+            if loss.numel() != 1:
+                raise ValueError(f"the loss must be a scalar, got shape {tuple(loss.shape)}")
+            return loss.detach().to(device=device, dtype=torch.float32).reshape(())
+        if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+            return torch.full((), float(loss), dtype=torch.float32, device=device)
+        raise TypeError(f"the loss must be a tensor or a float, got {type(loss).__name__}")
+
+    # --------------------------------------------------------------------- loss features
+    @staticmethod
+    def _advance_loss_buffer(glob: dict[str, Any], loss: torch.Tensor,
+                             k: int) -> torch.Tensor:
+        """Advance the buffer with ``loss`` (``k`` updates so far); the 9 loss features."""
+        decays, means = glob["loss_decays"], glob["loss_means"]
+        # decays^(k+1) rounded once from float64: what XLA's float32 pow returns here.
+        corr = 1 - (decays.double() ** (k + 1)).float()
+        approx_max = loss if k == 0 else torch.max(means / corr)
+        clipped = torch.minimum(torch.abs(approx_max) * 2, loss)
+        # means*decays + clipped*(1-decays) as XLA fuses it: one fma.
+        means = torch.addcmul(clipped * (1.0 - decays), means, decays)
+        running_min = torch.minimum(glob["loss_running_min"], means / corr)
+        glob["loss_means"], glob["loss_running_min"] = means, running_min
+        if k + 1 <= 2:
+            return torch.zeros(VELO_LOSS_BUFFER_SIZE - 1, dtype=torch.float32,
+                               device=means.device)
+        cor_mean = means / corr
+        den = torch.clamp_min(cor_mean[1:] - running_min[:-1], VELO_LOSS_DEN_FLOOR)
+        return torch.clamp((cor_mean[:-1] - running_min[:-1]) / den - 1.0, -1.0, 1.0)
+
+    # ---------------------------------------------------------------------- LSTM features
+    @staticmethod
+    def _lstm_features(p: torch.Tensor, state: dict[str, Any], frac_feat: torch.Tensor,
+                       loss_features: torch.Tensor) -> torch.Tensor:
+        """The 30 per-tensor LSTM inputs from ``p`` and the old momentum and rms."""
+        p32 = p.to(torch.float32)
+        norm = torch.rsqrt(torch.clamp_min(torch.mean(p32 * p32), VELO_NORM_MULT_FLOOR))
+        m = state["momentum"] * norm
+        rms = state["rms"] * norm
+        axes = tuple(range(p.dim()))
+        mean_m = _mean_over(m, axes, keepdim=True)
+        var_m = _mean_over(torch.square(m - mean_m), axes)
+        mean_rms = _mean_over(rms, axes, keepdim=True).reshape(-1)
+        var_rms = _mean_over(torch.square(rms - mean_m), axes)
+        rank = sum(1 for s in p.shape if s > 1)
+        one_hot = torch.zeros(5, dtype=torch.float32, device=m.device)
+        if rank < 5:
+            one_hot[rank] = 1.0
+        return torch.cat([frac_feat, loss_features.to(m.device), clip_log_abs(mean_rms),
+                          one_hot, clip_log_abs(var_m), clip_log_abs(var_rms)])
+
+    # --------------------------------------------------------------------- per-tensor net
+    def _rnn(self, x: torch.Tensor, h_prev: torch.Tensor, c_prev: torch.Tensor,
+             t: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """Mixing layers, the LSTM cell and the two heads, for all tensors at once."""
+        mix = torch.relu(x @ t["rnn.mix.weight"].T + t["rnn.mix.bias"])
+        v = torch.max(mix, dim=0, keepdim=True).values
+        x2 = x @ t["rnn.input.weight"].T + t["rnn.input.bias"] + v
+        gates = torch.cat([x2, h_prev], dim=-1) @ t["rnn.lstm.weight"].T + t["rnn.lstm.bias"]
+        i, g, f, o = torch.chunk(gates, 4, dim=-1)
+        c = torch.sigmoid(f + 1.0) * c_prev + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        controls = h @ t["rnn.controls.weight"].T + t["rnn.controls.bias"]
+        lr_mult = (h @ t["rnn.step_size.weight"].T + t["rnn.step_size.bias"])[:, 0]
+        return controls, lr_mult, h, c
+
+    def _interpolate(self, controls: torch.Tensor,
+                     consts: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Every tensor's MLP weights, ``ff_mult * mean_k(controls[i, k] * bank[k])``, as one
+        batched product over the flattened bank."""
+        flat = consts["bank_flat"]
+        mixed = VELO_FF_MULT * torch.mean(controls[:, :, None] * flat[None], dim=1)
+        out, start = {}, 0
+        for name, leaf in _named_bank_leaves(consts["bank"]):
+            size = leaf[0].numel()
+            out[name] = mixed[:, start:start + size].reshape(-1, *leaf.shape[1:])
+            start += size
+        return out
+
+    # -------------------------------------------------------------------- per-parameter
+    def _update(self, p: torch.Tensor, state: dict[str, Any], g: torch.Tensor,
+                ff: Mapping[str, torch.Tensor], lr_mult: torch.Tensor,
+                group: Mapping[str, Any]) -> None:
+        consts = self._on_device(p.device)
+        shape = tuple(p.shape) or (1,)
+        g = g.reshape(shape)
+        acc = {k: state[k].view(*shape, state[k].shape[-1]) if k in _PER_ELEMENT else state[k]
+               for k in ("momentum", "rms", "v_row", "v_col", "v_diag") if k in state}
+        dims = tuple(state["factored_dims"]) or None
+        update_momentum(acc["momentum"], g, consts["momentum"])
+        update_rms(acc["rms"], g, consts["rms"])
+        fac = update_factored(acc, g, consts["adafactor"], dims)
+        p32 = p.to(torch.float32).reshape(shape)
+        record: dict[str, Any] | None = {} if self._capture is not None else None
+        out = self._mlp(p32, g, acc, fac, dims, ff, record)
+        h = self.hparams
+        param_scale = torch.sqrt(torch.mean(p32 * p32) + VELO_PARAM_SCALE_EPS)
+        magnitude = torch.exp(out[..., 1] * h["exp_mult"])
+        step = out[..., 0] * (param_scale * magnitude) * h["step_mult"]
+        step = (lr_mult.to(p.device) * step).reshape(p.shape)
+        lr, wd = group["lr"], group["weight_decay"]
+        new = p32.reshape(p.shape)
+        if wd and self.decoupled_weight_decay:
+            new = new * (1.0 - lr * wd)
+        p.copy_(new - lr * step)
+        if record is not None:
+            record.update({"ff_params": dict(ff), "g_clipped": g.clone(),
+                           "fac_g": fac.fac_g.clone(), "param_scale": param_scale,
+                           "mlp_output": out, "update": step.clone()})
+            self._capture["tensors"][p] = record
+
+    def _feature_groups(self, p32: torch.Tensor, g: torch.Tensor, acc: Mapping[str, Any],
+                        fac: FactoredResult, dims: tuple[int, int] | None,
+                        rows: slice) -> list[torch.Tensor]:
+        """The 14 feature groups (30 columns) for ``rows`` of the leading axis."""
+        m, rms = acc["momentum"][rows], acc["rms"][rows]
+        g_, p_ = g[rows], p32[rows]
+        rsqrt = torch.rsqrt(rms + RMS_FEATURE_EPS)
+        full = (*p32.shape, m.shape[-1])
+        if dims is not None:
+            d1, d0 = dims
+            row = acc["v_row"].unsqueeze(d0).expand(full)[rows]
+            col = acc["v_col"].unsqueeze(d1).expand(full)[rows]
+            mom_mult = (m * fac.row_factor.unsqueeze(d0).expand(full)[rows]
+                        * fac.col_factor.unsqueeze(d1).expand(full)[rows])
+        else:
+            row = col = acc["v_diag"][rows]
+            mom_mult = m * torch.pow(row, -0.5)
+        return [g_.unsqueeze(-1),
+                torch.clamp(g_, -VELO_GRAD_CLIP_FEATURE, VELO_GRAD_CLIP_FEATURE).unsqueeze(-1),
+                p_.unsqueeze(-1), m, rms, m * rsqrt, rsqrt, fac.fac_g[rows],
+                g_.unsqueeze(-1) * rsqrt, row, col, torch.rsqrt(row + ROW_COL_FEATURE_EPS),
+                torch.rsqrt(col + ROW_COL_FEATURE_EPS), mom_mult]
+
+    def _mlp(self, p32: torch.Tensor, g: torch.Tensor, acc: Mapping[str, Any],
+             fac: FactoredResult, dims: tuple[int, int] | None, ff: Mapping[str, torch.Tensor],
+             record: dict[str, Any] | None) -> torch.Tensor:
+        """Normalized features through the per-tensor MLP; ``(*S, 3)`` outputs.
+
+        Two passes over chunks of the leading axis bound the memory: per-column sums of
+        squares, then features, normalization and the MLP.
+        """
+        n0 = p32.shape[0]
+        per_row = max(1, p32[0].numel())
+        step = n0 if p32.device.type == "meta" else max(1, MLP_CHUNK_ROWS // per_row)
+        chunks = [slice(a, min(n0, a + step)) for a in range(0, n0, step)]
+        n = p32.numel()
+        if len(chunks) == 1:
+            groups = self._feature_groups(p32, g, acc, fac, dims, chunks[0])
+            raw = torch.cat(groups, dim=-1)
+            mean_sq = torch.mean((raw * raw).reshape(-1, raw.shape[-1]), dim=0)
+        else:
+            sums = None
+            for rows in chunks:
+                raw = torch.cat(self._feature_groups(p32, g, acc, fac, dims, rows), dim=-1)
+                s = torch.sum((raw * raw).reshape(-1, raw.shape[-1]), dim=0, dtype=torch.float64)
+                sums = s if sums is None else sums + s
+            mean_sq = (sums / n).to(torch.float32)
+        inv = torch.rsqrt(NORMALIZER_EPS + mean_sq)
+        widths = [ff[f"w0__{j}"].shape[0] for j in range(N_GROUPS)]
+        outs = []
+        for rows in chunks:
+            if len(chunks) != 1:
+                raw = torch.cat(self._feature_groups(p32, g, acc, fac, dims, rows), dim=-1)
+            x = raw * inv
+            o = torch.zeros((*x.shape[:-1], ff["b0"].shape[-1]), dtype=torch.float32,
+                            device=x.device)
+            start = 0
+            for j, w in enumerate(widths):
+                o = o + x[..., start:start + w] @ ff[f"w0__{j}"]
+                start += w
+            o = o + ff["b0"]
+            pres = [o]
+            o = torch.relu(o)
+            layers = self.hparams["ff_hidden_layers"]
+            for i in range(1, layers + 1):
+                o = o @ ff[f"w{i}"] + ff[f"b{i}"]
+                if i != layers:
+                    pres.append(o)
+                    o = torch.relu(o)
+            outs.append(o)
+            if record is not None:
+                record.setdefault("features_raw", []).append(raw)
+                record.setdefault("mlp_input", []).append(x)
+                for i, pre in enumerate(pres):
+                    record.setdefault(f"mlp_pre{i}", []).append(pre)
+        if record is not None:
+            for key in [k for k in record if isinstance(record[k], list)]:
+                record[key] = torch.cat(record[key]) if len(record[key]) > 1 else record[key][0]
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    # ----------------------------------------------------------------------- state dicts
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a :meth:`state_dict`; validates everything before changing anything and keeps
+        the state float32 on each parameter's device (torch.optim would cast it to the
+        parameter dtype)."""
+        saved_state = state_dict["state"]
+        params = [p for g in self.param_groups for p in g["params"]]
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        if len(params) != len(saved_ids):
+            raise ValueError(f"state dict has {len(saved_ids)} parameters, the optimizer "
+                             f"{len(params)}")
+        restored: dict[Any, Any] = {
+            p: self._restore_param_state(saved_state[pid], p, index)
+            for index, (pid, p) in enumerate(zip(saved_ids, params, strict=True))
+            if pid in saved_state}
+        if GLOBAL_STATE in saved_state:
+            device = params[0].device if params else torch.device("cpu")
+            restored[GLOBAL_STATE] = self._restore_global(saved_state[GLOBAL_STATE], device)
+        super().load_state_dict({**state_dict, "state": {}})
+        self.state.update(restored)
+
+    def _restore_global(self, saved: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+        keys = {"iteration", "num_steps", "loss_means", "loss_running_min", "loss_decays"}
+        if set(saved) != keys:
+            raise ValueError(f"global VeLO state has keys {sorted(saved)}, expected "
+                             f"{sorted(keys)}")
+        if saved["num_steps"] != self.num_steps:
+            raise ValueError(f"the state was saved with num_steps={saved['num_steps']}, this "
+                             f"optimizer has num_steps={self.num_steps}")
+        out: dict[str, Any] = {"num_steps": self.num_steps,
+                               "iteration": saved["iteration"].detach().to("cpu",
+                                                                            torch.int64).clone()}
+        for name in ("loss_means", "loss_running_min", "loss_decays"):
+            value = saved[name]
+            if tuple(value.shape) != (VELO_LOSS_BUFFER_SIZE,):
+                raise ValueError(f"global VeLO state {name}: expected shape "
+                                 f"({VELO_LOSS_BUFFER_SIZE},), found {tuple(value.shape)}")
+            out[name] = value.detach().to(device=device, dtype=torch.float32).clone()
+        return out
+
+    def _restore_param_state(self, saved: Mapping[str, Any], p: torch.Tensor,
+                             index: int) -> dict[str, Any]:
+        where = f"state of parameter {index} (shape {tuple(p.shape)})"
+        template = self.initial_state(p)
+        dims = tuple(saved.get("factored_dims", (None,)))
+        shape = tuple(p.shape)
+        valid_dims = (dims == () and len(shape) < 2) or (
+            len(dims) == 2 and len(shape) >= 2 and dims[0] != dims[1]
+            and all(isinstance(d, int) and 0 <= d < len(shape) for d in dims))
+        if not valid_dims:
+            raise ValueError(f"{where}: factored_dims {dims!r} do not fit the parameter")
+        k = len(self.hparams["initial_adafactor_decays"])
+        expected = {name: tuple(template[name].shape)
+                    for name in ("momentum", "rms", "lstm_hidden", "lstm_cell")}
+        expected.update(factored_state_shapes(shape, dims or None, k))
+        problems = [f"missing {name}" for name in expected if name not in saved]
+        problems += [f"{name}: expected {want}, found {tuple(saved[name].shape)}"
+                     for name, want in expected.items()
+                     if name in saved and tuple(saved[name].shape) != want]
+        problems += [f"unexpected {name}" for name in saved
+                     if name not in (*expected, "factored_dims")]
+        if problems:
+            raise ValueError(f"{where} does not fit these weights: {'; '.join(problems)}")
+        out: dict[str, Any] = {"factored_dims": dims}
+        for name in expected:
+            out[name] = saved[name].detach().to(device=p.device, dtype=torch.float32).clone()
+        return out
+
+
+def _named_bank_leaves(bank: Mapping[str, Any]) -> list[tuple[str, torch.Tensor]]:
+    """The bank's leaves in a fixed order: ``w0__0`` .. ``w0__13``, ``b0``, ``w1``, ``b1``, ..."""
+    leaves = [(f"w0__{j}", w) for j, w in enumerate(bank["w0"])]
+    leaves.append(("b0", bank["b0"]))
+    i = 1
+    while f"w{i}" in bank:
+        leaves += [(f"w{i}", bank[f"w{i}"]), (f"b{i}", bank[f"b{i}"])]
+        i += 1
+    return leaves
+
+
+def _bank_leaves(bank: Mapping[str, Any]) -> list[torch.Tensor]:
+    return [leaf for _, leaf in _named_bank_leaves(bank)]

@@ -1,0 +1,202 @@
+"""Replay an upstream VeLO golden case through ``lopt_port.VeLO``, step by step.
+
+The case layout is that of :mod:`parity.golden`, with HyperV2's state
+(``mom_rolling/m``, ``rms_rolling/rms``, ``fac_rolling/{v_row,v_col,v_diag}``,
+``lstm_hidden_state/{hidden,cell}`` with one row per tensor in sorted-name order,
+``loss_buffer/{means,running_min,decays,iteration}``, ``iteration``, ``num_steps``) and VeLO's
+intermediates (per step ``loss_features``, ``lstm_input``, ``lstm_state_out/*``, ``controls``,
+``lr_mult``; per tensor ``ff_params/*``, ``g_clipped``, ``fac_g``, ``features_raw``,
+``mlp_input``, ``mlp_pre{0,1}``, ``mlp_output``, ``param_scale``).
+
+Errors (worst over tensors or leaves of the step): ``relative`` (``max|ours - upstream| /
+max|upstream|``) for every quantity, per column for ``features_raw``, absolute for the
+normalized ``mlp_input`` and the bounded ``loss_features``/``lstm_input``; ``update`` is
+:func:`velo_update_error` against upstream's step evaluated in float32 from its recorded MLP
+output, param scale and ``lr_mult`` (upstream's formula and order); ``params`` relative to the larger of the
+params' scale before and after the step.
+
+Needs numpy and torch only (no JAX).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from lopt_port.velo import GLOBAL_STATE, VeLO
+from lopt_port.weights import LoadedWeights
+from parity.errors import relative, relative_per_column
+from parity.golden import GoldenCase, StepReport
+
+#: upstream per-tensor state path -> lopt_port state name
+VELO_STATE_MAP = {
+    "mom_rolling/m": "momentum",
+    "rms_rolling/rms": "rms",
+    "fac_rolling/v_row": "v_row",
+    "fac_rolling/v_col": "v_col",
+    "fac_rolling/v_diag": "v_diag",
+}
+#: upstream loss-buffer leaf -> lopt_port global state name
+VELO_GLOBAL_MAP = {
+    "loss_buffer/means": "loss_means",
+    "loss_buffer/running_min": "loss_running_min",
+    "loss_buffer/decays": "loss_decays",
+}
+
+
+def _f32(a: Any) -> torch.Tensor:
+    return torch.tensor(np.asarray(a, dtype=np.float32))
+
+
+def load_velo_state(opt: VeLO, params: Mapping[str, torch.Tensor], case: GoldenCase,
+                    t: int) -> None:
+    """Put upstream's state after call ``t`` into ``opt`` (factored dims stay the optimizer's
+    own, so a wrong rule shows up as a difference; a shape disagreement raises)."""
+    d = case.data
+    for row, (name, p) in enumerate(params.items()):
+        state = opt.initial_state(p)
+        for upstream, ours in VELO_STATE_MAP.items():
+            if ours in state:
+                arr = _f32(d[f"state/step{t}/{upstream}/{name}"])
+                if tuple(arr.shape) != tuple(state[ours].shape):
+                    raise ValueError(f"upstream {upstream}/{name} has shape "
+                                     f"{tuple(arr.shape)}, lopt_port's {ours} "
+                                     f"{tuple(state[ours].shape)}")
+                state[ours] = arr
+        state["lstm_hidden"] = _f32(d[f"state/step{t}/lstm_hidden_state/hidden"][row])
+        state["lstm_cell"] = _f32(d[f"state/step{t}/lstm_hidden_state/cell"][row])
+        opt.state[p] = state
+    glob = {ours: _f32(d[f"state/step{t}/{up}"]) for up, ours in VELO_GLOBAL_MAP.items()}
+    glob["iteration"] = torch.tensor(int(d[f"state/step{t}/iteration"]), dtype=torch.int64)
+    glob["num_steps"] = int(d[f"state/step{t}/num_steps"])
+    opt.state[GLOBAL_STATE] = glob
+
+
+def velo_state_errors(opt: VeLO, params: Mapping[str, torch.Tensor], case: GoldenCase,
+                      t: int) -> dict[str, float]:
+    """Relative error of every state leaf after call ``t`` (per tensor and global)."""
+    d = case.data
+    errors: dict[str, float] = {}
+    for row, (name, p) in enumerate(params.items()):
+        state = opt.state[p]
+        for upstream, ours in VELO_STATE_MAP.items():
+            if ours in state:
+                errors[f"{name}/{ours}"] = relative(
+                    state[ours].cpu().numpy(), d[f"state/step{t}/{upstream}/{name}"])
+        for ours, up in (("lstm_hidden", "hidden"), ("lstm_cell", "cell")):
+            errors[f"{name}/{ours}"] = relative(
+                state[ours].cpu().numpy(), d[f"state/step{t}/lstm_hidden_state/{up}"][row])
+    glob = opt.state[GLOBAL_STATE]
+    for up, ours in VELO_GLOBAL_MAP.items():
+        errors[ours] = relative(glob[ours].cpu().numpy(), d[f"state/step{t}/{up}"])
+    errors["iteration"] = abs(int(glob["iteration"]) - int(d[f"state/step{t}/iteration"]))
+    return errors
+
+
+def upstream_velo_update(mlp_output: np.ndarray, param_scale: Any, lr_mult: Any,
+                         exp_mult: float, step_mult: float) -> np.ndarray:
+    """``lr_mult * (direction * (param_scale * exp(magnitude * exp_mult)) * step_mult)`` in
+    float32, upstream's order of operations."""
+    f32 = np.float32
+    direction, magnitude = mlp_output[..., 0], mlp_output[..., 1]
+    scaled = (f32(param_scale) * np.exp(magnitude * f32(exp_mult))).astype(f32)
+    return (f32(lr_mult) * ((direction * scaled).astype(f32) * f32(step_mult))).astype(f32)
+
+
+def velo_update_error(ours: np.ndarray, ref_mlp_output: np.ndarray, param_scale: Any,
+                      lr_mult: np.ndarray, row: int, exp_mult: float,
+                      step_mult: float) -> float:
+    """``max|ours - upstream update|`` over the update's natural scale.
+
+    The update is ``lr_mult * direction * param_scale * exp(magnitude * exp_mult) *
+    step_mult``; its scale is that product with ``max_j |lr_mult_j|`` (over the step's
+    tensors) and ``max|MLP output|`` (over the tensor). ``lr_mult`` is one output of a linear
+    head and can cancel to near zero for one tensor (terms of O(0.1) summing to 1e-3); its
+    float32 error is relative to the head's output scale, as is the direction's to the MLP's.
+    This is the parity gate's update error (:func:`parity.errors.update_error`) with VeLO's
+    two extra factors.
+    """
+    ref = upstream_velo_update(ref_mlp_output, param_scale, lr_mult[row], exp_mult, step_mult)
+    out = np.asarray(ref_mlp_output, np.float64)
+    scale = (np.abs(np.asarray(lr_mult, np.float64)).max() * float(param_scale) * step_mult
+             * np.exp(out[..., 1] * exp_mult).max() * np.abs(out).max())
+    diff = float(np.abs(np.asarray(ours, np.float64).reshape(ref.shape) - ref).max())
+    return diff / scale if scale > 0 else diff
+
+
+def _record(report: StepReport, quantity: str, ours: Any, ref: np.ndarray | None,
+            where: str, kind: str = "relative") -> None:
+    if ref is None:
+        return
+    ours = ours.detach().cpu().numpy() if isinstance(ours, torch.Tensor) else np.asarray(ours)
+    ours = ours.reshape(ref.shape)
+    if kind == "absolute":
+        err = float(np.abs(ours.astype(np.float64) - ref).max()) if ref.size else 0.0
+    elif kind == "column":
+        err = relative_per_column(ours, ref)
+    else:
+        err = relative(ours, ref)
+    report.record(quantity, err, where)
+
+
+def replay_velo(weights: str | os.PathLike | Mapping[str, torch.Tensor] | LoadedWeights,
+                case: GoldenCase, *, teacher_forced: bool = False) -> list[StepReport]:
+    """Run ``VeLO`` on the case's gradients and losses and compare with upstream per step.
+
+    Free running (default) starts from the case's initial params and state; teacher forced
+    loads upstream's params and state of the previous step before every call.
+    """
+    params = {n: _f32(a) for n, a in case.tensors("params", 0).items()}
+    num_steps = int(case.data["state/step0/num_steps"])
+    opt = VeLO(list(params.values()), weights, num_steps=num_steps)
+    reports = []
+    for t in range(1, case.steps + 1):
+        if teacher_forced or t == 1:
+            for n, p in params.items():
+                p.copy_(_f32(case.data[f"params/step{t - 1}/{n}"]))
+            load_velo_state(opt, params, case, t - 1)
+        for n, p in params.items():
+            p.grad = _f32(case.data[f"grads/step{t}/{n}"])
+        with opt.capture_intermediates() as cap:
+            opt.step(loss=float(case.data[f"losses/step{t}"]))
+        report = StepReport(t)
+        inter = f"inter/step{t}"
+        d = case.data
+        step = cap["step"]
+        _record(report, "loss_features", step["loss_features"], d.get(f"{inter}/loss_features"),
+                "loss", "absolute")
+        _record(report, "lstm_input", step["lstm_input"], d.get(f"{inter}/lstm_input"),
+                "lstm", "absolute")
+        for q in ("controls", "lr_mult"):
+            _record(report, q, step[q], d.get(f"{inter}/{q}"), q)
+        for part in ("hidden", "cell"):
+            _record(report, "lstm_state_out", step["lstm_state_out"][part],
+                    d.get(f"{inter}/lstm_state_out/{part}"), part)
+        for row, (n, p) in enumerate(params.items()):
+            got = cap["tensors"][p]
+            for leaf, value in got["ff_params"].items():
+                _record(report, "ff_params", value, d.get(f"{inter}/{n}/ff_params/{leaf}"),
+                        f"{n}/{leaf}")
+            _record(report, "features_raw", got["features_raw"],
+                    d.get(f"{inter}/{n}/features_raw"), n, "column")
+            _record(report, "mlp_input", got["mlp_input"], d.get(f"{inter}/{n}/mlp_input"), n,
+                    "absolute")
+            for q in ("g_clipped", "fac_g", "mlp_pre0", "mlp_pre1", "mlp_output",
+                      "param_scale"):
+                _record(report, q, got[q], d.get(f"{inter}/{n}/{q}"), n)
+            ref_out = d.get(f"{inter}/{n}/mlp_output")
+            if ref_out is not None:
+                report.record("update", velo_update_error(
+                    got["update"].numpy(), ref_out, d[f"{inter}/{n}/param_scale"],
+                    d[f"{inter}/lr_mult"], row, opt.hparams["exp_mult"],
+                    opt.hparams["step_mult"]), n)
+            ref_before = d[f"params/step{t - 1}/{n}"]
+            report.record("params", relative(p.numpy(), d[f"params/step{t}/{n}"], ref_before), n)
+        for key, err in velo_state_errors(opt, params, case, t).items():
+            report.record("state", err, key)
+        reports.append(report)
+    return reports
