@@ -12,8 +12,8 @@ Errors (worst over tensors or leaves of the step): ``relative`` (``max|ours - up
 max|upstream|``) for every quantity, per column for ``features_raw``, absolute for the
 normalized ``mlp_input`` and the bounded ``loss_features``/``lstm_input``; ``update`` is
 :func:`velo_update_error` against upstream's step evaluated in float32 from its recorded MLP
-output, param scale and ``lr_mult`` (upstream's formula and order); ``params`` relative to the larger of the
-params' scale before and after the step.
+output, param scale and ``lr_mult`` (upstream's formula and order); ``params`` relative to the
+larger of the params' scale before and after the step.
 
 Needs numpy and torch only (no JAX).
 """
