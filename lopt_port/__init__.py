@@ -1,8 +1,10 @@
 """lopt-port: learned optimizers from google/learned_optimization as torch.optim optimizers."""
 
 from lopt_port.small_fc_lopt import SmallFCLOpt
+from lopt_port.velo import VeLO
 from lopt_port.weights import LoadedWeights, WeightsError, load_weights
 
 __version__ = "0.1.0"
 
-__all__ = ["LoadedWeights", "SmallFCLOpt", "WeightsError", "__version__", "load_weights"]
+__all__ = ["LoadedWeights", "SmallFCLOpt", "VeLO", "WeightsError", "__version__",
+           "load_weights"]

@@ -81,6 +81,9 @@ class SmallFCLOpt(torch.optim.Optimizer):
     so a resumed run keeps the axes it started with.
     """
 
+    #: ``step`` takes no loss (small_fc_lopt does not use it).
+    requires_loss = False
+
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
                  weights: str | os.PathLike | Mapping[str, torch.Tensor] | LoadedWeights, *,
                  lr: float = 1.0, hparams: Mapping[str, Any] | None = None,

@@ -128,6 +128,9 @@ class VeLO(torch.optim.Optimizer):
     and the loss buffer's ``loss_means``, ``loss_running_min``, ``loss_decays``.
     """
 
+    #: ``step`` needs the training loss (``step(loss=...)`` or a closure returning it).
+    requires_loss = True
+
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
                  weights: str | os.PathLike | Mapping[str, torch.Tensor] | LoadedWeights, *,
                  num_steps: int, weight_decay: float = 0.0, lr: float = 1.0,

@@ -12,24 +12,24 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from lopt_port import SmallFCLOpt
+from lopt_port import SmallFCLOpt, VeLO
 from tests.conftest import checkpoint_dir
 
 
-def _small_fc_weights():
+def _weights(name):
     import converters
     from lopt_port.weights import LoadedWeights
-    c = converters.convert(checkpoint_dir("small_fc_h32_sm0p01"))
-    return LoadedWeights(c.kind, c.hparams, c.state_dict, c.metadata)
+    if name not in _WEIGHTS:
+        c = converters.convert(checkpoint_dir(name))
+        _WEIGHTS[name] = LoadedWeights(c.kind, c.hparams, c.state_dict, c.metadata)
+    return _WEIGHTS[name]
 
 
 _WEIGHTS = {}
 
 
 def small_fc(params, fused=False, **kw):
-    if "small_fc" not in _WEIGHTS:
-        _WEIGHTS["small_fc"] = _small_fc_weights()
-    return SmallFCLOpt(params, _WEIGHTS["small_fc"], fused=fused, **kw)
+    return SmallFCLOpt(params, _weights("small_fc_h32_sm0p01"), fused=fused, **kw)
 
 
 def small_fc_fused(params, **kw):
@@ -37,8 +37,12 @@ def small_fc_fused(params, **kw):
     return small_fc(params, fused=None, **kw)
 
 
+def velo(params, **kw):
+    return VeLO(params, _weights("velo_small"), num_steps=50, **kw)
+
+
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
-    "small_fc_lopt-eager": small_fc, "small_fc_lopt-fused": small_fc_fused}
+    "small_fc_lopt-eager": small_fc, "small_fc_lopt-fused": small_fc_fused, "velo-eager": velo}
 SHAPES = [(), (5,), (1, 7), (7, 1), (8, 4), (10, 10), (4, 1, 1), (6, 6, 3, 3), (3, 3, 4, 6)]
 
 
@@ -67,11 +71,23 @@ def _grads(params, step, seed=1):
         p.grad = (torch.randn(p.shape, generator=g) * scale).to(p.dtype)
 
 
+def _step(opt, closure=None):
+    """``opt.step``, with a loss for optimizers that need one (``requires_loss``)."""
+    if getattr(opt, "requires_loss", False) and closure is None:
+        return opt.step(loss=torch.tensor(2.0))
+    return opt.step(closure)
+
+
+def _steps_taken(opt, p):
+    return float(opt.state["velo"]["iteration"] if isinstance(opt, VeLO)
+                 else opt.state[p]["step"])
+
+
 def _run(make, params, steps, start=0, opt=None):
     opt = opt or make(params)
     for t in range(start, start + steps):
         _grads(params, t)
-        opt.step()
+        _step(opt)
     return opt
 
 
@@ -81,7 +97,7 @@ def test_none_grads_are_skipped(make):
     _grads(params, 0)
     params[3].grad = None
     before = params[3].clone()
-    opt.step()
+    _step(opt)
     assert torch.equal(params[3], before) and params[3] not in opt.state
     assert all(not torch.equal(p, q) for p, q in zip(params, _params(), strict=True)
                if p is not params[3])
@@ -95,7 +111,7 @@ def test_frozen_params_in_a_model(make):
     for _ in range(3):
         opt.zero_grad()
         model(torch.randn(5, 4)).square().sum().backward()
-        opt.step()
+        _step(opt)
     assert torch.equal(model[0].weight, frozen)
     assert model[0].weight not in opt.state and model[1].weight in opt.state
 
@@ -107,7 +123,7 @@ def test_zero_size_tensors(make, shape):
     opt = make([p, q])
     for _ in range(2):
         p.grad, q.grad = torch.zeros(shape), torch.randn(3, 2)
-        opt.step()
+        _step(opt)
     assert p.shape == shape and torch.isfinite(q).all()
     assert all(torch.isfinite(v).all() for v in opt.state[p].values()
                if isinstance(v, torch.Tensor))
@@ -117,7 +133,7 @@ def test_scalar_params_keep_their_shape(make):
     p = torch.tensor(1.5)
     opt = make([p])
     p.grad = torch.tensor(0.3)
-    opt.step()
+    _step(opt)
     assert p.shape == () and p.item() != 1.5
 
 
@@ -132,8 +148,8 @@ def test_low_precision_params_fp32_state(make, dtype):
             p.grad = q.grad.float()
             # the fp32 run starts each step from the low-precision values, as the low run does
             p.copy_(q.float())
-        opt_low.step()
-        opt_ref.step()
+        _step(opt_low)
+        _step(opt_ref)
         for p, q in zip(ref, low, strict=True):
             assert q.dtype == dtype
             # identical fp32 math on identical inputs; only the final rounding differs
@@ -163,7 +179,7 @@ def test_resume_is_bit_identical(make, dtype):
     for b in resumed:
         st = opt2.state[b]
         assert st["momentum"].dtype == torch.float32
-        assert float(st["step"]) == 10
+        assert _steps_taken(opt2, b) == 10
 
 
 def test_load_state_dict_rejects_mismatched_state(make):
@@ -184,8 +200,8 @@ def test_step_on_meta_device(make):
     opt = make(params)
     for p in params:
         p.grad = torch.empty(p.shape, device="meta")
-    opt.step()
-    opt.step()
+    _step(opt)
+    _step(opt)
     assert all(v.device.type == "meta" for p in params for k, v in opt.state[p].items()
                if isinstance(v, torch.Tensor) and k != "step")
 
@@ -202,7 +218,7 @@ def test_closure_and_return_value(make):
         loss.backward()
         return loss
 
-    loss = opt.step(closure)
+    loss = _step(opt, closure)
     assert calls == [True] and isinstance(loss, torch.Tensor) and loss.requires_grad
 
 
@@ -215,7 +231,7 @@ def test_param_groups_lr(make):
     a0 = a.clone()
     for p in (a, b, c):
         p.grad = g.clone()
-    opt.step()
+    _step(opt)
     assert torch.equal(c, a0)
     # lr multiplies the step exactly (x2 is exact in floating point); only the rounding of
     # p - step differs, at most one ulp of |p| < 4 each (2.4e-7), hence 1e-6.
@@ -227,4 +243,4 @@ def test_sparse_grads_are_refused(make):
     opt = make([p])
     p.grad = torch.eye(3).to_sparse()
     with pytest.raises(RuntimeError, match="sparse"):
-        opt.step()
+        _step(opt)
