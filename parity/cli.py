@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--free-steps", type=int, default=200,
                    help="free-running steps (0 turns free running off; default 200)")
     p.add_argument("--free-task", choices=["mlp", "conv"], default="mlp")
+    p.add_argument("--num-steps", type=int, default=50,
+                   help="training horizon of the lockstep tasks for optimizers that use one "
+                        "(VeLO: fraction-trained and loss features; default 50)")
     p.add_argument("--report", metavar="DIR", help="write report.json, report.md and plots")
     p.add_argument("--gate", action="store_true",
                    help="exit 1 on any tolerance violation, listing every one")
@@ -65,16 +68,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = harness.run(args.src, tasks=args.tasks, steps=args.steps, seed=args.seed,
                              reference=args.reference, impl=args.impl, variant=args.variant,
                              free_steps=args.free_steps, free_task=args.free_task,
-                             progress=_Progress())
+                             num_steps=args.num_steps, progress=_Progress())
     except harness.HarnessError as e:
         if args.debug:
             traceback.print_exc()
         print(f"lopt-parity: error: {e}", file=sys.stderr)
         return 2
     info = result.info
-    print(f"{info['kind']} ({info['variant']}) from {info['source']}: {info['impl']} vs "
+    variant = f" ({info['variant']})" if info.get("variant") else ""
+    print(f"{info['kind']}{variant} from {info['source']}: {info['impl']} vs "
           f"{info['reference']}" + (f" [{info['upstream']}]" if info.get("upstream") else "")
           + f"; {info['tasks']} tasks x {info['steps']} steps"
+          + (f" (horizon {info['num_steps']})" if info["kind"] == "velo" else "")
           + (f", free running {info['free_steps']} steps ({info['free_task']})"
              if info["free_steps"] else ""))
     print(report.table(result))

@@ -9,8 +9,8 @@ intermediates (per step ``loss_features``, ``lstm_input``, ``lstm_state_out/*``,
 ``mlp_input``, ``mlp_pre{0,1}``, ``mlp_output``, ``param_scale``).
 
 Errors (worst over tensors or leaves of the step): ``relative`` (``max|ours - upstream| /
-max|upstream|``) for every quantity, per column for ``features_raw``, absolute for the
-normalized ``mlp_input`` and the bounded ``loss_features``/``lstm_input``; ``update`` is
+max|upstream|``) for every quantity, per column for ``features_raw`` and the normalized
+``mlp_input``, absolute for the bounded ``loss_features``/``lstm_input``; ``update`` is
 :func:`velo_update_error` against upstream's step evaluated in float32 from its recorded MLP
 output, param scale and ``lr_mult`` (upstream's formula and order); ``params`` relative to the
 larger of the params' scale before and after the step.
@@ -21,7 +21,7 @@ Needs numpy and torch only (no JAX).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -52,48 +52,64 @@ def _f32(a: Any) -> torch.Tensor:
     return torch.tensor(np.asarray(a, dtype=np.float32))
 
 
-def load_velo_state(opt: VeLO, params: Mapping[str, torch.Tensor], case: GoldenCase,
-                    t: int) -> None:
-    """Put upstream's state after call ``t`` into ``opt`` (factored dims stay the optimizer's
-    own, so a wrong rule shows up as a difference; a shape disagreement raises)."""
-    d = case.data
+Leaf = Callable[[str], Any]
+
+
+def golden_leaf(case: GoldenCase, t: int) -> Leaf:
+    """``leaf(path)``: upstream's state leaf ``path`` after call ``t`` of a golden case."""
+    return lambda path: case.data[f"state/step{t}/{path}"]
+
+
+def tree_leaf(state: Mapping[str, Any]) -> Leaf:
+    """``leaf(path)`` into a nested state dict (the JAX reference's), path ``a/b/c``."""
+    def leaf(path: str) -> Any:
+        node: Any = state
+        for key in path.split("/"):
+            node = node[key]
+        return np.asarray(node)
+    return leaf
+
+
+def load_velo_state(opt: VeLO, params: Mapping[str, torch.Tensor], leaf: Leaf) -> None:
+    """Put upstream's state (``leaf(path)``, HyperV2 paths; LSTM rows in ``params`` order)
+    into ``opt``. Factored dims stay the optimizer's own, so a wrong rule shows up as a
+    difference; a shape disagreement raises ``ValueError``."""
     for row, (name, p) in enumerate(params.items()):
         state = opt.initial_state(p)
         for upstream, ours in VELO_STATE_MAP.items():
             if ours in state:
-                arr = _f32(d[f"state/step{t}/{upstream}/{name}"])
+                arr = _f32(leaf(f"{upstream}/{name}"))
                 if tuple(arr.shape) != tuple(state[ours].shape):
                     raise ValueError(f"upstream {upstream}/{name} has shape "
                                      f"{tuple(arr.shape)}, lopt_port's {ours} "
                                      f"{tuple(state[ours].shape)}")
-                state[ours] = arr
-        state["lstm_hidden"] = _f32(d[f"state/step{t}/lstm_hidden_state/hidden"][row])
-        state["lstm_cell"] = _f32(d[f"state/step{t}/lstm_hidden_state/cell"][row])
+                state[ours] = arr.to(p.device)
+        state["lstm_hidden"] = _f32(leaf("lstm_hidden_state/hidden")[row]).to(p.device)
+        state["lstm_cell"] = _f32(leaf("lstm_hidden_state/cell")[row]).to(p.device)
         opt.state[p] = state
-    glob = {ours: _f32(d[f"state/step{t}/{up}"]) for up, ours in VELO_GLOBAL_MAP.items()}
-    glob["iteration"] = torch.tensor(int(d[f"state/step{t}/iteration"]), dtype=torch.int64)
-    glob["num_steps"] = int(d[f"state/step{t}/num_steps"])
+    glob = {ours: _f32(leaf(up)) for up, ours in VELO_GLOBAL_MAP.items()}
+    glob["iteration"] = torch.tensor(int(leaf("iteration")), dtype=torch.int64)
+    glob["num_steps"] = int(leaf("num_steps"))
     opt.state[GLOBAL_STATE] = glob
 
 
-def velo_state_errors(opt: VeLO, params: Mapping[str, torch.Tensor], case: GoldenCase,
-                      t: int) -> dict[str, float]:
-    """Relative error of every state leaf after call ``t`` (per tensor and global)."""
-    d = case.data
+def velo_state_errors(opt: VeLO, params: Mapping[str, torch.Tensor],
+                      leaf: Leaf) -> dict[str, float]:
+    """Relative error of every state leaf against upstream's (per tensor and global)."""
     errors: dict[str, float] = {}
     for row, (name, p) in enumerate(params.items()):
         state = opt.state[p]
         for upstream, ours in VELO_STATE_MAP.items():
             if ours in state:
-                errors[f"{name}/{ours}"] = relative(
-                    state[ours].cpu().numpy(), d[f"state/step{t}/{upstream}/{name}"])
+                errors[f"{name}/{ours}"] = relative(state[ours].cpu().numpy(),
+                                                    leaf(f"{upstream}/{name}"))
         for ours, up in (("lstm_hidden", "hidden"), ("lstm_cell", "cell")):
-            errors[f"{name}/{ours}"] = relative(
-                state[ours].cpu().numpy(), d[f"state/step{t}/lstm_hidden_state/{up}"][row])
+            errors[f"{name}/{ours}"] = relative(state[ours].cpu().numpy(),
+                                                leaf(f"lstm_hidden_state/{up}")[row])
     glob = opt.state[GLOBAL_STATE]
     for up, ours in VELO_GLOBAL_MAP.items():
-        errors[ours] = relative(glob[ours].cpu().numpy(), d[f"state/step{t}/{up}"])
-    errors["iteration"] = abs(int(glob["iteration"]) - int(d[f"state/step{t}/iteration"]))
+        errors[ours] = relative(glob[ours].cpu().numpy(), leaf(up))
+    errors["iteration"] = abs(int(glob["iteration"]) - int(leaf("iteration")))
     return errors
 
 
@@ -158,7 +174,7 @@ def replay_velo(weights: str | os.PathLike | Mapping[str, torch.Tensor] | Loaded
         if teacher_forced or t == 1:
             for n, p in params.items():
                 p.copy_(_f32(case.data[f"params/step{t - 1}/{n}"]))
-            load_velo_state(opt, params, case, t - 1)
+            load_velo_state(opt, params, golden_leaf(case, t - 1))
         for n, p in params.items():
             p.grad = _f32(case.data[f"grads/step{t}/{n}"])
         with opt.capture_intermediates() as cap:
@@ -184,7 +200,7 @@ def replay_velo(weights: str | os.PathLike | Mapping[str, torch.Tensor] | Loaded
             _record(report, "features_raw", got["features_raw"],
                     d.get(f"{inter}/{n}/features_raw"), n, "column")
             _record(report, "mlp_input", got["mlp_input"], d.get(f"{inter}/{n}/mlp_input"), n,
-                    "absolute")
+                    "column")
             for q in ("g_clipped", "fac_g", "mlp_pre0", "mlp_pre1", "mlp_output",
                       "param_scale"):
                 _record(report, q, got[q], d.get(f"{inter}/{n}/{q}"), n)
@@ -196,7 +212,7 @@ def replay_velo(weights: str | os.PathLike | Mapping[str, torch.Tensor] | Loaded
                     opt.hparams["step_mult"]), n)
             ref_before = d[f"params/step{t - 1}/{n}"]
             report.record("params", relative(p.numpy(), d[f"params/step{t}/{n}"], ref_before), n)
-        for key, err in velo_state_errors(opt, params, case, t).items():
+        for key, err in velo_state_errors(opt, params, golden_leaf(case, t)).items():
             report.record("state", err, key)
         reports.append(report)
     return reports

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 import converters
-from lopt_port import SmallFCLOpt
+from lopt_port import SmallFCLOpt, VeLO
 from lopt_port.weights import LoadedWeights
 from parity import tolerances
 from parity.errors import (
@@ -76,10 +76,11 @@ class ErrorRecord:
     tensor: str
     quantity: str
     error: float
+    kind: str = "small_fc_lopt"
 
     @property
     def tolerance(self) -> float:
-        return tolerances.lockstep_tolerance(self.quantity)
+        return tolerances.lockstep_tolerance(self.quantity, self.kind)
 
     @property
     def violates(self) -> bool:
@@ -110,7 +111,7 @@ class Sides:
     """
 
     reference: Any
-    make_torch: Callable[[list[torch.Tensor]], SmallFCLOpt]
+    make_torch: Callable[..., torch.optim.Optimizer]  # (params, num_steps) -> optimizer
     info: dict[str, Any]
 
 
@@ -123,14 +124,19 @@ def build_sides(src: str | os.PathLike, reference: Reference = "builtin",
         conv = converters.convert(src)
     except converters.CheckpointError as e:
         raise HarnessError(str(e)) from None
-    if conv.kind != "small_fc_lopt":
-        raise HarnessError(f"{src}: lopt-parity supports small_fc_lopt, not {conv.kind}")
+    if conv.kind not in ("small_fc_lopt", "velo"):
+        raise HarnessError(f"{src}: lopt-parity supports small_fc_lopt and velo, not "
+                           f"{conv.kind}")
     root = conv.upstream_tree()
     theta = root["params"] if "params" in root else root["0"]
     info: dict[str, Any] = {"source": os.fspath(src), "kind": conv.kind, "impl": impl,
                             "reference": reference, "hparams": conv.hparams,
                             "jax": jax.__version__, "torch": torch.__version__,
                             "matmul_precision": "highest (JAX), no TF32 (torch)"}
+    weights = LoadedWeights(conv.kind, conv.hparams, conv.state_dict, conv.metadata)
+    torch.backends.cuda.matmul.allow_tf32 = False  # pitfalls #1: true float32 matmuls
+    if conv.kind == "velo":
+        return _velo_sides(theta, weights, reference, impl, info)
     if reference == "upstream":
         from parity import upstream
         try:
@@ -146,9 +152,8 @@ def build_sides(src: str | os.PathLike, reference: Reference = "builtin",
     else:
         raise HarnessError(f"unknown reference {reference!r} (builtin, upstream)")
     info["variant"] = variant
-    weights = LoadedWeights(conv.kind, conv.hparams, conv.state_dict, conv.metadata)
 
-    def make_torch(params: list[torch.Tensor]) -> SmallFCLOpt:
+    def make_torch(params: list[torch.Tensor], num_steps: int = 1) -> SmallFCLOpt:
         return SmallFCLOpt(params, weights, variant=variant, fused=impl == "fused")
 
     if impl == "fused":
@@ -156,8 +161,24 @@ def build_sides(src: str | os.PathLike, reference: Reference = "builtin",
             make_torch([torch.zeros(1)])
         except RuntimeError as e:
             raise HarnessError(f"--impl fused: {e}") from None
+    return Sides(ref, make_torch, info)
 
-    torch.backends.cuda.matmul.allow_tf32 = False  # pitfalls #1: true float32 matmuls
+
+def _velo_sides(theta: dict[str, Any], weights: LoadedWeights, reference: Reference,
+                impl: Impl, info: dict[str, Any]) -> Sides:
+    if impl != "eager":
+        raise HarnessError("--impl fused: VeLO has no fused kernels yet (eager only)")
+    if reference != "builtin":
+        raise HarnessError("reference 'upstream': the 0.0.1 wheel has no HyperV2; VeLO is "
+                           "compared with upstream through the golden vectors "
+                           "(tests/test_velo.py) and here with the builtin JAX reference")
+    from parity.reference import VeLOReference
+    ref = VeLOReference(theta, weights.hparams)
+    info["variant"] = None
+
+    def make_torch(params: list[torch.Tensor], num_steps: int = 1) -> VeLO:
+        return VeLO(params, weights, num_steps=num_steps)
+
     return Sides(ref, make_torch, info)
 
 
@@ -173,7 +194,16 @@ def _upstream_leaf(state: dict[str, Any], name: str) -> Callable[[str], np.ndarr
 
 
 def lockstep(sides: Sides, task: Task, num_steps: int = 1000) -> list[ErrorRecord]:
-    """Teacher-forced comparison of every step of ``task``; returns all error values."""
+    """Teacher-forced comparison of every step of ``task``; returns all error values.
+
+    ``num_steps`` is the training horizon given to both sides (VeLO uses it).
+    """
+    if sides.info["kind"] == "velo":
+        from parity.harness_velo import velo_lockstep
+        out: list[ErrorRecord] = []
+        velo_lockstep(sides, task, num_steps,
+                      lambda *r: out.append(ErrorRecord(*r, kind="velo")))
+        return out
     ref = sides.reference
     names = list(task.params)
     ref_params = _as_jax(task.params)
@@ -230,14 +260,17 @@ def free_running(sides: Sides, real: RealTask, steps: int) -> FreeResult:
     ref_state = ref.init(ref_params, steps)
     value_and_grad = jax.jit(jax.value_and_grad(real.jax_loss))
     params = {k: torch.tensor(v, requires_grad=True) for k, v in real.init_params.items()}
-    opt = sides.make_torch(list(params.values()))
+    opt = sides.make_torch(list(params.values()), steps)
     loss_t, loss_r = [], []
     for t in range(steps):
         x, y = real.batch(t)
         opt.zero_grad()
         loss = real.torch_loss(params, x, y)
         loss.backward()
-        opt.step()
+        if getattr(opt, "requires_loss", False):
+            opt.step(loss=loss.detach())
+        else:
+            opt.step()
         loss_t.append(float(loss.detach()))
         lr_, grads = value_and_grad(ref_params, jnp.asarray(x), jnp.asarray(y))
         ref_params, ref_state, _ = ref.step(ref_state, ref_params, grads, lr_)
@@ -301,21 +334,23 @@ def _finite_or_none(obj: Any) -> Any:
 
 def run(src: str | os.PathLike, *, tasks: int = 16, steps: int = 20, seed: int = 0,
         reference: Reference = "builtin", impl: Impl = "eager", variant: str | None = None,
-        free_steps: int = 200, free_task: str = "mlp",
+        free_steps: int = 200, free_task: str = "mlp", num_steps: int = 50,
         progress: Callable[[str, int, int], None] | None = None) -> ParityResult:
-    """Lockstep ``tasks`` random tasks of ``steps`` steps, then one free-running task."""
-    if tasks < 0 or steps < 1 or free_steps < 0:
-        raise HarnessError("--tasks must be >= 0, --steps >= 1, --free-steps >= 0")
+    """Lockstep ``tasks`` random tasks of ``steps`` steps (training horizon ``num_steps``,
+    used by VeLO), then one free-running task (horizon ``free_steps``)."""
+    if tasks < 0 or steps < 1 or free_steps < 0 or num_steps < 1:
+        raise HarnessError("--tasks must be >= 0, --steps >= 1, --free-steps >= 0, "
+                           "--num-steps >= 1")
     if free_task not in REAL_TASKS:
         raise HarnessError(f"unknown free-running task {free_task!r} "
                            f"({', '.join(REAL_TASKS)})")
     sides = build_sides(src, reference, impl, variant)
-    info = {**sides.info, "tasks": tasks, "steps": steps, "seed": seed,
+    info = {**sides.info, "tasks": tasks, "steps": steps, "seed": seed, "num_steps": num_steps,
             "free_task": free_task if free_steps else None, "free_steps": free_steps}
     result = ParityResult(info)
     task_list: Iterable[Task] = (make_task(seed * 100_003 + i, steps) for i in range(tasks))
     for i, task in enumerate(task_list):
-        result.records.extend(lockstep(sides, task))
+        result.records.extend(lockstep(sides, task, num_steps))
         if progress:
             progress("lockstep", i + 1, tasks)
     if free_steps:

@@ -100,7 +100,8 @@ def markdown(result: ParityResult, images: list[str]) -> str:
     """A Markdown report: setup, worst errors, free-running summary, violations, plots."""
     info = result.info
     lines = ["# lopt-parity report", "",
-             f"- source: `{info['source']}` ({info['kind']}, variant {info['variant']})",
+             f"- source: `{info['source']}` ({info['kind']}"
+             + (f", variant {info['variant']})" if info.get("variant") else ")"),
              f"- PyTorch implementation: `{info['impl']}`; reference: `{info['reference']}`"
              + (f" ({info['upstream']})" if info.get("upstream") else ""),
              f"- lockstep: {info['tasks']} tasks x {info['steps']} steps, seed {info['seed']}",

@@ -33,7 +33,37 @@ LOCKSTEP: dict[str, float] = {
     "mlp_output": 1e-5,
     # Accumulators after the step, relative to each leaf's scale: one EMA update from
     # identical inputs is a few ulp; the step counter must match exactly (0 allowed).
+    # VeLO adds its LSTM state and loss buffer here.
     "state": 1e-5,
+    # VeLO. Loss features (absolute, in [-1, 1]): the moving averages are bit-identical to
+    # the JAX reference's (same FMA and pow rounding as XLA; measured 0), though as
+    # differences of nearly equal averages one ulp could move them by ~3e-5 (seen against
+    # upstream's eagerly recorded golden run). LSTM inputs (absolute, bounded): logs of
+    # means and variances, measured 2.4e-6. A wrong buffer or feature rule moves them by 1e-2.
+    "loss_features": 1e-5,
+    "lstm_input": 1e-5,
+    # The per-tensor network's outputs and state, relative over the step's tensors, and the
+    # interpolated MLP weights (a K-term mean of products): matmul reduction order on top of
+    # the inputs above; measured <= 1.5e-6.
+    "controls": 1e-5,
+    "lr_mult": 1e-5,
+    "lstm_state": 1e-5,
+    "ff_params": 1e-5,
+}
+
+#: Per-kind overrides of :data:`LOCKSTEP`.
+LOCKSTEP_BY_KIND: dict[str, dict[str, float]] = {
+    "velo": {
+        # Normalized features, relative per column: a column's max grows like sqrt(n) for a
+        # spiky gradient (18 at n = 345), where the absolute 1e-5 above would be 5 ulp.
+        "mlp_input": 1e-5,
+        # VeLO's MLP weights are themselves computed (interpolated, ~1.5e-6 relative apart),
+        # unlike small_fc_lopt's; 4-wide hidden layers whose dot products cancel up to ~10x
+        # put the activations and outputs at up to ~1.1e-5 (measured). The update, which is
+        # what the parameters receive, keeps the issue's 1e-5 bound.
+        "mlp_pre": 2e-5,
+        "mlp_output": 2e-5,
+    },
 }
 
 #: Free-running runs (each side computes its own gradients on the same batches).
@@ -45,10 +75,10 @@ FREE: dict[str, float] = {
 }
 
 
-def lockstep_tolerance(quantity: str) -> float:
-    """Tolerance for a harness quantity (``state/momentum`` -> ``state``,
-    ``mlp_pre1`` -> ``mlp_pre``)."""
+def lockstep_tolerance(quantity: str, kind: str = "small_fc_lopt") -> float:
+    """Tolerance for a harness quantity of an optimizer kind (``state/momentum`` ->
+    ``state``, ``mlp_pre1`` -> ``mlp_pre``)."""
     key = quantity.split("/")[0]
     if key.startswith("mlp_pre"):
         key = "mlp_pre"
-    return LOCKSTEP[key]
+    return LOCKSTEP_BY_KIND.get(kind, {}).get(key, LOCKSTEP[key])

@@ -1,15 +1,18 @@
-"""Median optimizer-step time of small_fc_lopt implementations, side by side in one run.
+"""Median optimizer-step time of learned-optimizer implementations, side by side in one run.
 
-Implementations: ``fused`` (lopt_port kernels), ``eager`` (lopt_port PyTorch path), ``jax``
-(parity.reference under jit) and ``adamw`` (``torch.optim.AdamW(fused=True)``, the
-hand-designed baseline). Layouts: ``10m`` (one 10M tensor), ``100x100k`` (100 tensors of 100k)
-and ``gpt2`` (the parameter shapes of GPT-2 small, 124M). Also measured in the same run: the
-throughput of a 2048^3 float32 matmul, the machine's practical compute ceiling, and the peak
-resident memory each implementation adds during one step (``step_peak_mb``).
+``--optimizer small_fc_lopt`` (default) or ``velo``. Implementations: ``fused`` (lopt_port
+kernels; small_fc_lopt), ``eager`` (lopt_port PyTorch path), ``jax`` (parity.reference under
+jit) and ``adamw`` (``torch.optim.AdamW(fused=True)``, the hand-designed baseline). Layouts:
+``10m`` (one 10M tensor), ``100x100k`` (100 tensors of 100k) and ``gpt2`` (the parameter
+shapes of GPT-2 small, 124M). Also measured in the same run: the throughput of a 2048^3
+float32 matmul, the machine's practical compute ceiling, and the peak resident memory each
+implementation adds during one step (``step_peak_mb``).
 
 Run with ``OMP_WAIT_POLICY=PASSIVE`` on a shared machine; compare ratios, not times::
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python scripts/bench_step.py --json out/bench.json
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python scripts/bench_step.py --optimizer velo \
+        --layouts gpt2 --impls eager adamw --json out/bench_velo.json
 """
 
 from __future__ import annotations
@@ -92,70 +95,97 @@ def sgemm_gflops(repeats: int) -> float:
     return 2 * 2048**3 / (ms / 1000) / 1e9
 
 
-def torch_step(impl: str, shapes: list[tuple[int, ...]], weights: str) -> Callable[[], None]:
-    from lopt_port import SmallFCLOpt
+def torch_step(impl: str, shapes: list[tuple[int, ...]], weights: str,
+               optimizer: str) -> Callable[[], None]:
+    from lopt_port import SmallFCLOpt, VeLO
     g = torch.Generator().manual_seed(0)
     params = [torch.randn(s, generator=g) for s in shapes]
     for p in params:
         p.grad = torch.randn(p.shape, generator=g)
     if impl == "adamw":
         opt = torch.optim.AdamW(params, lr=1e-3, fused=True)
+    elif optimizer == "velo":
+        velo = VeLO(params, weights, num_steps=10_000)
+        return lambda: velo.step(loss=1.0)
     else:
         opt = SmallFCLOpt(params, weights, fused=impl == "fused")
     return lambda: opt.step()
 
 
-def jax_step(shapes: list[tuple[int, ...]], weights: str) -> Callable[[], None]:
+def jax_step(shapes: list[tuple[int, ...]], weights: str, optimizer: str,
+             upstream: str) -> Callable[[], None]:
     import jax
     import jax.numpy as jnp
 
-    from parity.reference import SmallFCLOptReference
-    ref = SmallFCLOptReference.from_checkpoint(weights)
+    from parity.reference import SmallFCLOptReference, VeLOReference
+    if optimizer == "velo":
+        ref = VeLOReference.from_upstream(upstream)
+    else:
+        ref = SmallFCLOptReference.from_checkpoint(weights)
     rng = np.random.default_rng(0)
     params = {f"p{i}": jnp.asarray(rng.normal(size=s).astype(np.float32))
               for i, s in enumerate(shapes)}
     grads = {k: jnp.asarray(rng.normal(size=v.shape).astype(np.float32))
              for k, v in params.items()}
-    box = {"params": params, "state": ref.init(params, 1000)}
+    box = {"params": params, "state": ref.init(params, 10_000)}
 
     def step() -> None:
-        new_params, new_state, _ = ref.step(box["state"], box["params"], grads)
+        new_params, new_state, _ = ref.step(box["state"], box["params"], grads, 1.0)
         jax.block_until_ready(new_params)
         box["params"], box["state"] = new_params, new_state
 
     return step
 
 
-def make_step(impl: str, shapes: list[tuple[int, ...]], weights: str,
-              warm: bool = False) -> Callable[[], None]:
+def make_step(impl: str, shapes: list[tuple[int, ...]], weights: str, optimizer: str,
+              upstream: str, warm: bool = False) -> Callable[[], None]:
     """One optimizer step of ``impl`` on fresh params; ``warm`` runs a first step now."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        step = jax_step(shapes, weights) if impl == "jax" else torch_step(impl, shapes,
-                                                                          weights)
+        step = (jax_step(shapes, weights, optimizer, upstream) if impl == "jax"
+                else torch_step(impl, shapes, weights, optimizer))
         if warm:
             step()
     return step
 
 
+def default_weights(optimizer: str) -> str:
+    """The checkpoint folder benchmarked when ``--weights`` is not given."""
+    if optimizer == "small_fc_lopt":
+        return os.path.join(ROOT, "checkpoints", "small_fc_h32_sm0p01")
+    full = os.path.join(os.path.dirname(ROOT), "shared", "golden", "checkpoints", "velo_full")
+    return full if os.path.isdir(full) else os.path.join(ROOT, "checkpoints", "velo_small")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--weights", default=os.path.join(ROOT, "checkpoints",
-                                                          "small_fc_h32_sm0p01"))
+    parser.add_argument("--optimizer", choices=["small_fc_lopt", "velo"],
+                        default="small_fc_lopt")
+    parser.add_argument("--weights", help="upstream checkpoint folder (default: "
+                        "checkpoints/small_fc_h32_sm0p01; for velo the released VeLO "
+                        "architecture ../shared/golden/checkpoints/velo_full when present, "
+                        "else checkpoints/velo_small)")
     parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
     parser.add_argument("--impls", nargs="+", default=["fused", "eager", "jax", "adamw"],
                         choices=["fused", "eager", "jax", "adamw"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--max-materializing-params", type=int, default=30_000_000,
-                        help="skip eager and jax above this size: they materialize a "
-                             "per-element feature matrix (~40 floats per parameter)")
+                        help="skip jax, and small_fc_lopt's eager path, above this size: they "
+                             "materialize a per-element feature matrix (30-40 floats per "
+                             "parameter; VeLO's eager path works in chunks)")
     parser.add_argument("--json", help="write the rows as JSON")
     parser.add_argument("--no-memory", action="store_true",
                         help="skip the per-step peak-memory pass")
     args = parser.parse_args(argv)
     import converters
-    weights = os.path.join(ROOT, "out", "bench_weights.safetensors")
-    converters.convert(args.weights).save(weights, overwrite=True)
+    upstream = args.weights or default_weights(args.optimizer)
+    if args.optimizer == "velo" and "fused" in args.impls:
+        args.impls = [i for i in args.impls if i != "fused"]  # VeLO's kernels: a later issue
+    weights = os.path.join(ROOT, "out", f"bench_{args.optimizer}.safetensors")
+    converted = converters.convert(upstream)
+    converted.save(weights, overwrite=True)
+    print(f"{args.optimizer} weights: {upstream} ({converted.hparams.get('lstm_hidden_size')} "
+          f"LSTM units)" if args.optimizer == "velo" else f"weights: {upstream}")
     gflops = sgemm_gflops(args.repeats)
     print(f"sgemm 2048^3: {gflops:.1f} GFLOP/s (in-run compute ceiling)")
     rows = []
@@ -164,39 +194,43 @@ def main(argv: list[str] | None = None) -> int:
         shapes = LAYOUTS[layout]()
         n = sum(int(np.prod(s)) for s in shapes)
         for impl in args.impls:
-            if impl in ("eager", "jax") and n > args.max_materializing_params:
+            materializes = impl == "jax" or (impl == "eager" and args.optimizer != "velo")
+            if materializes and n > args.max_materializing_params:
                 print(f"{layout:>9} {impl:>6}: skipped ({n:,} params > "
                       f"--max-materializing-params)")
                 continue
-            ms = median_ms(make_step(impl, shapes, weights), args.repeats)
-            row = {"optimizer": "adamw" if impl == "adamw" else "small_fc_lopt",
+            ms = median_ms(make_step(impl, shapes, weights, args.optimizer, upstream),
+                           args.repeats)
+            row = {"optimizer": "adamw" if impl == "adamw" else args.optimizer,
                    "impl": impl, "layout": layout, "params": n, "ms": ms,
                    "sgemm_gflops": gflops}
-            if impl == "fused":
+            if impl == "fused" and args.optimizer == "small_fc_lopt":
                 row["mlp_gflops"] = MLP_FLOP_PER_PARAM * n / (ms / 1000) / 1e9
             rows.append(row)
             cases.append((row, shapes))
             extra = (f"  MLP at {row['mlp_gflops']:.1f} GFLOP/s = "
-                     f"{row['mlp_gflops'] / gflops:.0%} of sgemm" if impl == "fused" else "")
+                     f"{row['mlp_gflops'] / gflops:.0%} of sgemm" if "mlp_gflops" in row else "")
             print(f"{layout:>9} {impl:>6}: {ms:10.1f} ms{extra}", flush=True)
     if not args.no_memory:
         # After all timings: the allocator setting below would slow the baselines down.
         count_every_large_allocation()
         print("\npeak resident memory added during one step (after a warm-up step):")
         for row, shapes in cases:
-            row["step_peak_mb"] = peak_memory_growth_mb(make_step(row["impl"], shapes,
-                                                                  weights, warm=True))
+            row["step_peak_mb"] = peak_memory_growth_mb(make_step(
+                row["impl"], shapes, weights, args.optimizer, upstream, warm=True))
             if row["step_peak_mb"] is not None:
                 print(f"{row['layout']:>9} {row['impl']:>6}: {row['step_peak_mb']:10.1f} MiB",
                       flush=True)
     print("\nratios (same run):")
     by = {(r["layout"], r["impl"]): r["ms"] for r in rows}
+    base_impl = "fused" if args.optimizer == "small_fc_lopt" else "eager"
     for layout in args.layouts:
-        fused = by.get((layout, "fused"))
-        if fused is None:
+        base = by.get((layout, base_impl))
+        if base is None:
             continue
-        parts = [f"{other} / fused = {by[(layout, other)] / fused:.2f}x"
-                 for other in ("eager", "jax", "adamw") if (layout, other) in by]
+        parts = [f"{other} / {base_impl} = {by[(layout, other)] / base:.2f}x"
+                 for other in ("fused", "eager", "jax", "adamw")
+                 if other != base_impl and (layout, other) in by]
         print(f"{layout:>9}: " + ", ".join(parts))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

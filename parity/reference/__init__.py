@@ -1,5 +1,6 @@
 """JAX references of the learned optimizers (import needs the ``jax`` extra)."""
 
 from parity.reference.small_fc_lopt import SmallFCLOptReference
+from parity.reference.velo import VeLOReference
 
-__all__ = ["SmallFCLOptReference"]
+__all__ = ["SmallFCLOptReference", "VeLOReference"]
