@@ -23,6 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 GATE_SRC := checkpoints/small_fc_h32_sm0p01
+VELO_SRC := checkpoints/velo_small
 
 demo: $(STAMP)
 	$(BIN)/python scripts/main_job.py
@@ -37,6 +38,8 @@ test: $(STAMP)
 		--steps 20 --free-task conv --free-steps 100
 	$(BIN)/lopt-parity $(GATE_SRC) --gate --impl fused --reference upstream --tasks 4 \
 		--steps 20 --free-steps 0
+	$(BIN)/lopt-parity $(VELO_SRC) --gate --reference builtin --tasks 8 --steps 30 \
+		--num-steps 50 --free-task mlp --free-steps 100
 	$(BIN)/python -m pytest
 
 clean:

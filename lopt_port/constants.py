@@ -59,3 +59,6 @@ VELO_FRACTION_SHARPNESS = 10.0
 VELO_FF_MULT = 100.0
 #: Upstream's prefab averages gradients over ceil(N / 150000) steps above this horizon.
 VELO_MAX_TRAINING_STEPS = 150_000
+#: Elements per chunk of VeLO's eager per-parameter pass (its [chunk, 30] feature matrix is
+#: 32 MB at 2^18; larger tensors take two passes: sums of squares, then features and MLP).
+VELO_CHUNK_ELEMENTS = 1 << 18

@@ -43,10 +43,10 @@ from lopt_port.accumulators import (
     update_rms,
 )
 from lopt_port.constants import (
-    MLP_CHUNK_ROWS,
     NORMALIZER_EPS,
     RMS_FEATURE_EPS,
     ROW_COL_FEATURE_EPS,
+    VELO_CHUNK_ELEMENTS,
     VELO_FF_MULT,
     VELO_FRACTION_SHARPNESS,
     VELO_FRACTION_TIMESCALES,
@@ -459,7 +459,7 @@ class VeLO(torch.optim.Optimizer):
         """
         n0 = p32.shape[0]
         per_row = max(1, p32[0].numel())
-        step = n0 if p32.device.type == "meta" else max(1, MLP_CHUNK_ROWS // per_row)
+        step = n0 if p32.device.type == "meta" else max(1, VELO_CHUNK_ELEMENTS // per_row)
         chunks = [slice(a, min(n0, a + step)) for a in range(0, n0, step)]
         n = p32.numel()
         if len(chunks) == 1:

@@ -11,8 +11,9 @@ intermediates (per step ``loss_features``, ``lstm_input``, ``lstm_state_out/*``,
 Errors (worst over tensors or leaves of the step): ``relative`` (``max|ours - upstream| /
 max|upstream|``) for every quantity, per column for ``features_raw`` and the normalized
 ``mlp_input``, absolute for the bounded ``loss_features``/``lstm_input``; ``update`` is
-:func:`velo_update_error` against upstream's step evaluated in float32 from its recorded MLP
-output, param scale and ``lr_mult`` (upstream's formula and order); ``params`` relative to the
+:func:`velo_update_error` with ``output_scale = max|MLP output|`` of the tensor, against
+upstream's step evaluated in float32 from its recorded MLP output, param scale and ``lr_mult``
+(upstream's formula and order); ``params`` relative to the
 larger of the params' scale before and after the step.
 
 Needs numpy and torch only (no JAX).
@@ -123,25 +124,67 @@ def upstream_velo_update(mlp_output: np.ndarray, param_scale: Any, lr_mult: Any,
     return (f32(lr_mult) * ((direction * scaled).astype(f32) * f32(step_mult))).astype(f32)
 
 
+def mlp_abs_scales(mlp_input: np.ndarray, ff_params: Mapping[str, Any]) -> list[float]:
+    """What each layer of a tensor's MLP sums: ``max`` of the absolute forward pass.
+
+    Layer by layer in float64, ``a_0 = sum_j |x_j| |W0_j| + |b0|``, ``a_i = a_{i-1} |W_i| +
+    |b_i|`` (an upper bound through ReLU); one value per layer (``mlp_pre0``, ``mlp_pre1``,
+    ..., the output). A float32 forward error, or one carried in by weights that are
+    themselves computed (VeLO interpolates them), is bounded relative to these, however much
+    the signed sums cancel: in a 4-wide hidden layer terms of O(3) can sum to 0.07.
+    """
+    x = np.abs(np.asarray(mlp_input, np.float64)).reshape(-1, np.shape(mlp_input)[-1])
+    w = {k: np.abs(np.asarray(v, np.float64)) for k, v in ff_params.items()}
+    a, start, j = np.zeros((x.shape[0], w["b0"].shape[-1])), 0, 0
+    while f"w0__{j}" in w:
+        width = w[f"w0__{j}"].shape[0]
+        a = a + x[:, start:start + width] @ w[f"w0__{j}"]
+        start, j = start + width, j + 1
+    scales = [float((a + w["b0"]).max())]
+    a, i = a + w["b0"], 1
+    while f"w{i}" in w:
+        a = a @ w[f"w{i}"] + w[f"b{i}"]
+        scales.append(float(a.max()))
+        i += 1
+    return scales
+
+
 def velo_update_error(ours: np.ndarray, ref_mlp_output: np.ndarray, param_scale: Any,
-                      lr_mult: np.ndarray, row: int, exp_mult: float,
-                      step_mult: float) -> float:
+                      lr_mult: np.ndarray, row: int, exp_mult: float, step_mult: float,
+                      output_scale: float) -> float:
     """``max|ours - upstream update|`` over the update's natural scale.
 
     The update is ``lr_mult * direction * param_scale * exp(magnitude * exp_mult) *
     step_mult``; its scale is that product with ``max_j |lr_mult_j|`` (over the step's
-    tensors) and ``max|MLP output|`` (over the tensor). ``lr_mult`` is one output of a linear
-    head and can cancel to near zero for one tensor (terms of O(0.1) summing to 1e-3); its
-    float32 error is relative to the head's output scale, as is the direction's to the MLP's.
-    This is the parity gate's update error (:func:`parity.errors.update_error`) with VeLO's
-    two extra factors.
+    tensors) and ``output_scale`` for the direction. ``lr_mult`` is one output of a linear head
+    and can cancel to near zero for one tensor (terms of O(0.1) summing to 1e-3); its float32
+    error is relative to the head's output scale. ``output_scale`` is ``max|MLP output|`` of
+    the tensor (the golden acceptance, as :func:`parity.errors.update_error`) or, in the
+    parity gate, what the output layer sums (:func:`mlp_abs_scales`), because there the MLP's
+    weights differ by float32 noise too and its 4-wide sums can cancel.
     """
     ref = upstream_velo_update(ref_mlp_output, param_scale, lr_mult[row], exp_mult, step_mult)
     out = np.asarray(ref_mlp_output, np.float64)
     scale = (np.abs(np.asarray(lr_mult, np.float64)).max() * float(param_scale) * step_mult
-             * np.exp(out[..., 1] * exp_mult).max() * np.abs(out).max())
+             * np.exp(out[..., 1] * exp_mult).max() * output_scale)
     diff = float(np.abs(np.asarray(ours, np.float64).reshape(ref.shape) - ref).max())
     return diff / scale if scale > 0 else diff
+
+
+def mlp_errors(got: Mapping[str, Any], ref_inter: Callable[[str], Any],
+               ff_params: Mapping[str, Any]) -> dict[str, float]:
+    """``mlp_pre{i}`` and ``mlp_output`` errors over :func:`mlp_abs_scales`."""
+    scales = mlp_abs_scales(ref_inter("mlp_input"), ff_params)
+    names = [f"mlp_pre{i}" for i in range(len(scales) - 1)] + ["mlp_output"]
+    out = {}
+    for name, scale in zip(names, scales, strict=True):
+        ref = np.asarray(ref_inter(name), np.float64)
+        mine = got[name]
+        mine = (mine.detach().cpu().numpy() if isinstance(mine, torch.Tensor)
+                else np.asarray(mine)).astype(np.float64).reshape(ref.shape)
+        diff = float(np.abs(mine - ref).max()) if ref.size else 0.0
+        out[name] = diff / scale if scale > 0 else diff
+    return out
 
 
 def _record(report: StepReport, quantity: str, ours: Any, ref: np.ndarray | None,
@@ -209,7 +252,7 @@ def replay_velo(weights: str | os.PathLike | Mapping[str, torch.Tensor] | Loaded
                 report.record("update", velo_update_error(
                     got["update"].numpy(), ref_out, d[f"{inter}/{n}/param_scale"],
                     d[f"{inter}/lr_mult"], row, opt.hparams["exp_mult"],
-                    opt.hparams["step_mult"]), n)
+                    opt.hparams["step_mult"], float(np.abs(ref_out).max())), n)
             ref_before = d[f"params/step{t - 1}/{n}"]
             report.record("params", relative(p.numpy(), d[f"params/step{t}/{n}"], ref_before), n)
         for key, err in velo_state_errors(opt, params, golden_leaf(case, t)).items():

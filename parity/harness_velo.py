@@ -17,11 +17,11 @@ quantity              error
 ``ff_params``         relative, worst leaf of the tensor's interpolated MLP weights
 ``features_raw``      per column, relative
 ``mlp_input``         per column, relative (a normalized column's max grows like sqrt(n))
-``fac_g``,            relative to the tensor's max
-``mlp_pre*``,
-``mlp_output``
+``fac_g``             relative to the tensor's max
+``mlp_pre*``,         relative to what the layer sums (:func:`~parity.golden_velo.
+``mlp_output``        mlp_abs_scales`: the absolute forward pass |W| |x| + |b|)
 ``update``            :func:`parity.golden_velo.velo_update_error` (over ``max|lr_mult|`` x
-                      param scale x ``max|MLP output|`` ...)
+                      param scale x what the output layer sums ...)
 ``params``            relative to the larger of the params' scale before and after the step
 ``state/*``           relative, per state leaf (per tensor and the global loss buffer)
 ====================  ======================================================================
@@ -37,10 +37,15 @@ import numpy as np
 import torch
 
 from parity.errors import absolute, relative, relative_per_column
-from parity.golden_velo import load_velo_state, tree_leaf, velo_state_errors, velo_update_error
+from parity.golden_velo import (
+    load_velo_state,
+    mlp_abs_scales,
+    mlp_errors,
+    tree_leaf,
+    velo_state_errors,
+    velo_update_error,
+)
 from parity.tasks import Task
-
-PER_TENSOR = ("fac_g", "mlp_pre0", "mlp_pre1", "mlp_output")
 
 
 def _pair(ours: torch.Tensor, theirs: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -98,12 +103,14 @@ def velo_lockstep(sides: Any, task: Task, num_steps: int,
                                                               want["features_raw"])))
             add(n, "mlp_input", relative_per_column(*_pair(got["mlp_input"],
                                                             want["mlp_input"])))
-            for q in PER_TENSOR:
-                add(n, q, relative(*_pair(got[q], want[q])))
+            add(n, "fac_g", relative(*_pair(got["fac_g"], want["fac_g"])))
+            ff_ref = {k: np.asarray(v) for k, v in want["ff_params"].items()}
+            for q, err in mlp_errors(got, lambda q, want=want: want[q], ff_ref).items():
+                add(n, q, err)
             add(n, "update", velo_update_error(
                 got["update"].numpy(), np.asarray(want["mlp_output"]),
                 np.asarray(want["param_scale"]), lr_mult, row, hp["exp_mult"],
-                hp["step_mult"]))
+                hp["step_mult"], mlp_abs_scales(want["mlp_input"], ff_ref)[-1]))
             add(n, "params", relative(p.numpy(), np.asarray(ref_params[n]),
                                       np.asarray(before[n])))
         for key, err in velo_state_errors(opt, tensors, tree_leaf(ref_state)).items():

@@ -57,12 +57,12 @@ LOCKSTEP_BY_KIND: dict[str, dict[str, float]] = {
         # Normalized features, relative per column: a column's max grows like sqrt(n) for a
         # spiky gradient (18 at n = 345), where the absolute 1e-5 above would be 5 ulp.
         "mlp_input": 1e-5,
-        # VeLO's MLP weights are themselves computed (interpolated, ~1.5e-6 relative apart),
-        # unlike small_fc_lopt's; 4-wide hidden layers whose dot products cancel up to ~10x
-        # put the activations and outputs at up to ~1.1e-5 (measured). The update, which is
-        # what the parameters receive, keeps the 1e-5 bound.
-        "mlp_pre": 2e-5,
-        "mlp_output": 2e-5,
+        # MLP activations and outputs, and the update, are measured against what each layer
+        # sums (parity.golden_velo.mlp_abs_scales): VeLO's MLP weights are themselves
+        # computed (interpolated, ~1.5e-6 relative apart) and its 4-wide layers can cancel
+        # 40-fold (terms of O(3) summing to 0.07 in a scalar tensor's hidden layer), which
+        # against the tensor's largest output reached 3.6e-5 with every input agreeing to
+        # float32 noise. The 1e-5 bound stays.
     },
 }
 

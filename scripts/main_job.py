@@ -10,8 +10,8 @@ small_fc_lopt and VeLO):
    from the same initial parameters, gradients and losses, and print per step the largest
    difference from what upstream computed (definitions in :mod:`parity.golden` and
    :mod:`parity.golden_velo`);
-3. run a short ``lopt-parity`` check (random lockstep tasks against the JAX reference and a
-   free-running MLP) and write its report to ``out/parity/``.
+3. run a short ``lopt-parity`` check of each optimizer (random lockstep tasks against the
+   JAX reference and a free-running MLP) and write its report to ``out/parity/<name>/``.
 
 Exit status 0 when everything is within the acceptance tolerances, 1 otherwise.
 """
@@ -95,12 +95,13 @@ def main(argv: list[str] | None = None) -> int:
             verdict = "ok" if worst <= tol else "FAIL"
             print(f"{quantity:>10}: worst {worst:.2e} (tolerance {tol:.0e}) {verdict}")
             ok &= worst <= tol
-    print("\n=== short parity check (lopt-parity) ===")
-    report_dir = os.path.join(args.out, "parity")
-    ok &= parity_cli.main([os.path.join(ROOT, "checkpoints", "small_fc_h32_sm0p01"),
-                           "--tasks", "4", "--steps", "10", "--free-steps", "100",
-                           "--report", report_dir, "--gate"]) == 0
-    print(f"open {os.path.join(report_dir, 'report.md')} for the tables and plots")
+    for name, extra in (("small_fc_h32_sm0p01", []), ("velo_small", ["--num-steps", "50"])):
+        print(f"\n=== short parity check of {name} (lopt-parity) ===")
+        report_dir = os.path.join(args.out, "parity", name)
+        ok &= parity_cli.main([os.path.join(ROOT, "checkpoints", name), "--tasks", "4",
+                               "--steps", "10", "--free-steps", "100", *extra,
+                               "--report", report_dir, "--gate"]) == 0
+        print(f"open {os.path.join(report_dir, 'report.md')} for the tables and plots")
     print("\nall checks passed" if ok else "\nSOME CHECKS FAILED")
     return 0 if ok else 1
 
