@@ -13,6 +13,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECKPOINTS = os.path.join(ROOT, "checkpoints")
 SMALL_FC_CHECKPOINTS = ("small_fc_h32_sm0p01", "small_fc_h32_default")
 DATA = os.path.join(ROOT, "tests", "data")
+#: Upstream's golden vectors beside the clone (CI has them; a user's clone may not).
+SHARED_GOLDEN = os.path.normpath(os.path.join(ROOT, "..", "shared", "golden"))
 
 
 def checkpoint_dir(name: str) -> str:

@@ -14,9 +14,9 @@ import converters
 from converters import CheckpointError, cli, flax_msgpack
 from converters import velo as velo_mapping
 from lopt_port import velo_config
-from tests.conftest import checkpoint_dir
+from tests.conftest import SHARED_GOLDEN, checkpoint_dir
 
-GOLDEN = "/work/shared/golden/checkpoints"
+GOLDEN = os.path.join(SHARED_GOLDEN, "checkpoints")
 needs_golden = pytest.mark.skipif(not os.path.isdir(GOLDEN),
                                   reason=f"golden checkpoints not present ({GOLDEN})")
 SMALL = checkpoint_dir("velo_small")

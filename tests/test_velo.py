@@ -21,9 +21,7 @@ from lopt_port.velo import GLOBAL_STATE, loss_buffer_decays
 from lopt_port.weights import LoadedWeights
 from parity.golden import load_case
 from parity.golden_velo import replay_velo
-from tests.conftest import CHECKPOINTS, checkpoint_dir
-
-SHARED_GOLDEN = os.path.join(os.path.dirname(CHECKPOINTS), "..", "shared", "golden")
+from tests.conftest import CHECKPOINTS, SHARED_GOLDEN, checkpoint_dir
 
 # The acceptance bound for update and params (relative; update over its natural scale, see
 # parity.golden_velo.velo_update_error).
