@@ -10,9 +10,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <vector>
 
 #include "small_fc_lopt_cpu.h"
+#include "velo_cpu.h"
 #if defined(LOPT_WITH_CUDA)
 #include "small_fc_lopt_cuda.h"
 #endif
@@ -116,6 +118,8 @@ Group make_group(at::TensorList params, at::TensorList grads, at::TensorList mom
     t.d0 = static_cast<int>(dims[2 * i + 1]);
     t.factored = t.d1 >= 0;
     t.v_row = t.v_col = t.v_diag = t.row_factor = t.col_factor = t.sumsq = nullptr;
+    t.grad_wd = 0.0f;
+    t.grad_clip = std::numeric_limits<float>::infinity();
     t.n_row = t.n_col = t.n_rcm = 0;
     const auto sizes = params[i].sizes();
     t.ix = lopt::FactoredIndex{};
@@ -282,6 +286,83 @@ void apply(at::TensorList params, at::TensorList grads, at::TensorList momentum,
 #endif
 }
 
+void set_grad_transform(Group& g, at::ArrayRef<double> grad_wd, double grad_clip) {
+  TORCH_CHECK(grad_wd.size() == g.tensors.size(), "grad_wd needs one value per parameter");
+  TORCH_CHECK(grad_clip > 0, "grad_clip must be positive");
+  for (size_t i = 0; i < g.tensors.size(); ++i) {
+    g.tensors[i].grad_wd = static_cast<float>(grad_wd[i]);
+    g.tensors[i].grad_clip = static_cast<float>(grad_clip);
+  }
+}
+
+void velo_cpu_only(const Group& g) {
+  TORCH_CHECK(g.device.is_cpu(), "the fused VeLO kernels run on the CPU only so far; "
+              "parameters are on ", g.device);
+}
+
+std::tuple<Tensor, Tensor> velo_accumulate(
+    at::TensorList params, at::TensorList grads, at::TensorList momentum, at::TensorList rms,
+    at::TensorList v_row, at::TensorList v_col, at::TensorList v_diag,
+    at::TensorList row_factor, at::TensorList col_factor, at::IntArrayRef dims,
+    const Tensor& decays, at::ArrayRef<double> grad_wd, double grad_clip) {
+  Group g = make_group(params, grads, momentum, rms, v_row, v_col, v_diag, row_factor,
+                       col_factor, dims, decays);
+  velo_cpu_only(g);
+  set_grad_transform(g, grad_wd, grad_clip);
+  const int count = static_cast<int>(g.tensors.size());
+  const int nf = lopt::velo_feature_count(g.decays.k);
+  const auto options = params[0].options().dtype(at::kFloat);
+  Tensor stats = at::empty({count, lopt::velo_stats_count(g.decays.k)}, options);
+  Tensor sumsq = at::empty({count, nf}, options);
+  for (int i = 0; i < count; ++i) g.tensors[i].sumsq = sumsq.data_ptr<float>() + i * nf;
+  lopt::velo_accumulate_cpu(g.tensors.data(), count, g.decays, stats.data_ptr<float>());
+  return {stats, sumsq};
+}
+
+void velo_apply(at::TensorList params, at::TensorList grads, at::TensorList momentum,
+                at::TensorList rms, at::TensorList v_row, at::TensorList v_col,
+                at::TensorList v_diag, at::TensorList row_factor, at::TensorList col_factor,
+                at::IntArrayRef dims, const Tensor& decays, at::ArrayRef<double> grad_wd,
+                double grad_clip, const Tensor& sumsq, const Tensor& weights, int64_t hidden,
+                int64_t layers, const Tensor& lr_mult, const Tensor& param_scale,
+                at::ArrayRef<double> lr, at::ArrayRef<double> decay_mult, double exp_mult,
+                double step_mult) {
+  Group g = make_group(params, grads, momentum, rms, v_row, v_col, v_diag, row_factor,
+                       col_factor, dims, decays);
+  velo_cpu_only(g);
+  set_grad_transform(g, grad_wd, grad_clip);
+  const int count = static_cast<int>(g.tensors.size());
+  const int k = g.decays.k;
+  const int nf = lopt::velo_feature_count(k);
+  TORCH_CHECK(hidden >= 1 && hidden <= lopt::kMaxVeloHidden && layers >= 1,
+              "VeLO's MLP needs 1 <= ff_hidden_size <= ", lopt::kMaxVeloHidden,
+              " and ff_hidden_layers >= 1");
+  const int width = lopt::velo_mlp_size(k, static_cast<int>(hidden), static_cast<int>(layers));
+  for (const Tensor* t : {&sumsq, &weights, &lr_mult, &param_scale})
+    check_tensor(*t, "VeLO step input", g.device);
+  TORCH_CHECK(sumsq.numel() == static_cast<int64_t>(count) * nf, "sumsq shape");
+  TORCH_CHECK(weights.numel() == static_cast<int64_t>(count) * width,
+              "weights must be [number of parameters, ", width, "]");
+  TORCH_CHECK(lr_mult.numel() == count && param_scale.numel() == count,
+              "lr_mult and param_scale need one value per parameter");
+  TORCH_CHECK(lr.size() == static_cast<size_t>(count) &&
+                  decay_mult.size() == static_cast<size_t>(count),
+              "lr and decay_mult need one value per parameter");
+  for (int i = 0; i < count; ++i) g.tensors[i].sumsq = sumsq.data_ptr<float>() + i * nf;
+  std::vector<float> lr32(lr.begin(), lr.end()), decay32(decay_mult.begin(), decay_mult.end());
+  lopt::VeloApplyArgs a;
+  a.weights = weights.data_ptr<float>();
+  a.hidden = static_cast<int>(hidden);
+  a.layers = static_cast<int>(layers);
+  a.lr_mult = lr_mult.data_ptr<float>();
+  a.param_scale = param_scale.data_ptr<float>();
+  a.lr = lr32.data();
+  a.decay_mult = decay32.data();
+  a.exp_mult = static_cast<float>(exp_mult);
+  a.step_mult = static_cast<float>(step_mult);
+  lopt::velo_apply_cpu(g.tensors.data(), count, g.decays, a);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(lopt_port, m) {
@@ -297,12 +378,24 @@ TORCH_LIBRARY(lopt_port, m) {
         "Tensor[] row_factor, Tensor[] col_factor, int[] dims, Tensor decays, "
         "bool head_variant, Tensor sumsq, Tensor time_features, Tensor[] mlp, "
         "float exp_mult, float step_mult, float lr) -> ()");
+  m.def("velo_accumulate(Tensor[] params, Tensor[] grads, Tensor(a!)[] momentum, "
+        "Tensor(b!)[] rms, Tensor(c!)[] v_row, Tensor(d!)[] v_col, Tensor(e!)[] v_diag, "
+        "Tensor(f!)[] row_factor, Tensor(g!)[] col_factor, int[] dims, Tensor decays, "
+        "float[] grad_wd, float grad_clip) -> (Tensor, Tensor)");
+  m.def("velo_apply(Tensor(a!)[] params, Tensor[] grads, Tensor[] momentum, Tensor[] rms, "
+        "Tensor[] v_row, Tensor[] v_col, Tensor[] v_diag, Tensor[] row_factor, "
+        "Tensor[] col_factor, int[] dims, Tensor decays, float[] grad_wd, float grad_clip, "
+        "Tensor sumsq, Tensor weights, int hidden, int layers, Tensor lr_mult, "
+        "Tensor param_scale, float[] lr, float[] decay_mult, float exp_mult, "
+        "float step_mult) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(lopt_port, CPU, m) {
   m.impl("small_fc_reduce", reduce);
   m.impl("small_fc_accumulate", accumulate);
   m.impl("small_fc_apply", apply);
+  m.impl("velo_accumulate", velo_accumulate);
+  m.impl("velo_apply", velo_apply);
 }
 
 TORCH_LIBRARY_IMPL(lopt_port, CUDA, m) {

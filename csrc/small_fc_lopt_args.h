@@ -37,6 +37,8 @@ struct TensorArgs {
   float* col_factor;  // [n_col, k]   scratch (factored)
   float* sumsq;       // [F]: accumulate writes, apply reads
   float time[kNumTimeFeatures];  // this tensor's time features (apply)
+  float grad_wd;      // effective_grad: weight decay added to the gradient (0: none)
+  float grad_clip;    // effective_grad: clip bound (+inf: none)
 };
 
 }  // namespace lopt

@@ -8,6 +8,8 @@
 #include "small_fc_lopt_cpu.h"
 
 #include <algorithm>
+
+#include "cpu_lanes.h"
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -20,90 +22,14 @@
 namespace lopt {
 namespace {
 
-constexpr int kLanes = 16;
+using cpu::kLanes;
+using cpu::LaneInputs;
+using cpu::WorkItem;
+using cpu::gather;
+using cpu::lane_state;
+
 constexpr int kOutTile = 8;
 constexpr int64_t kApplyChunk = 1024;  // elements per parallel work item of phase 3
-
-// One element range [begin, end) of tensor `tensor`.
-struct WorkItem {
-  int tensor;
-  int64_t begin, end;
-};
-
-// The inputs of up to kLanes consecutive elements, lane-major per quantity. Lanes past the
-// end hold zeros (and unit factors): finite features that are never used.
-struct LaneInputs {
-  alignas(64) float g[kLanes], p[kLanes], rms[kLanes];
-  alignas(64) float m[kMaxDecays][kLanes];
-  alignas(64) float vr[kMaxDecays][kLanes];  // v_row entry, or v_diag
-  alignas(64) float vc[kMaxDecays][kLanes];  // v_col entry (factored)
-  alignas(64) float rf[kMaxDecays][kLanes];  // row factor (factored)
-  alignas(64) float cf[kMaxDecays][kLanes];  // column factor (factored)
-};
-
-// Gather lanes [0, lanes) starting at element i0; with `update`, apply this step's moving
-// averages of momentum, rms and v_diag first and store them (phase 2).
-template <int K, bool Factored, bool Update>
-void gather(const TensorArgs& t, const GroupDecays& d, int64_t i0, int lanes,
-            FactoredCursor& cur, LaneInputs& in) {
-  for (int e = 0; e < kLanes; ++e) {
-    if (e >= lanes) {
-      in.g[e] = in.p[e] = in.rms[e] = 0.0f;
-      for (int a = 0; a < K; ++a) {
-        in.m[a][e] = in.vr[a][e] = in.vc[a][e] = 0.0f;
-        in.rf[a][e] = in.cf[a][e] = 1.0f;
-      }
-      continue;
-    }
-    const int64_t i = i0 + e;
-    const float g = load_value(t.g, t.dtype, i);
-    in.g[e] = g;
-    in.p[e] = load_value(t.p, t.dtype, i);
-    float* m = t.m + i * K;
-    if (Update) {
-      for (int a = 0; a < K; ++a) m[a] = ema(d.mom[a], m[a], d.mom_mix[a] * g);
-      t.rms[i] = ema(d.rms, t.rms[i], d.rms_mix * (g * g));
-    }
-    in.rms[e] = t.rms[i];
-    for (int a = 0; a < K; ++a) in.m[a][e] = m[a];
-    if (Factored) {
-      for (int a = 0; a < K; ++a) {
-        in.vr[a][e] = t.v_row[cur.row * K + a];
-        in.vc[a][e] = t.v_col[cur.col * K + a];
-        in.rf[a][e] = t.row_factor[cur.row * K + a];
-        in.cf[a][e] = t.col_factor[cur.col * K + a];
-      }
-      cur.next();
-    } else {
-      float* v = t.v_diag + i * K;
-      if (Update) {
-        const float gs = factored_grad_sq(g);
-        for (int a = 0; a < K; ++a) v[a] = ema(d.fac[a], v[a], d.fac_mix[a] * gs);
-      }
-      for (int a = 0; a < K; ++a) in.vr[a][e] = v[a];
-    }
-  }
-}
-
-// The header's per-element state for lane e.
-template <int K, bool Factored>
-inline ElementState lane_state(const LaneInputs& in, int e, bool head_variant) {
-  float m[K], vr[K];
-  for (int a = 0; a < K; ++a) {
-    m[a] = in.m[a][e];
-    vr[a] = in.vr[a][e];
-  }
-  if (Factored) {
-    float vc[K], rf[K], cf[K];
-    for (int a = 0; a < K; ++a) {
-      vc[a] = in.vc[a][e];
-      rf[a] = in.rf[a][e];
-      cf[a] = in.cf[a][e];
-    }
-    return factored_state(in.g[e], in.p[e], in.rms[e], m, vr, vc, rf, cf, K);
-  }
-  return diag_state(in.g[e], in.p[e], in.rms[e], m, vr, K, head_variant);
-}
 
 // Phase 2 on one tile: sums of squares of the raw features, per lane in element order, then
 // the lanes in order, into out[F].
@@ -294,7 +220,9 @@ void reduce_one(const TensorArgs& t, const GroupDecays& d) {
   FactoredCursor cur;
   cur.start(t.ix, 0);
   for (int64_t i = 0; i < t.n; ++i, cur.next()) {
-    const float gs = factored_grad_sq(load_value(t.g, t.dtype, i));
+    const float gs = factored_grad_sq(effective_grad(
+        load_value(t.g, t.dtype, i), t.grad_wd != 0.0f ? load_value(t.p, t.dtype, i) : 0.0f,
+        t.grad_wd, t.grad_clip));
     row_sum[cur.row] += gs;
     col_sum[cur.col] += gs;
   }

@@ -56,8 +56,12 @@ __global__ void rowcol_kernel(const __grid_constant__ Chunk c,
   const int64_t stride = axis_stride(t.ix.size, t.ix.rank, del);
   const int64_t len = t.ix.size[del];
   double s = 0.0;
-  for (int64_t j = lane; j < len; j += 32)
-    s += factored_grad_sq(load_value(t.g, t.dtype, base + j * stride));
+  for (int64_t j = lane; j < len; j += 32) {
+    const int64_t q = base + j * stride;
+    s += factored_grad_sq(effective_grad(
+        load_value(t.g, t.dtype, q), t.grad_wd != 0.0f ? load_value(t.p, t.dtype, q) : 0.0f,
+        t.grad_wd, t.grad_clip));
+  }
   s = warp_sum(s);
   if (lane < d.k) {
     const float mean = static_cast<float>(s / static_cast<double>(len));
@@ -107,8 +111,8 @@ __global__ void factor_kernel(const __grid_constant__ Chunk c,
 template <int K, bool Update>
 __device__ __forceinline__ ElementState element_state(const TensorArgs& t, const GroupDecays& d,
                                                       bool head_variant, int64_t i) {
-  const float g = load_value(t.g, t.dtype, i);
   const float p = load_value(t.p, t.dtype, i);
+  const float g = effective_grad(load_value(t.g, t.dtype, i), p, t.grad_wd, t.grad_clip);
   float m[K];
   float* mp = t.m + i * K;
   for (int a = 0; a < K; ++a) m[a] = Update ? ema(d.mom[a], mp[a], d.mom_mix[a] * g) : mp[a];

@@ -42,7 +42,7 @@ constexpr int kMaxRank = 8;
 constexpr int kMaxLayers = 8;
 constexpr int kMaxHidden = 64;
 constexpr int kNumTimeFeatures = 11;
-constexpr int kMaxRawFeatures = 2 + 1 + 1 + 8 * kMaxDecays;
+constexpr int kMaxRawFeatures = 6 + 8 * kMaxDecays;  // VeLO's count, >= small_fc's 4 + 8k
 constexpr int kMaxMlpInput = kMaxRawFeatures + kNumTimeFeatures;
 
 LOPT_HD int raw_feature_count(int k) { return 4 + 8 * k; }
@@ -140,6 +140,16 @@ LOPT_HD float safe_rsqrt(float x) { return rsqrt_ieee(max_nan(x, kSafeRsqrtFloor
 
 LOPT_HD float ema(float decay, float v, float increment) { return fmaf(decay, v, increment); }
 
+// ReLU that lets NaN through, as upstream's max(x, 0) and torch.relu do.
+LOPT_HD float relu(float v) { return v < 0.0f ? 0.0f : v; }
+
+// The gradient an optimizer sees: g + wd * p (upstream prefab's weight decay, wd = 0 for
+// none), clipped to [-clip, clip] (VeLO: 1000; +inf for none). NaN passes, as in jnp.clip.
+LOPT_HD float effective_grad(float g, float p, float wd, float clip) {
+  const float v = wd != 0.0f ? g + wd * p : g;
+  return v < -clip ? -clip : (v > clip ? clip : v);
+}
+
 // g^2 + 1e-30, the quantity the adafactor accumulators average.
 LOPT_HD float factored_grad_sq(float g) { return g * g + kFactoredGradSqEps; }
 
@@ -214,13 +224,96 @@ LOPT_HD void raw_features(const ElementState& s, int k, float* out, int stride =
   for (int i = 0; i < k; ++i) out[stride * j++] = s.mom_mult[i];
 }
 
+// VeLO's 6 + 8k per-parameter features (30 for k = 3) in upstream's group order: g,
+// clip(g, +-0.1), p, m[k], rms, m*rr[k], rr, fac_g[k], g*rr, row[k], col[k],
+// rsqrt(row+1e-8)[k], rsqrt(col+1e-8)[k], fac_mom_mult[k], with rr = rsqrt(rms + 1e-6) and
+// the non-factored fac_mom_mult m * v^-0.5 (no epsilon: diag_state with head_variant false).
+constexpr float kVeloGradClipFeature = 0.1f;
+constexpr int kVeloGroups = 14;
+
+LOPT_HD int velo_feature_count(int k) { return 6 + 8 * k; }
+
+LOPT_HD void velo_raw_features(const ElementState& s, int k, float* out, int stride = 1) {
+  int j = 0;
+  const float rr = rsqrt_ieee(s.rms + kRmsFeatureEps);
+  out[stride * j++] = s.g;
+  out[stride * j++] = s.g < -kVeloGradClipFeature ? -kVeloGradClipFeature
+                      : (s.g > kVeloGradClipFeature ? kVeloGradClipFeature : s.g);
+  out[stride * j++] = s.p;
+  for (int i = 0; i < k; ++i) out[stride * j++] = s.m[i];
+  out[stride * j++] = s.rms;
+  for (int i = 0; i < k; ++i) out[stride * j++] = s.m[i] * rr;
+  out[stride * j++] = rr;
+  for (int i = 0; i < k; ++i) out[stride * j++] = s.fac_g[i];
+  out[stride * j++] = s.g * rr;
+  for (int i = 0; i < k; ++i) out[stride * j++] = s.row[i];
+  for (int i = 0; i < k; ++i) out[stride * j++] = s.col[i];
+  for (int i = 0; i < k; ++i) out[stride * j++] = rsqrt_ieee(s.row[i] + kRowColFeatureEps);
+  for (int i = 0; i < k; ++i) out[stride * j++] = rsqrt_ieee(s.col[i] + kRowColFeatureEps);
+  for (int i = 0; i < k; ++i) out[stride * j++] = s.mom_mult[i];
+}
+
+// Width of VeLO feature group j (w0__j) for k decays.
+LOPT_HD int velo_group_width(int j, int k) {
+  return (j == 3 || j == 5 || j == 7 || j >= 9) ? k : 1;
+}
+
+// VeLO's per-tensor MLP for one element; x[f * xs] are the normalized features. Weights per
+// tensor, flattened in upstream's leaf order and [in, out] layout: w0__0 .. w0__13, b0, then
+// per layer l = 1..layers: w_l, b_l (the last layer has 3 outputs). Layer 0 sums the groups
+// one by one (each group an FMA chain from 0, then added), as upstream's loop over groups.
+constexpr int kMaxVeloHidden = 16;
+constexpr int kVeloOutputs = 3;
+
+LOPT_HD void velo_mlp(const float* x, int xs, const float* w, int k, int hidden, int layers,
+                      float* out) {
+  float h[kMaxVeloHidden];
+  for (int o = 0; o < hidden; ++o) h[o] = 0.0f;
+  int col = 0;
+  for (int j = 0; j < kVeloGroups; ++j) {
+    const int width = velo_group_width(j, k);
+    for (int o = 0; o < hidden; ++o) {
+      float partial = 0.0f;
+      for (int i = 0; i < width; ++i) partial = fmaf(x[(col + i) * xs], w[i * hidden + o], partial);
+      h[o] = h[o] + partial;
+    }
+    w += width * hidden;
+    col += width;
+  }
+  for (int o = 0; o < hidden; ++o) h[o] = relu(h[o] + w[o]);
+  w += hidden;
+  for (int l = 1; l <= layers; ++l) {
+    const int n_out = l == layers ? kVeloOutputs : hidden;
+    float next[kMaxVeloHidden];
+    for (int o = 0; o < n_out; ++o) {
+      float acc = 0.0f;
+      for (int i = 0; i < hidden; ++i) acc = fmaf(h[i], w[i * n_out + o], acc);
+      next[o] = acc + w[hidden * n_out + o];
+    }
+    w += hidden * n_out + n_out;
+    for (int o = 0; o < n_out; ++o) {
+      if (l == layers) out[o] = next[o];
+      else h[o] = relu(next[o]);
+    }
+  }
+}
+
+// Floats of one tensor's flattened MLP weights (velo_mlp's layout).
+LOPT_HD int velo_mlp_size(int k, int hidden, int layers) {
+  return velo_feature_count(k) * hidden + hidden + (layers - 1) * (hidden * hidden + hidden)
+         + hidden * kVeloOutputs + kVeloOutputs;
+}
+
+// VeLO's step: lr_mult * ((direction * (param_scale * exp(magnitude * exp_mult))) * step_mult).
+LOPT_HD float velo_step(float direction, float magnitude, float exp_mult, float param_scale,
+                        float step_mult, float lr_mult) {
+  return lr_mult * ((direction * (param_scale * expf(magnitude * exp_mult))) * step_mult);
+}
+
 // Second-moment normalizer of one feature column: rsqrt(1e-5 + sum(x^2) / n).
 LOPT_HD float normalizer(float sumsq, int64_t n) {
   return rsqrt_ieee(kNormalizerEps + sumsq / static_cast<float>(n));
 }
-
-// ReLU that lets NaN through, as upstream's max(x, 0) and torch.relu do.
-LOPT_HD float relu(float v) { return v < 0.0f ? 0.0f : v; }
 
 // MLP with ReLU between layers; weights in the nn.Linear layout [out, in]. Per element and
 // output: acc = fma(x[i], w[o][i], acc) for i in order, then + b, then ReLU (not after the

@@ -28,10 +28,10 @@ import subprocess
 import torch
 
 CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
-SOURCES = ("bind.cpp", "small_fc_lopt_cpu.cpp")
+SOURCES = ("bind.cpp", "small_fc_lopt_cpu.cpp", "velo_cpu.cpp")
 CUDA_SOURCES = ("small_fc_lopt_cuda.cu",)
 HEADERS = ("small_fc_lopt_math.h", "small_fc_lopt_args.h", "small_fc_lopt_cpu.h",
-           "small_fc_lopt_cuda.h")
+           "small_fc_lopt_cuda.h", "cpu_lanes.h", "velo_cpu.h")
 CUDA_LAUNCHERS = ("lopt_small_fc_reduce_cuda", "lopt_small_fc_accumulate_cuda",
                   "lopt_small_fc_apply_cuda", "lopt_small_fc_partials",
                   "lopt_cuda_error_string")

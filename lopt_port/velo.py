@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -32,7 +33,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from lopt_port import extension
 from lopt_port import velo_config as cfg
+from lopt_port import velo_fused as fused_path
 from lopt_port.accumulators import (
     FactoredResult,
     TieBreak,
@@ -85,6 +88,12 @@ def loss_buffer_decays(num_steps: int, bugged: bool) -> np.ndarray:
     return np.exp(-1.0 / halflife.astype(np.float64)).astype(f32)
 
 
+def weight_decay_loss(wd_n: list[float], mean_p2: torch.Tensor) -> torch.Tensor:
+    """Prefab's ``sum_tensors wd * sum(p^2)``, as ``sum_i (wd_i * n_i) * mean(p_i^2)`` with the
+    means of squares accumulated in float64 and rounded once (both paths alike)."""
+    return torch.sum(torch.tensor(wd_n, dtype=torch.float32, device=mean_p2.device) * mean_p2)
+
+
 def clip_log_abs(v: torch.Tensor) -> torch.Tensor:
     """``0.5 * clip(log(1e-8 + |10 v|), -5, 5)``."""
     mag = torch.log(VELO_LOG_ABS_EPS + torch.abs(v * VELO_LOG_ABS_SCALE))
@@ -116,6 +125,9 @@ class VeLO(torch.optim.Optimizer):
             steps above this horizon; that accumulation is not reproduced, so a larger
             ``num_steps`` is refused (accumulate gradients yourself and pass the number of
             updates).
+        fused: ``None`` (default) runs the fused kernels (:mod:`lopt_port.velo_fused`) when
+            every parameter of the step can take them and otherwise the eager path, with one
+            warning naming the reason; ``True`` raises instead; ``False`` is always eager.
 
     The loss enters through ``step(loss=...)`` (a tensor, kept on its device, or a float) or a
     closure. Parameters whose ``grad`` is ``None`` (frozen or unused) and zero-size parameters
@@ -136,7 +148,8 @@ class VeLO(torch.optim.Optimizer):
                  num_steps: int, weight_decay: float = 0.0, lr: float = 1.0,
                  decoupled_weight_decay: bool = False, hparams: Mapping[str, Any] | None = None,
                  tie_break: TieBreak = "numpy",
-                 max_training_steps: int = VELO_MAX_TRAINING_STEPS) -> None:
+                 max_training_steps: int = VELO_MAX_TRAINING_STEPS,
+                 fused: bool | None = None) -> None:
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
             raise ValueError(f"num_steps must be a positive int (the training horizon), got "
                              f"{num_steps!r}")
@@ -170,6 +183,19 @@ class VeLO(torch.optim.Optimizer):
             loss_buffer_decays(num_steps, self.hparams["use_bugged_loss_features"]))
         self._device_cache: dict[torch.device, dict[str, Any]] = {}
         self._capture: dict[str, Any] | None = None
+        self.fused = fused
+        self._fused_reason = fused_path.config_unsupported_reason(self.hparams)
+        if self._fused_reason is None and fused is not False:
+            try:
+                extension.load()
+            except extension.ExtensionUnavailable as e:
+                self._fused_reason = str(e)
+        if fused is True and self._fused_reason is not None:
+            raise RuntimeError(f"fused=True, but {self._fused_reason}")
+        self._warned: set[str] = set()
+        self._decay_vector = torch.tensor(
+            [*self.hparams["initial_momentum_decays"], *self.hparams["initial_rms_decays"],
+             *self.hparams["initial_adafactor_decays"]], dtype=torch.float32)
         super().__init__(params, {"lr": float(lr), "weight_decay": float(weight_decay)})
 
     # ------------------------------------------------------------------ weights on a device
@@ -274,19 +300,28 @@ class VeLO(torch.optim.Optimizer):
             raise RuntimeError(f"the loaded state was trained with num_steps="
                                f"{glob['num_steps']}, this optimizer has {self.num_steps}")
         loss_t = self._loss_tensor(loss, device)
-        states, grads = [], []
-        for p, group in entries:
+        states = []
+        for p, _ in entries:
             state = self.state[p]
             if not state:
                 state.update(self.initial_state(p))
             states.append(state)
+        if self._takes_fused_path([p for p, _ in entries]):
+            self._fused_step(entries, states, loss_t, glob, consts)
+            glob["iteration"] = glob["iteration"] + 1
+            return returned
+        grads, wd_n, mean_p2 = [], [], []
+        for p, group in entries:
             g = p.grad.to(torch.float32)
             wd = group["weight_decay"]
             if wd and not self.decoupled_weight_decay:
                 p32 = p.to(torch.float32)
                 g = g + wd * p32
-                loss_t = loss_t + wd * torch.sum(p32 * p32)
+                wd_n.append(wd * p.numel())
+                mean_p2.append((torch.sum(torch.square(p32.double())) / p.numel()).float())
             grads.append(torch.clamp(g, -VELO_GRAD_CLIP, VELO_GRAD_CLIP))
+        if wd_n:
+            loss_t = loss_t + weight_decay_loss(wd_n, torch.stack(mean_p2))
         iteration = int(glob["iteration"])
         loss_features = self._advance_loss_buffer(glob, loss_t, iteration)
         fraction = float(np.float32(iteration) / np.float32(self.num_steps))
@@ -298,10 +333,7 @@ class VeLO(torch.optim.Optimizer):
         h_prev = torch.stack([s["lstm_hidden"].to(device) for s in states])
         c_prev = torch.stack([s["lstm_cell"].to(device) for s in states])
         controls, lr_mult, h_new, c_new = self._rnn(lstm_in, h_prev, c_prev, consts["theta"])
-        if not self.hparams["use_bugged_next_lstm_state"]:
-            for i, s in enumerate(states):
-                s["lstm_hidden"], s["lstm_cell"] = h_new[i].to(s["lstm_hidden"].device), \
-                    c_new[i].to(s["lstm_cell"].device)
+        self._carry_lstm_state(states, h_new, c_new)
         ff = self._interpolate(controls, consts)
         if self._capture is not None:
             self._capture["step"].update({
@@ -314,6 +346,76 @@ class VeLO(torch.optim.Optimizer):
             self._update(p, s, g, {k: v[i] for k, v in ff.items()}, lr_mult[i], group)
         glob["iteration"] = glob["iteration"] + 1
         return returned
+
+    def _takes_fused_path(self, params: list[torch.Tensor]) -> bool:
+        """Fused when enabled and possible for every parameter of the step; ``fused=True``
+        raises where it is not."""
+        if self.fused is False or self._capture is not None:
+            return False
+        reason = self._fused_reason or next(
+            (r for p in params if (r := fused_path.param_unsupported_reason(p)) is not None),
+            None)
+        if reason is None:
+            return True
+        if self.fused is True:
+            raise RuntimeError(f"fused=True, but {reason}")
+        if reason not in self._warned:
+            self._warned.add(reason)
+            warnings.warn(f"VeLO: using the eager path: {reason}", stacklevel=4)
+        return False
+
+    def _carry_lstm_state(self, states: list[dict[str, Any]], h: torch.Tensor,
+                          c: torch.Tensor) -> None:
+        """Keep the new LSTM state (never, with ``use_bugged_next_lstm_state``)."""
+        if self.hparams["use_bugged_next_lstm_state"]:
+            return
+        for i, s in enumerate(states):
+            s["lstm_hidden"] = h[i].to(s["lstm_hidden"].device)
+            s["lstm_cell"] = c[i].to(s["lstm_cell"].device)
+
+    def _fused_step(self, entries: list, states: list[dict[str, Any]], loss_t: torch.Tensor,
+                    glob: dict[str, Any], consts: Mapping[str, Any]) -> None:
+        """The step through the kernels (module docstring of :mod:`lopt_port.velo_fused`)."""
+        params = [p for p, _ in entries]
+        groups = [g for _, g in entries]
+        prefab = not self.decoupled_weight_decay
+        grad_wd = [float(g["weight_decay"]) if prefab else 0.0 for g in groups]
+        lists, stats, sumsq = fused_path.phase_a(params, states, self._decay_vector, grad_wd)
+        k = len(self.hparams["initial_momentum_decays"])
+        n = len(params)
+        mean_p2 = stats[:, 0]
+        if any(grad_wd):
+            decayed = [i for i, w in enumerate(grad_wd) if w]
+            loss_t = loss_t + weight_decay_loss([grad_wd[i] * params[i].numel() for i in decayed],
+                                                mean_p2[decayed])
+        iteration = int(glob["iteration"])
+        loss_features = self._advance_loss_buffer(glob, loss_t, iteration)
+        fraction = float(np.float32(iteration) / np.float32(self.num_steps))
+        offsets = consts["fraction_offsets"]
+        frac_feat = torch.tanh((torch.full_like(offsets, fraction) - offsets)
+                               * VELO_FRACTION_SHARPNESS)
+        norm = torch.rsqrt(torch.clamp_min(mean_p2, VELO_NORM_MULT_FLOOR))
+        norm2 = (norm * norm)[:, None]
+        rank = torch.zeros(n, 5, dtype=torch.float32)
+        for i, p in enumerate(params):
+            r = sum(1 for size in p.shape if size > 1)
+            if r < 5:
+                rank[i, r] = 1.0
+        lstm_in = torch.cat([
+            frac_feat.expand(n, -1), loss_features.expand(n, -1),
+            clip_log_abs(stats[:, 1 + 2 * k] * norm)[:, None], rank.to(stats.device),
+            clip_log_abs(stats[:, 1 + k:1 + 2 * k] * norm2),
+            clip_log_abs(stats[:, 2 + 2 * k:] * norm2)], dim=1)
+        h_prev = torch.stack([s["lstm_hidden"] for s in states])
+        c_prev = torch.stack([s["lstm_cell"] for s in states])
+        controls, lr_mult, h_new, c_new = self._rnn(lstm_in, h_prev, c_prev, consts["theta"])
+        self._carry_lstm_state(states, h_new, c_new)
+        weights = self._mixed(controls, consts)
+        param_scale = torch.sqrt(mean_p2 + VELO_PARAM_SCALE_EPS)
+        lr = [float(g["lr"]) for g in groups]
+        decay = [1.0 - g["lr"] * g["weight_decay"] if not prefab else 1.0 for g in groups]
+        fused_path.phase_b(lists, self._decay_vector, grad_wd, sumsq, weights, self.hparams,
+                           lr_mult, param_scale, lr, decay)
 
     def _loss_tensor(self, loss: Any, device: torch.device) -> torch.Tensor:
         if isinstance(loss, torch.Tensor):
@@ -381,12 +483,18 @@ class VeLO(torch.optim.Optimizer):
         lr_mult = (h @ t["rnn.step_size.weight"].T + t["rnn.step_size.bias"])[:, 0]
         return controls, lr_mult, h, c
 
+    @staticmethod
+    def _mixed(controls: torch.Tensor, consts: Mapping[str, Any]) -> torch.Tensor:
+        """Every tensor's MLP weights, ``ff_mult * mean_k(controls[i, k] * bank[k])``, as one
+        batched product over the flattened bank: ``[tensors, weights]``, leaves in the
+        order ``w0__0`` .. ``w0__13``, ``b0``, ``w1``, ``b1``, ... each flattened row-major."""
+        flat = consts["bank_flat"]
+        return VELO_FF_MULT * torch.mean(controls[:, :, None] * flat[None], dim=1)
+
     def _interpolate(self, controls: torch.Tensor,
                      consts: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        """Every tensor's MLP weights, ``ff_mult * mean_k(controls[i, k] * bank[k])``, as one
-        batched product over the flattened bank."""
-        flat = consts["bank_flat"]
-        mixed = VELO_FF_MULT * torch.mean(controls[:, :, None] * flat[None], dim=1)
+        """:meth:`_mixed`, split into each tensor's named leaves."""
+        mixed = self._mixed(controls, consts)
         out, start = {}, 0
         for name, leaf in _named_bank_leaves(consts["bank"]):
             size = leaf[0].numel()

@@ -203,15 +203,18 @@ def _record(report: StepReport, quantity: str, ours: Any, ref: np.ndarray | None
 
 
 def replay_velo(weights: str | os.PathLike | Mapping[str, torch.Tensor] | LoadedWeights,
-                case: GoldenCase, *, teacher_forced: bool = False) -> list[StepReport]:
+                case: GoldenCase, *, teacher_forced: bool = False,
+                fused: bool = False) -> list[StepReport]:
     """Run ``VeLO`` on the case's gradients and losses and compare with upstream per step.
 
     Free running (default) starts from the case's initial params and state; teacher forced
-    loads upstream's params and state of the previous step before every call.
+    loads upstream's params and state of the previous step before every call. ``fused``
+    selects the fused kernels (params and state are compared; the intermediates stay in the
+    kernels).
     """
     params = {n: _f32(a) for n, a in case.tensors("params", 0).items()}
     num_steps = int(case.data["state/step0/num_steps"])
-    opt = VeLO(list(params.values()), weights, num_steps=num_steps)
+    opt = VeLO(list(params.values()), weights, num_steps=num_steps, fused=fused)
     reports = []
     for t in range(1, case.steps + 1):
         if teacher_forced or t == 1:
@@ -220,6 +223,16 @@ def replay_velo(weights: str | os.PathLike | Mapping[str, torch.Tensor] | Loaded
             load_velo_state(opt, params, golden_leaf(case, t - 1))
         for n, p in params.items():
             p.grad = _f32(case.data[f"grads/step{t}/{n}"])
+        if fused:
+            opt.step(loss=float(case.data[f"losses/step{t}"]))
+            report = StepReport(t)
+            for n, p in params.items():
+                report.record("params", relative(p.numpy(), case.data[f"params/step{t}/{n}"],
+                                                 case.data[f"params/step{t - 1}/{n}"]), n)
+            for key, err in velo_state_errors(opt, params, golden_leaf(case, t)).items():
+                report.record("state", err, key)
+            reports.append(report)
+            continue
         with opt.capture_intermediates() as cap:
             opt.step(loss=float(case.data[f"losses/step{t}"]))
         report = StepReport(t)

@@ -37,12 +37,18 @@ def small_fc_fused(params, **kw):
     return small_fc(params, fused=None, **kw)
 
 
-def velo(params, **kw):
-    return VeLO(params, _weights("velo_small"), num_steps=50, **kw)
+def velo(params, fused=False, **kw):
+    return VeLO(params, _weights("velo_small"), num_steps=50, fused=fused, **kw)
+
+
+def velo_fused(params, **kw):
+    """Fused kernels wherever they run (CPU), eager elsewhere."""
+    return velo(params, fused=None, **kw)
 
 
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
-    "small_fc_lopt-eager": small_fc, "small_fc_lopt-fused": small_fc_fused, "velo-eager": velo}
+    "small_fc_lopt-eager": small_fc, "small_fc_lopt-fused": small_fc_fused,
+    "velo-eager": velo, "velo-fused": velo_fused}
 SHAPES = [(), (5,), (1, 7), (7, 1), (8, 4), (10, 10), (4, 1, 1), (6, 6, 3, 3), (3, 3, 4, 6)]
 
 
@@ -56,6 +62,7 @@ def _quiet_fallback_warnings():
     """The fused factory falls back to eager for bf16/fp16/meta; tested in test_fused.py."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="SmallFCLOpt: using the eager path")
+        warnings.filterwarnings("ignore", message="VeLO: using the eager path")
         yield
 
 

@@ -1,0 +1,34 @@
+// CPU backend of the fused VeLO step: two multi-tensor phases around the per-tensor network,
+// which runs in torch between them.
+#pragma once
+
+#include "small_fc_lopt_args.h"
+
+namespace lopt {
+
+// Per-tensor statistics written by phase A, 2 + 3k floats per tensor, all of the state
+// *before* this step's update: mean p^2, mean m (k), mean (m - mean m)^2 (k), mean rms,
+// mean (rms - mean m)^2 (k) (upstream's var_rms quirk: about the momentum mean).
+inline int velo_stats_count(int k) { return 2 + 3 * k; }
+
+// Phase A: the statistics above; the factored statistics (as small_fc_reduce_cpu); the
+// moving averages; the per-feature sums of squares of the 6 + 8k features into sumsq.
+// Gradients are effective_grad (weight decay, clip) throughout.
+void velo_accumulate_cpu(const TensorArgs* t, int count, const GroupDecays& d, float* stats);
+
+struct VeloApplyArgs {
+  const float* weights;      // [count, velo_mlp_size]: each tensor's interpolated MLP
+  int hidden, layers;        // ff_hidden_size, ff_hidden_layers
+  const float* lr_mult;      // [count]
+  const float* param_scale;  // [count]
+  const float* lr;           // [count] (host)
+  const float* decay_mult;   // [count] (host): 1 - lr * wd for decoupled weight decay, else 1
+  float exp_mult, step_mult;
+};
+
+// Phase B: features again, normalized by rsqrt(1e-5 + sumsq / n), each tensor's MLP, and
+// p <- decay_mult * p - lr * velo_step(...), rounded to the parameter dtype.
+void velo_apply_cpu(const TensorArgs* t, int count, const GroupDecays& d,
+                    const VeloApplyArgs& a);
+
+}  // namespace lopt

@@ -1,0 +1,106 @@
+"""The fused VeLO step: phase A and phase B kernels of ``csrc/`` around the per-tensor network.
+
+Per step, for every tensor at once:
+
+1. ``velo_accumulate`` (one op): gradients with prefab weight decay and the +-1000 clip; each
+   tensor's statistics of ``p`` and the *old* momentum and rms (mean p^2, means and
+   variances of m, mean rms and upstream's ``var_rms`` about the momentum mean); the factored
+   statistics; the moving averages; the per-feature sums of squares of the 30 features.
+2. In torch, on the parameters' device: loss buffer, the 30 LSTM inputs per tensor from those
+   statistics, the LSTM over all tensors, ``controls``, ``lr_mult``, and every tensor's MLP
+   weights as one batched product.
+3. ``velo_apply`` (one op): features, normalization, each tensor's MLP, the step.
+
+Nothing leaves the device (``lr_mult`` and the statistics are read by the kernels where they
+are). The state is the eager path's, so runs can switch between ``fused=True`` and ``False``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from lopt_port import extension
+
+MAX_DECAYS = 4
+MAX_HIDDEN = 16
+MAX_RANK = 8
+GRAD_CLIP = 1000.0
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def config_unsupported_reason(hparams: Mapping[str, Any]) -> str | None:
+    """Why these hyperparameters cannot run fused (``None`` when they can)."""
+    m = len(hparams["initial_momentum_decays"])
+    r = len(hparams["initial_rms_decays"])
+    a = len(hparams["initial_adafactor_decays"])
+    if r != 1 or m != a or m > MAX_DECAYS:
+        return (f"the fused kernels need 1 rms decay and equal momentum/adafactor decay "
+                f"counts <= {MAX_DECAYS} (got M={m}, R={r}, A={a})")
+    if hparams["ff_hidden_size"] > MAX_HIDDEN or hparams["ff_hidden_layers"] < 1:
+        return (f"the fused kernels support per-parameter MLPs of at most {MAX_HIDDEN} units "
+                f"and at least one hidden layer")
+    return None
+
+
+def param_unsupported_reason(p: torch.Tensor) -> str | None:
+    """Why this parameter cannot take the fused path (``None`` when it can)."""
+    if p.device.type != "cpu":
+        return f"the fused VeLO kernels run on the CPU only so far (got {p.device.type})"
+    if p.dtype not in FUSED_DTYPES:
+        return f"the fused kernels take float32, bfloat16 or float16 parameters (got {p.dtype})"
+    if not p.is_contiguous():
+        return "the parameter is not contiguous"
+    if p.grad is not None and p.grad.dtype != p.dtype:
+        return f"the gradient is {p.grad.dtype}, the parameter {p.dtype}"
+    if p.dim() > MAX_RANK:
+        return f"rank above {MAX_RANK}"
+    return None
+
+
+def _state_lists(params: Sequence[torch.Tensor], states: Sequence[dict[str, Any]]
+                 ) -> tuple[list, ...]:
+    empty = torch.empty(0, device=params[0].device)
+    dims: list[int] = []
+    v_row, v_col, v_diag, row_factor, col_factor = [], [], [], [], []
+    for s in states:
+        d = s["factored_dims"]
+        dims += list(d) if d else [-1, -1]
+        if d:
+            v_row.append(s["v_row"])
+            v_col.append(s["v_col"])
+            row_factor.append(torch.empty_like(s["v_row"]))
+            col_factor.append(torch.empty_like(s["v_col"]))
+            v_diag.append(empty)
+        else:
+            v_row.append(empty)
+            v_col.append(empty)
+            row_factor.append(empty)
+            col_factor.append(empty)
+            v_diag.append(s["v_diag"])
+    return (list(params), [p.grad.contiguous() for p in params],
+            [s["momentum"] for s in states], [s["rms"] for s in states], v_row, v_col,
+            v_diag, row_factor, col_factor, dims)
+
+
+def phase_a(params: Sequence[torch.Tensor], states: Sequence[dict[str, Any]],
+            decays: torch.Tensor, grad_wd: Sequence[float]
+            ) -> tuple[tuple[list, ...], torch.Tensor, torch.Tensor]:
+    """Run ``velo_accumulate``; ``(the op's tensor lists, stats [n, 2+3k], sumsq [n, F])``."""
+    lists = _state_lists(params, states)
+    stats, sumsq = extension.ops().velo_accumulate(*lists, decays, list(grad_wd), GRAD_CLIP)
+    return lists, stats, sumsq
+
+
+def phase_b(lists: tuple[list, ...], decays: torch.Tensor, grad_wd: Sequence[float],
+            sumsq: torch.Tensor, weights: torch.Tensor, hparams: Mapping[str, Any],
+            lr_mult: torch.Tensor, param_scale: torch.Tensor, lr: Sequence[float],
+            decay_mult: Sequence[float]) -> None:
+    """Run ``velo_apply``: features, normalization, each tensor's MLP, the parameter write."""
+    extension.ops().velo_apply(
+        *lists, decays, list(grad_wd), GRAD_CLIP, sumsq, weights.contiguous(),
+        hparams["ff_hidden_size"], hparams["ff_hidden_layers"], lr_mult.contiguous(),
+        param_scale.contiguous(), list(lr), list(decay_mult), hparams["exp_mult"],
+        hparams["step_mult"])
