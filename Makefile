@@ -40,6 +40,8 @@ test: $(STAMP)
 		--steps 20 --free-steps 0
 	$(BIN)/lopt-parity $(VELO_SRC) --gate --reference builtin --tasks 8 --steps 30 \
 		--num-steps 50 --free-task mlp --free-steps 100
+	$(BIN)/lopt-parity $(VELO_SRC) --gate --impl fused --reference builtin --tasks 8 \
+		--steps 30 --num-steps 50 --free-task conv --free-steps 100
 	$(BIN)/python -m pytest
 
 clean:

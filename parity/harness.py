@@ -166,8 +166,6 @@ def build_sides(src: str | os.PathLike, reference: Reference = "builtin",
 
 def _velo_sides(theta: dict[str, Any], weights: LoadedWeights, reference: Reference,
                 impl: Impl, info: dict[str, Any]) -> Sides:
-    if impl != "eager":
-        raise HarnessError("--impl fused: VeLO has no fused kernels yet (eager only)")
     if reference != "builtin":
         raise HarnessError("reference 'upstream': the 0.0.1 wheel has no HyperV2; VeLO is "
                            "compared with upstream through the golden vectors "
@@ -177,8 +175,13 @@ def _velo_sides(theta: dict[str, Any], weights: LoadedWeights, reference: Refere
     info["variant"] = None
 
     def make_torch(params: list[torch.Tensor], num_steps: int = 1) -> VeLO:
-        return VeLO(params, weights, num_steps=num_steps)
+        return VeLO(params, weights, num_steps=num_steps, fused=impl == "fused")
 
+    if impl == "fused":
+        try:
+            make_torch([torch.zeros(1)])
+        except RuntimeError as e:
+            raise HarnessError(f"--impl fused: {e}") from None
     return Sides(ref, make_torch, info)
 
 

@@ -67,6 +67,7 @@ def velo_lockstep(sides: Any, task: Task, num_steps: int,
     tensors = {n: torch.tensor(task.params[n]) for n in names}
     opt = sides.make_torch(list(tensors.values()), num_steps)
     hp = opt.hparams
+    fused = sides.info["impl"] == "fused"
     for t in range(task.steps):
         before = ref_params
         for n, p in tensors.items():
@@ -75,14 +76,26 @@ def velo_lockstep(sides: Any, task: Task, num_steps: int,
         if t:  # the first step starts from each side's own initial state: init is compared
             load_velo_state(opt, tensors, tree_leaf(ref_state))
         loss = float(task.losses[t])
-        with opt.capture_intermediates() as cap:
+        if fused:
             opt.step(loss=loss)
+        else:
+            with opt.capture_intermediates() as cap:
+                opt.step(loss=loss)
         ref_params, ref_state, inter = ref.step(
             ref_state, ref_params, {k: jnp.asarray(v) for k, v in task.grads[t].items()},
             jnp.float32(loss))
 
         def add(tensor: str, quantity: str, error: float, step: int = t + 1) -> None:
             record(task.name, step, tensor, quantity, error)
+
+        if fused:  # the kernels keep their intermediates: params and every state leaf
+            for n, p in tensors.items():
+                add(n, "params", relative(p.numpy(), np.asarray(ref_params[n]),
+                                          np.asarray(before[n])))
+            for key, err in velo_state_errors(opt, tensors, tree_leaf(ref_state)).items():
+                add(key.split("/")[0] if "/" in key else "-", f"state/{key.split('/')[-1]}",
+                    err)
+            continue
 
         ours, theirs = cap["step"], inter
         add("-", "loss_features", absolute(ours["loss_features"].numpy(),

@@ -1,7 +1,7 @@
 """Median optimizer-step time of learned-optimizer implementations, side by side in one run.
 
 ``--optimizer small_fc_lopt`` (default) or ``velo``. Implementations: ``fused`` (lopt_port
-kernels; small_fc_lopt), ``eager`` (lopt_port PyTorch path), ``jax`` (parity.reference under
+kernels), ``eager`` (lopt_port PyTorch path), ``jax`` (parity.reference under
 jit) and ``adamw`` (``torch.optim.AdamW(fused=True)``, the hand-designed baseline). Layouts:
 ``10m`` (one 10M tensor), ``100x100k`` (100 tensors of 100k) and ``gpt2`` (the parameter
 shapes of GPT-2 small, 124M). Also measured in the same run: the throughput of a 2048^3
@@ -12,7 +12,7 @@ Run with ``OMP_WAIT_POLICY=PASSIVE`` on a shared machine; compare ratios, not ti
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python scripts/bench_step.py --json out/bench.json
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python scripts/bench_step.py --optimizer velo \
-        --layouts gpt2 --impls eager adamw --json out/bench_velo.json
+        --layouts gpt2 --json out/bench_velo.json
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def torch_step(impl: str, shapes: list[tuple[int, ...]], weights: str,
     if impl == "adamw":
         opt = torch.optim.AdamW(params, lr=1e-3, fused=True)
     elif optimizer == "velo":
-        velo = VeLO(params, weights, num_steps=10_000)
+        velo = VeLO(params, weights, num_steps=10_000, fused=impl == "fused")
         return lambda: velo.step(loss=1.0)
     else:
         opt = SmallFCLOpt(params, weights, fused=impl == "fused")
@@ -179,8 +179,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import converters
     upstream = args.weights or default_weights(args.optimizer)
-    if args.optimizer == "velo" and "fused" in args.impls:
-        args.impls = [i for i in args.impls if i != "fused"]  # VeLO's kernels: a later issue
     weights = os.path.join(ROOT, "out", f"bench_{args.optimizer}.safetensors")
     converted = converters.convert(upstream)
     converted.save(weights, overwrite=True)
@@ -223,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                       flush=True)
     print("\nratios (same run):")
     by = {(r["layout"], r["impl"]): r["ms"] for r in rows}
-    base_impl = "fused" if args.optimizer == "small_fc_lopt" else "eager"
+    base_impl = "fused"
     for layout in args.layouts:
         base = by.get((layout, base_impl))
         if base is None:
