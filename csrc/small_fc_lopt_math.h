@@ -268,29 +268,38 @@ constexpr int kVeloOutputs = 3;
 LOPT_HD void velo_mlp(const float* x, int xs, const float* w, int k, int hidden, int layers,
                       float* out) {
   float h[kMaxVeloHidden];
+  LOPT_UNROLL
   for (int o = 0; o < hidden; ++o) h[o] = 0.0f;
   int col = 0;
+  LOPT_UNROLL
   for (int j = 0; j < kVeloGroups; ++j) {
     const int width = velo_group_width(j, k);
+    LOPT_UNROLL
     for (int o = 0; o < hidden; ++o) {
       float partial = 0.0f;
+      LOPT_UNROLL
       for (int i = 0; i < width; ++i) partial = fmaf(x[(col + i) * xs], w[i * hidden + o], partial);
       h[o] = h[o] + partial;
     }
     w += width * hidden;
     col += width;
   }
+  LOPT_UNROLL
   for (int o = 0; o < hidden; ++o) h[o] = relu(h[o] + w[o]);
   w += hidden;
+  LOPT_UNROLL
   for (int l = 1; l <= layers; ++l) {
     const int n_out = l == layers ? kVeloOutputs : hidden;
     float next[kMaxVeloHidden];
+    LOPT_UNROLL
     for (int o = 0; o < n_out; ++o) {
       float acc = 0.0f;
+      LOPT_UNROLL
       for (int i = 0; i < hidden; ++i) acc = fmaf(h[i], w[i * n_out + o], acc);
       next[o] = acc + w[hidden * n_out + o];
     }
     w += hidden * n_out + n_out;
+    LOPT_UNROLL
     for (int o = 0; o < n_out; ++o) {
       if (l == layers) out[o] = next[o];
       else h[o] = relu(next[o]);

@@ -138,7 +138,52 @@ void accumulate_k(const TensorArgs* t, int count, const GroupDecays& d, float* s
   }
 }
 
-template <int K, bool Factored>
+// velo_mlp for kLanes elements at once (x and out feature-major, x[f * kLanes + e]): every
+// lane gets exactly velo_mlp's operations in the same order; the loops over lanes vectorize.
+template <int K, int H, int L>
+void velo_mlp_lanes(const float* x, const float* w, float* out) {
+  alignas(64) float h[H][kLanes] = {};
+  int col = 0;
+  for (int j = 0; j < kVeloGroups; ++j) {
+    const int width = velo_group_width(j, K);
+    for (int o = 0; o < H; ++o) {
+      alignas(64) float partial[kLanes] = {};
+      for (int i = 0; i < width; ++i) {
+        const float wv = w[i * H + o];
+        for (int e = 0; e < kLanes; ++e)
+          partial[e] = fmaf(x[(col + i) * kLanes + e], wv, partial[e]);
+      }
+      for (int e = 0; e < kLanes; ++e) h[o][e] = h[o][e] + partial[e];
+    }
+    w += width * H;
+    col += width;
+  }
+  for (int o = 0; o < H; ++o)
+    for (int e = 0; e < kLanes; ++e) h[o][e] = relu(h[o][e] + w[o]);
+  w += H;
+  for (int l = 1; l <= L; ++l) {
+    const int n_out = l == L ? kVeloOutputs : H;
+    alignas(64) float next[H > kVeloOutputs ? H : kVeloOutputs][kLanes];
+    for (int o = 0; o < n_out; ++o) {
+      alignas(64) float acc[kLanes] = {};
+      for (int i = 0; i < H; ++i) {
+        const float wv = w[i * n_out + o];
+        for (int e = 0; e < kLanes; ++e) acc[e] = fmaf(h[i][e], wv, acc[e]);
+      }
+      for (int e = 0; e < kLanes; ++e) next[o][e] = acc[e] + w[H * n_out + o];
+    }
+    w += H * n_out + n_out;
+    for (int o = 0; o < n_out; ++o)
+      for (int e = 0; e < kLanes; ++e) {
+        if (l == L) out[o * kLanes + e] = next[o][e];
+        else h[o][e] = relu(next[o][e]);
+      }
+  }
+}
+
+// H, L > 0: the MLP's sizes at compile time (the released 4-wide, 2-hidden-layer net), so that
+// velo_mlp unrolls and vectorizes across the lanes; 0: runtime sizes, one lane at a time.
+template <int K, bool Factored, int H, int L>
 void apply_range(const TensorArgs& t, const GroupDecays& d, const float* inv, const float* w,
                  const VeloApplyArgs& a, int index, int64_t begin, int64_t end) {
   constexpr int F = 6 + 8 * K;
@@ -147,6 +192,11 @@ void apply_range(const TensorArgs& t, const GroupDecays& d, const float* inv, co
   LaneInputs in;
   FactoredCursor cur;
   if (Factored) cur.start(t.ix, begin);
+  // The weights in a local array, apart from every buffer the lanes write.
+  constexpr int kWeights = H > 0 ? (6 + 8 * K) * H + H + (L - 1) * (H * H + H) + H * 3 + 3 : 1;
+  alignas(64) float wl[kWeights];
+  if constexpr (H > 0)
+    for (int j = 0; j < kWeights; ++j) wl[j] = w[j];
   const float lr_mult = a.lr_mult[index], scale = a.param_scale[index];
   const float lr = a.lr[index], decay = a.decay_mult[index];
   for (int64_t i0 = begin; i0 < end; i0 += kLanes) {
@@ -158,10 +208,14 @@ void apply_range(const TensorArgs& t, const GroupDecays& d, const float* inv, co
     for (int f = 0; f < F; ++f)
 #pragma omp simd
       for (int e = 0; e < kLanes; ++e) x[f * kLanes + e] *= inv[f];
-    for (int e = 0; e < lanes; ++e) {
-      float o[kVeloOutputs];
-      velo_mlp(x + e, kLanes, w, K, a.hidden, a.layers, o);
-      for (int c = 0; c < kVeloOutputs; ++c) out[c * kLanes + e] = o[c];
+    if constexpr (H > 0) {
+      velo_mlp_lanes<K, H, L>(x, wl, out);
+    } else {
+      for (int e = 0; e < lanes; ++e) {
+        float o[kVeloOutputs];
+        velo_mlp(x + e, kLanes, w, K, a.hidden, a.layers, o);
+        for (int c = 0; c < kVeloOutputs; ++c) out[c * kLanes + e] = o[c];
+      }
     }
     for (int e = 0; e < lanes; ++e) {
       const float step = velo_step(out[e], out[kLanes + e], a.exp_mult, scale, a.step_mult,
@@ -190,10 +244,15 @@ void apply_k(const TensorArgs* t, int count, const GroupDecays& d, const VeloApp
     const TensorArgs& ti = t[it.tensor];
     const float* iv = inv.data() + it.tensor * F;
     const float* weights = a.weights + static_cast<int64_t>(it.tensor) * width;
-    if (ti.factored)
-      apply_range<K, true>(ti, d, iv, weights, a, it.tensor, it.begin, it.end);
+    const bool released = a.hidden == 4 && a.layers == 2;
+    if (ti.factored && released)
+      apply_range<K, true, 4, 2>(ti, d, iv, weights, a, it.tensor, it.begin, it.end);
+    else if (released)
+      apply_range<K, false, 4, 2>(ti, d, iv, weights, a, it.tensor, it.begin, it.end);
+    else if (ti.factored)
+      apply_range<K, true, 0, 0>(ti, d, iv, weights, a, it.tensor, it.begin, it.end);
     else
-      apply_range<K, false>(ti, d, iv, weights, a, it.tensor, it.begin, it.end);
+      apply_range<K, false, 0, 0>(ti, d, iv, weights, a, it.tensor, it.begin, it.end);
   }
 }
 
