@@ -2,7 +2,9 @@
 // lane-major, so that the header's per-element math vectorizes across lanes (`omp simd`).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "small_fc_lopt_args.h"
 
@@ -91,6 +93,45 @@ inline ElementState lane_state(const LaneInputs& in, int e, bool head_variant) {
     return factored_state(in.g[e], in.p[e], in.rms[e], m, vr, vc, rf, cf, K);
   }
   return diag_state(in.g[e], in.p[e], in.rms[e], m, vr, K, head_variant);
+}
+
+constexpr int64_t kApplyChunk = 1024;  // elements per parallel work item of the apply phases
+
+// The fixed reduction tiles of every tensor (accumulate_tile): results do not depend on the
+// number of threads.
+inline std::vector<WorkItem> accumulate_items(const TensorArgs* t, int count) {
+  std::vector<WorkItem> items;
+  for (int i = 0; i < count; ++i) {
+    const int64_t tile = accumulate_tile(t[i].n);
+    for (int64_t b = 0; b < t[i].n; b += tile) items.push_back({i, b, std::min(t[i].n, b + tile)});
+  }
+  return items;
+}
+
+// Chunks of kApplyChunk elements of every tensor.
+inline std::vector<WorkItem> apply_items(const TensorArgs* t, int count) {
+  std::vector<WorkItem> items;
+  for (int i = 0; i < count; ++i)
+    for (int64_t b = 0; b < t[i].n; b += kApplyChunk)
+      items.push_back({i, b, std::min(t[i].n, b + kApplyChunk)});
+  return items;
+}
+
+// Per tensor, each tile's `width` partials summed in tile order.
+inline std::vector<double> per_tensor(const std::vector<WorkItem>& items,
+                                      const std::vector<double>& part, int count, int width) {
+  std::vector<double> total(static_cast<size_t>(count) * width, 0.0);
+  for (size_t w = 0; w < items.size(); ++w)
+    for (int f = 0; f < width; ++f) total[items[w].tensor * width + f] += part[w * width + f];
+  return total;
+}
+
+// Every tensor's F feature normalizers from its sums of squares.
+inline std::vector<float> normalizers(const TensorArgs* t, int count, int F) {
+  std::vector<float> inv(static_cast<size_t>(count) * F);
+  for (int i = 0; i < count; ++i)
+    for (int f = 0; f < F; ++f) inv[i * F + f] = normalizer(t[i].sumsq[f], t[i].n);
+  return inv;
 }
 
 }  // namespace cpu

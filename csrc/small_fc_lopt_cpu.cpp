@@ -29,7 +29,6 @@ using cpu::gather;
 using cpu::lane_state;
 
 constexpr int kOutTile = 8;
-constexpr int64_t kApplyChunk = 1024;  // elements per parallel work item of phase 3
 
 // Phase 2 on one tile: sums of squares of the raw features, per lane in element order, then
 // the lanes in order, into out[F].
@@ -163,11 +162,7 @@ void apply_range(const TensorArgs& t, const GroupDecays& d, bool head_variant,
 template <int K>
 void accumulate_k(const TensorArgs* t, int count, const GroupDecays& d, bool head_variant) {
   constexpr int F = 4 + 8 * K;
-  std::vector<WorkItem> items;
-  for (int i = 0; i < count; ++i) {
-    const int64_t tile = accumulate_tile(t[i].n);
-    for (int64_t b = 0; b < t[i].n; b += tile) items.push_back({i, b, std::min(t[i].n, b + tile)});
-  }
+  const std::vector<WorkItem> items = cpu::accumulate_items(t, count);
   std::vector<double> partial(items.size() * F);
   const int64_t n_items = static_cast<int64_t>(items.size());
 #pragma omp parallel for schedule(dynamic, 1)
@@ -180,9 +175,7 @@ void accumulate_k(const TensorArgs* t, int count, const GroupDecays& d, bool hea
     else
       accumulate_tile_cpu<K, false>(ti, d, head_variant, it.begin, it.end, out);
   }
-  std::vector<double> total(static_cast<size_t>(count) * F, 0.0);
-  for (int64_t w = 0; w < n_items; ++w)
-    for (int f = 0; f < F; ++f) total[items[w].tensor * F + f] += partial[w * F + f];
+  const std::vector<double> total = cpu::per_tensor(items, partial, count, F);
   for (int i = 0; i < count; ++i)
     for (int f = 0; f < F; ++f) t[i].sumsq[f] = static_cast<float>(total[i * F + f]);
 }
@@ -191,13 +184,8 @@ template <int K>
 void apply_k(const TensorArgs* t, int count, const GroupDecays& d, bool head_variant,
              const MlpView& net, float exp_mult, float step_mult, float lr) {
   constexpr int F = 4 + 8 * K;
-  std::vector<float> inv(static_cast<size_t>(count) * F);
-  std::vector<WorkItem> items;
-  for (int i = 0; i < count; ++i) {
-    for (int f = 0; f < F; ++f) inv[i * F + f] = normalizer(t[i].sumsq[f], t[i].n);
-    for (int64_t b = 0; b < t[i].n; b += kApplyChunk)
-      items.push_back({i, b, std::min(t[i].n, b + kApplyChunk)});
-  }
+  const std::vector<float> inv = cpu::normalizers(t, count, F);
+  const std::vector<WorkItem> items = cpu::apply_items(t, count);
   const int64_t n_items = static_cast<int64_t>(items.size());
 #pragma omp parallel for schedule(static)
   for (int64_t w = 0; w < n_items; ++w) {

@@ -17,32 +17,13 @@ using cpu::LaneInputs;
 using cpu::WorkItem;
 using cpu::gather;
 using cpu::lane_state;
-
-constexpr int64_t kApplyChunk = 1024;
-
-std::vector<WorkItem> tiles(const TensorArgs* t, int count) {
-  std::vector<WorkItem> items;
-  for (int i = 0; i < count; ++i) {
-    const int64_t tile = accumulate_tile(t[i].n);
-    for (int64_t b = 0; b < t[i].n; b += tile) items.push_back({i, b, std::min(t[i].n, b + tile)});
-  }
-  return items;
-}
-
-// Per tensor: the sum of each tile's partials (width values per tile), in tile order.
-std::vector<double> per_tensor(const std::vector<WorkItem>& items, const std::vector<double>& part,
-                               int count, int width) {
-  std::vector<double> total(static_cast<size_t>(count) * width, 0.0);
-  for (size_t w = 0; w < items.size(); ++w)
-    for (int f = 0; f < width; ++f) total[items[w].tensor * width + f] += part[w * width + f];
-  return total;
-}
+using cpu::per_tensor;
 
 template <int K>
 void accumulate_k(const TensorArgs* t, int count, const GroupDecays& d, float* stats) {
   constexpr int F = 6 + 8 * K;
   small_fc_reduce_cpu(t, count, d);
-  const std::vector<WorkItem> items = tiles(t, count);
+  const std::vector<WorkItem> items = cpu::accumulate_items(t, count);
   const int64_t n_items = static_cast<int64_t>(items.size());
   // Pass 1: sums of p^2, m and rms (old state).
   constexpr int W1 = 2 + K;
@@ -230,13 +211,8 @@ template <int K>
 void apply_k(const TensorArgs* t, int count, const GroupDecays& d, const VeloApplyArgs& a) {
   constexpr int F = 6 + 8 * K;
   const int width = velo_mlp_size(K, a.hidden, a.layers);
-  std::vector<float> inv(static_cast<size_t>(count) * F);
-  std::vector<WorkItem> items;
-  for (int i = 0; i < count; ++i) {
-    for (int f = 0; f < F; ++f) inv[i * F + f] = normalizer(t[i].sumsq[f], t[i].n);
-    for (int64_t b = 0; b < t[i].n; b += kApplyChunk)
-      items.push_back({i, b, std::min(t[i].n, b + kApplyChunk)});
-  }
+  const std::vector<float> inv = cpu::normalizers(t, count, F);
+  const std::vector<WorkItem> items = cpu::apply_items(t, count);
   const int64_t n_items = static_cast<int64_t>(items.size());
 #pragma omp parallel for schedule(static)
   for (int64_t w = 0; w < n_items; ++w) {

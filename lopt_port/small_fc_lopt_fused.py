@@ -57,17 +57,12 @@ def param_unsupported_reason(p: torch.Tensor) -> str | None:
     return None
 
 
-def group_step(params: Sequence[torch.Tensor], states: Sequence[dict[str, Any]],
-               decays: torch.Tensor, layers: Sequence[tuple[torch.Tensor, torch.Tensor]],
-               scales: torch.Tensor, hparams: Mapping[str, Any], lr: float) -> None:
-    """Update ``params`` (one device, contiguous, non-empty, with grads) in place.
-
-    ``decays``, ``scales`` and the step counts stay on the CPU; ``layers`` are on the
-    parameters' device.
-    """
-    ops = extension.ops()
+def state_lists(params: Sequence[torch.Tensor], states: Sequence[dict[str, Any]]
+                ) -> tuple[list, ...]:
+    """The kernels' per-tensor argument lists: params, grads, momentum, rms, v_row, v_col,
+    v_diag, row-factor and column-factor scratch, and the flat factored dims (``-1, -1`` for
+    non-factored tensors, whose factored slots are empty tensors, as is v_diag otherwise)."""
     empty = torch.empty(0, device=params[0].device)
-    grads = [p.grad.contiguous() for p in params]
     dims: list[int] = []
     v_row, v_col, v_diag, row_factor, col_factor = [], [], [], [], []
     for s in states:
@@ -85,11 +80,22 @@ def group_step(params: Sequence[torch.Tensor], states: Sequence[dict[str, Any]],
             row_factor.append(empty)
             col_factor.append(empty)
             v_diag.append(s["v_diag"])
-    momentum = [s["momentum"] for s in states]
-    rms = [s["rms"] for s in states]
+    return (list(params), [p.grad.contiguous() for p in params],
+            [s["momentum"] for s in states], [s["rms"] for s in states], v_row, v_col,
+            v_diag, row_factor, col_factor, dims)
+
+
+def group_step(params: Sequence[torch.Tensor], states: Sequence[dict[str, Any]],
+               decays: torch.Tensor, layers: Sequence[tuple[torch.Tensor, torch.Tensor]],
+               scales: torch.Tensor, hparams: Mapping[str, Any], lr: float) -> None:
+    """Update ``params`` (one device, contiguous, non-empty, with grads) in place.
+
+    ``decays``, ``scales`` and the step counts stay on the CPU; ``layers`` are on the
+    parameters' device.
+    """
+    ops = extension.ops()
     head = hparams["variant"] == "head"
-    tensors = (list(params), grads, momentum, rms, v_row, v_col, v_diag, row_factor,
-               col_factor, dims, decays)
+    tensors = (*state_lists(params, states), decays)
     ops.small_fc_reduce(*tensors)
     sumsq = ops.small_fc_accumulate(*tensors, head)
     # Time features per distinct step count (usually one for the whole group), computed as

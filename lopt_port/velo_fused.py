@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from lopt_port import extension
+from lopt_port.small_fc_lopt_fused import state_lists
 
 MAX_DECAYS = 4
 MAX_HIDDEN = 16
@@ -60,36 +61,11 @@ def param_unsupported_reason(p: torch.Tensor) -> str | None:
     return None
 
 
-def _state_lists(params: Sequence[torch.Tensor], states: Sequence[dict[str, Any]]
-                 ) -> tuple[list, ...]:
-    empty = torch.empty(0, device=params[0].device)
-    dims: list[int] = []
-    v_row, v_col, v_diag, row_factor, col_factor = [], [], [], [], []
-    for s in states:
-        d = s["factored_dims"]
-        dims += list(d) if d else [-1, -1]
-        if d:
-            v_row.append(s["v_row"])
-            v_col.append(s["v_col"])
-            row_factor.append(torch.empty_like(s["v_row"]))
-            col_factor.append(torch.empty_like(s["v_col"]))
-            v_diag.append(empty)
-        else:
-            v_row.append(empty)
-            v_col.append(empty)
-            row_factor.append(empty)
-            col_factor.append(empty)
-            v_diag.append(s["v_diag"])
-    return (list(params), [p.grad.contiguous() for p in params],
-            [s["momentum"] for s in states], [s["rms"] for s in states], v_row, v_col,
-            v_diag, row_factor, col_factor, dims)
-
-
 def phase_a(params: Sequence[torch.Tensor], states: Sequence[dict[str, Any]],
             decays: torch.Tensor, grad_wd: Sequence[float]
             ) -> tuple[tuple[list, ...], torch.Tensor, torch.Tensor]:
     """Run ``velo_accumulate``; ``(the op's tensor lists, stats [n, 2+3k], sumsq [n, F])``."""
-    lists = _state_lists(params, states)
+    lists = state_lists(params, states)
     stats, sumsq = extension.ops().velo_accumulate(*lists, decays, list(grad_wd), GRAD_CLIP)
     return lists, stats, sumsq
 
