@@ -11,8 +11,12 @@
 #include <cstdint>
 #include <cstring>
 
+// Always inlined: the CPU backend calls these inside `omp simd` loops over lanes, which
+// vectorize only when the calls are inlined.
 #if defined(__CUDACC__)
 #define LOPT_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+#define LOPT_HD inline __attribute__((always_inline))
 #else
 #define LOPT_HD inline
 #endif
