@@ -46,6 +46,11 @@ def param_unsupported_reason(p: torch.Tensor) -> str | None:
         return f"no fused kernel for device {p.device.type}"
     if p.device.type == "cuda" and not extension.cuda_launchers():
         return "the fused kernels were built without CUDA (nvcc was not found)"
+    return layout_unsupported_reason(p)
+
+
+def layout_unsupported_reason(p: torch.Tensor) -> str | None:
+    """The device-independent checks every fused kernel makes: dtype, layout, rank."""
     if p.dtype not in FUSED_DTYPES:
         return f"the fused kernels take float32, bfloat16 or float16 parameters (got {p.dtype})"
     if not p.is_contiguous():

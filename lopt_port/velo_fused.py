@@ -23,13 +23,11 @@ from typing import Any
 import torch
 
 from lopt_port import extension
-from lopt_port.small_fc_lopt_fused import state_lists
+from lopt_port.small_fc_lopt_fused import layout_unsupported_reason, state_lists
 
 MAX_DECAYS = 4
 MAX_HIDDEN = 16
-MAX_RANK = 8
 GRAD_CLIP = 1000.0
-FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def config_unsupported_reason(hparams: Mapping[str, Any]) -> str | None:
@@ -50,15 +48,7 @@ def param_unsupported_reason(p: torch.Tensor) -> str | None:
     """Why this parameter cannot take the fused path (``None`` when it can)."""
     if p.device.type != "cpu":
         return f"the fused VeLO kernels run on the CPU only so far (got {p.device.type})"
-    if p.dtype not in FUSED_DTYPES:
-        return f"the fused kernels take float32, bfloat16 or float16 parameters (got {p.dtype})"
-    if not p.is_contiguous():
-        return "the parameter is not contiguous"
-    if p.grad is not None and p.grad.dtype != p.dtype:
-        return f"the gradient is {p.grad.dtype}, the parameter {p.dtype}"
-    if p.dim() > MAX_RANK:
-        return f"rank above {MAX_RANK}"
-    return None
+    return layout_unsupported_reason(p)
 
 
 def phase_a(params: Sequence[torch.Tensor], states: Sequence[dict[str, Any]],
