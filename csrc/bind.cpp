@@ -1,7 +1,8 @@
-// Torch binding of the fused small_fc_lopt step: three multi-tensor ops, one per phase, each
-// called once per parameter group and step, dispatched by device to the CPU backend or (when
-// built with LOPT_WITH_CUDA) the CUDA launchers. Tensors arrive as lists; per-tensor
-// factored dims as a flat int list [d1, d0, d1, d0, ...] with -1 for non-factored tensors.
+// Torch binding of the fused steps: multi-tensor ops, one per phase (small_fc_lopt three, VeLO
+// two), each called once per parameter group and step, dispatched by device to the CPU
+// backends or (when built with LOPT_WITH_CUDA) the CUDA launchers. Tensors arrive as lists;
+// per-tensor factored dims as a flat int list [d1, d0, d1, d0, ...] with -1 for non-factored
+// tensors.
 // Plain C++: the CUDA path needs no CUDA headers, only c10's device-generic guard and
 // stream interfaces.
 #include <ATen/ATen.h>
@@ -17,6 +18,7 @@
 #include "velo_cpu.h"
 #if defined(LOPT_WITH_CUDA)
 #include "small_fc_lopt_cuda.h"
+#include "velo_cuda.h"
 #endif
 
 namespace {
@@ -295,11 +297,6 @@ void set_grad_transform(Group& g, at::ArrayRef<double> grad_wd, double grad_clip
   }
 }
 
-void velo_cpu_only(const Group& g) {
-  TORCH_CHECK(g.device.is_cpu(), "the fused VeLO kernels run on the CPU only so far; "
-              "parameters are on ", g.device);
-}
-
 std::tuple<Tensor, Tensor> velo_accumulate(
     at::TensorList params, at::TensorList grads, at::TensorList momentum, at::TensorList rms,
     at::TensorList v_row, at::TensorList v_col, at::TensorList v_diag,
@@ -307,7 +304,6 @@ std::tuple<Tensor, Tensor> velo_accumulate(
     const Tensor& decays, at::ArrayRef<double> grad_wd, double grad_clip) {
   Group g = make_group(params, grads, momentum, rms, v_row, v_col, v_diag, row_factor,
                        col_factor, dims, decays);
-  velo_cpu_only(g);
   set_grad_transform(g, grad_wd, grad_clip);
   const int count = static_cast<int>(g.tensors.size());
   const int nf = lopt::velo_feature_count(g.decays.k);
@@ -315,7 +311,21 @@ std::tuple<Tensor, Tensor> velo_accumulate(
   Tensor stats = at::empty({count, lopt::velo_stats_count(g.decays.k)}, options);
   Tensor sumsq = at::empty({count, nf}, options);
   for (int i = 0; i < count; ++i) g.tensors[i].sumsq = sumsq.data_ptr<float>() + i * nf;
-  lopt::velo_accumulate_cpu(g.tensors.data(), count, g.decays, stats.data_ptr<float>());
+  if (g.device.is_cpu()) {
+    lopt::velo_accumulate_cpu(g.tensors.data(), count, g.decays, stats.data_ptr<float>());
+    return {stats, sumsq};
+  }
+#if defined(LOPT_WITH_CUDA)
+  c10::DeviceGuard guard(g.device);
+  Tensor partials = at::empty({lopt_velo_partials(g.tensors.data(), count, g.decays.k)},
+                              params[0].options().dtype(at::kDouble));
+  check_cuda(lopt_velo_accumulate_cuda(g.tensors.data(), count, &g.decays,
+                                       stats.data_ptr<float>(), partials.data_ptr<double>(),
+                                       current_stream(g.device)),
+             "VeLO accumulate");
+#else
+  cuda_unavailable(g);
+#endif
   return {stats, sumsq};
 }
 
@@ -329,7 +339,6 @@ void velo_apply(at::TensorList params, at::TensorList grads, at::TensorList mome
                 double step_mult) {
   Group g = make_group(params, grads, momentum, rms, v_row, v_col, v_diag, row_factor,
                        col_factor, dims, decays);
-  velo_cpu_only(g);
   set_grad_transform(g, grad_wd, grad_clip);
   const int count = static_cast<int>(g.tensors.size());
   const int k = g.decays.k;
@@ -360,7 +369,19 @@ void velo_apply(at::TensorList params, at::TensorList grads, at::TensorList mome
   a.decay_mult = decay32.data();
   a.exp_mult = static_cast<float>(exp_mult);
   a.step_mult = static_cast<float>(step_mult);
-  lopt::velo_apply_cpu(g.tensors.data(), count, g.decays, a);
+  if (g.device.is_cpu()) {
+    lopt::velo_apply_cpu(g.tensors.data(), count, g.decays, a);
+    return;
+  }
+#if defined(LOPT_WITH_CUDA)
+  c10::DeviceGuard guard(g.device);
+  check_cuda(lopt_velo_apply_cuda(g.tensors.data(), count, &g.decays, a.weights, a.hidden,
+                                  a.layers, a.lr_mult, a.param_scale, a.lr, a.decay_mult,
+                                  a.exp_mult, a.step_mult, current_stream(g.device)),
+             "VeLO apply");
+#else
+  cuda_unavailable(g);
+#endif
 }
 
 }  // namespace
@@ -402,4 +423,6 @@ TORCH_LIBRARY_IMPL(lopt_port, CUDA, m) {
   m.impl("small_fc_reduce", reduce);
   m.impl("small_fc_accumulate", accumulate);
   m.impl("small_fc_apply", apply);
+  m.impl("velo_accumulate", velo_accumulate);
+  m.impl("velo_apply", velo_apply);
 }

@@ -29,11 +29,13 @@ import torch
 
 CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
 SOURCES = ("bind.cpp", "small_fc_lopt_cpu.cpp", "velo_cpu.cpp")
-CUDA_SOURCES = ("small_fc_lopt_cuda.cu",)
+CUDA_SOURCES = ("small_fc_lopt_cuda.cu", "velo_cuda.cu")
 HEADERS = ("small_fc_lopt_math.h", "small_fc_lopt_args.h", "small_fc_lopt_cpu.h",
-           "small_fc_lopt_cuda.h", "cpu_lanes.h", "velo_cpu.h")
+           "small_fc_lopt_cuda.h", "cpu_lanes.h", "velo_cpu.h", "velo_cuda.h",
+           "multi_tensor_cuda.cuh")
 CUDA_LAUNCHERS = ("lopt_small_fc_reduce_cuda", "lopt_small_fc_accumulate_cuda",
                   "lopt_small_fc_apply_cuda", "lopt_small_fc_partials",
+                  "lopt_velo_accumulate_cuda", "lopt_velo_apply_cuda", "lopt_velo_partials",
                   "lopt_cuda_error_string")
 NAME = "lopt_port_kernels"
 

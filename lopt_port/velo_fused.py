@@ -46,8 +46,10 @@ def config_unsupported_reason(hparams: Mapping[str, Any]) -> str | None:
 
 def param_unsupported_reason(p: torch.Tensor) -> str | None:
     """Why this parameter cannot take the fused path (``None`` when it can)."""
-    if p.device.type != "cpu":
-        return f"the fused VeLO kernels run on the CPU only so far (got {p.device.type})"
+    if p.device.type not in ("cpu", "cuda"):
+        return f"no fused kernel for device {p.device.type}"
+    if p.device.type == "cuda" and not extension.cuda_launchers():
+        return "the fused kernels were built without CUDA (nvcc was not found)"
     return layout_unsupported_reason(p)
 
 

@@ -92,15 +92,15 @@ def weights() -> LoadedWeights:
     return _weights(checkpoint_dir("velo_small"))
 
 
-def _model_params(seed=0):
+def _model_params(seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=g) for s in [(6, 5), (5,), (3, 4, 2)]]
+    return [torch.randn(s, generator=g).to(device) for s in [(6, 5), (5,), (3, 4, 2)]]
 
 
 def _set_grads(params, seed):
     g = torch.Generator().manual_seed(seed)
     for p in params:
-        p.grad = torch.randn(p.shape, generator=g)
+        p.grad = torch.randn(p.shape, generator=g).to(p.device)
 
 
 def test_loss_is_required_and_accepted_as_tensor_float_or_closure(weights):
@@ -265,6 +265,15 @@ def test_chunked_features_match_one_pass(weights, monkeypatch):
 FUSED_PARAMS_TOL = 1e-6
 FUSED_STATE_TOL = 1e-5
 DTYPE_ULP = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
+# 21 tensors (the CUDA kernels take 16 per launch) of up to 14,400 elements (up to four
+# reduction tiles of 4,096 and eight apply blocks of 2,048 each), factored of rank 2-4 and not.
+MANY_SHAPES = [(130, 70), (3, 50, 41), (9000,), (), (17, 3)] * 4 + [(2, 3, 40, 60)]
+
+
+def _np(t):
+    return t.detach().float().cpu().numpy()
 
 
 def _copy_state(src, dst, mapping):
@@ -277,35 +286,48 @@ def _copy_state(src, dst, mapping):
                                    for n, v in src.state[GLOBAL_STATE].items()}
 
 
-def _fused_lockstep(weights, task, dtype=torch.float32):
-    pe = {k: torch.tensor(v).to(dtype) for k, v in task.params.items()}
+def _fused_lockstep(weights, task, dtype=torch.float32, device="cpu"):
+    pe = {k: torch.tensor(v).to(device=device, dtype=dtype) for k, v in task.params.items()}
     pf = {k: v.clone() for k, v in pe.items()}
     oe = VeLO(list(pe.values()), weights, num_steps=50, fused=False)
     of = VeLO(list(pf.values()), weights, num_steps=50, fused=True)
     for t in range(task.steps):
         for k in pe:
             pf[k].copy_(pe[k])
-            g = torch.tensor(task.grads[t][k]).to(dtype)
+            g = torch.tensor(task.grads[t][k]).to(device=device, dtype=dtype)
             pe[k].grad, pf[k].grad = g.clone(), g.clone()
         _copy_state(oe, of, [(pe[k], pf[k]) for k in pe])
-        start = {k: v.float() for k, v in pe.items()}
+        start = {k: _np(v) for k, v in pe.items()}
         oe.step(loss=float(task.losses[t]))
         of.step(loss=float(task.losses[t]))
         for k in pe:
-            rel = relative(pf[k].float().numpy(), pe[k].float().numpy(), start[k].numpy())
+            rel = relative(_np(pf[k]), _np(pe[k]), start[k])
             # fp32: the bound; bf16/fp16: plus one rounding of the parameter to its dtype
             bound = FUSED_PARAMS_TOL + (DTYPE_ULP[dtype] if dtype != torch.float32 else 0.0)
             assert rel <= bound, (t, k, rel)
             for n in ("momentum", "rms", "v_row", "v_col", "v_diag", "lstm_hidden",
                       "lstm_cell"):
                 if n in oe.state[pe[k]]:
-                    err = relative(of.state[pf[k]][n].numpy(), oe.state[pe[k]][n].numpy())
+                    err = relative(_np(of.state[pf[k]][n]), _np(oe.state[pe[k]][n]))
                     assert err <= FUSED_STATE_TOL, (t, k, n, err)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_fused_matches_eager_each_step(weights, seed):
-    _fused_lockstep(weights, make_task(seed, 6))
+def test_fused_matches_eager_each_step(weights, seed, device):
+    _fused_lockstep(weights, make_task(seed, 6), device=device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_matches_eager_many_tensors_and_tiles(weights, device):
+    _fused_lockstep(weights, make_task(5, 3, MANY_SHAPES), device=device)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_fused_matches_eager(weights, dtype):
+    for seed in range(3):
+        _fused_lockstep(weights, make_task(seed, 4), dtype, "cuda")
 
 
 @settings(max_examples=15, deadline=None,
@@ -327,28 +349,31 @@ def test_golden_with_fused(teacher_forced):
         assert r.errors["state"] <= STATE_TOL, (r.step, r.errors, r.worst["state"])
 
 
-def test_fused_is_bitwise_deterministic(weights):
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shapes", [None, MANY_SHAPES], ids=["task", "many"])
+def test_fused_is_bitwise_deterministic(weights, shapes, device):
     """Two runs, identical bits. (The kernels split work in fixed tiles whatever the thread
-    count; the per-tensor network's matmuls are torch's, whose BLAS may sum differently with
-    another thread count.)"""
-    task = make_task(4, 5)
+    count or device, and sum without atomics; the per-tensor network's matmuls are torch's,
+    whose BLAS may sum differently with another thread count.)"""
+    task = make_task(4, 5, shapes)
     finals = []
     for _ in range(2):
-        params = [torch.tensor(v) for v in task.params.values()]
+        params = [torch.tensor(v).to(device) for v in task.params.values()]
         opt = VeLO(params, weights, num_steps=50, fused=True)
         for t in range(task.steps):
             for p, g in zip(params, task.grads[t].values(), strict=True):
-                p.grad = torch.tensor(g)
+                p.grad = torch.tensor(g).to(device)
             opt.step(loss=float(task.losses[t]))
         finals.append(params)
     assert all(torch.equal(a, b) for a, b in zip(*finals, strict=True))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("first, second", [(True, False), (False, True)])
-def test_resume_across_fused_and_eager(weights, first, second):
+def test_resume_across_fused_and_eager(weights, first, second, device):
 
     def run(flags):
-        params = _model_params()
+        params = _model_params(device=device)
         opt = VeLO(params, weights, num_steps=20, fused=flags[0])
         for t in range(6):
             if t == 3:
@@ -364,7 +389,7 @@ def test_resume_across_fused_and_eager(weights, first, second):
     switched, straight = run((first, second)), run((first, first))
     for a, b in zip(switched, straight, strict=True):
         # three steps on the other implementation: its per-step difference, three times
-        assert relative(a.numpy(), b.numpy()) <= 3 * FUSED_PARAMS_TOL
+        assert relative(_np(a), _np(b)) <= 3 * FUSED_PARAMS_TOL
 
 
 def test_fused_true_refuses_and_none_falls_back_once(weights):
@@ -382,9 +407,10 @@ def test_fused_true_refuses_and_none_falls_back_once(weights):
     assert len(caught) == 1
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("decoupled", [False, True])
-def test_fused_weight_decay_matches_eager(weights, decoupled):
-    a, b = _model_params(), _model_params()
+def test_fused_weight_decay_matches_eager(weights, decoupled, device):
+    a, b = _model_params(device=device), _model_params(device=device)
     kw = {"num_steps": 20, "weight_decay": 0.1, "lr": 0.5, "decoupled_weight_decay": decoupled}
     oa, ob = VeLO(a, weights, fused=False, **kw), VeLO(b, weights, fused=True, **kw)
     for t in range(4):
@@ -396,4 +422,27 @@ def test_fused_weight_decay_matches_eager(weights, decoupled):
         ob.step(loss=2.0 / (t + 1))
     for p, q in zip(a, b, strict=True):
         # four steps, each within the fused-vs-eager bound
-        assert relative(q.numpy(), p.numpy()) <= 4 * FUSED_PARAMS_TOL
+        assert relative(_np(q), _np(p)) <= 4 * FUSED_PARAMS_TOL
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_fused_param_groups_match_eager(weights, decoupled, device):
+    """Per-tensor lr and weight decay from two groups split across the CUDA kernels' chunks
+    of 16 tensors (group two starts at tensor 10)."""
+    task = make_task(6, 3, MANY_SHAPES)
+    runs = []
+    for fused in (False, True):
+        params = [torch.tensor(v).to(device) for v in task.params.values()]
+        groups = [{"params": params[:10], "lr": 0.5, "weight_decay": 0.1},
+                  {"params": params[10:], "lr": 2.0, "weight_decay": 0.01}]
+        opt = VeLO(groups, weights, num_steps=20, fused=fused,
+                   decoupled_weight_decay=decoupled)
+        for t in range(task.steps):
+            for p, g in zip(params, task.grads[t].values(), strict=True):
+                p.grad = torch.tensor(g).to(device)
+            opt.step(loss=float(task.losses[t]))
+        runs.append(params)
+    for p, q in zip(*runs, strict=True):
+        # three steps, each within the fused-vs-eager bound
+        assert relative(_np(q), _np(p)) <= 3 * FUSED_PARAMS_TOL
