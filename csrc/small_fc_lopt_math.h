@@ -237,9 +237,11 @@ constexpr int kVeloGroups = 14;
 
 LOPT_HD int velo_feature_count(int k) { return 6 + 8 * k; }
 
-LOPT_HD void velo_raw_features(const ElementState& s, int k, float* out, int stride = 1) {
-  int j = 0;
+// The columns of velo_raw_features that vary element by element: every group but the four
+// side groups (velo_side_group) of a factored tensor, which depend on one v_row or v_col entry.
+LOPT_HD void velo_element_features(const ElementState& s, int k, float* out, int stride = 1) {
   const float rr = rsqrt_ieee(s.rms + kRmsFeatureEps);
+  int j = 0;
   out[stride * j++] = s.g;
   out[stride * j++] = s.g < -kVeloGradClipFeature ? -kVeloGradClipFeature
                       : (s.g > kVeloGradClipFeature ? kVeloGradClipFeature : s.g);
@@ -250,16 +252,59 @@ LOPT_HD void velo_raw_features(const ElementState& s, int k, float* out, int str
   out[stride * j++] = rr;
   for (int i = 0; i < k; ++i) out[stride * j++] = s.fac_g[i];
   out[stride * j++] = s.g * rr;
-  for (int i = 0; i < k; ++i) out[stride * j++] = s.row[i];
-  for (int i = 0; i < k; ++i) out[stride * j++] = s.col[i];
-  for (int i = 0; i < k; ++i) out[stride * j++] = rsqrt_ieee(s.row[i] + kRowColFeatureEps);
-  for (int i = 0; i < k; ++i) out[stride * j++] = rsqrt_ieee(s.col[i] + kRowColFeatureEps);
+  j += 4 * k;
   for (int i = 0; i < k; ++i) out[stride * j++] = s.mom_mult[i];
+}
+
+// The four side groups, from column 6 + 3k: row[k], col[k], rsqrt(row + 1e-8)[k],
+// rsqrt(col + 1e-8)[k].
+LOPT_HD float velo_side_feature(float v, bool rsqrt_group) {
+  return rsqrt_group ? rsqrt_ieee(v + kRowColFeatureEps) : v;
+}
+
+LOPT_HD void velo_raw_features(const ElementState& s, int k, float* out, int stride = 1) {
+  velo_element_features(s, k, out, stride);
+  int j = 6 + 3 * k;
+  for (int i = 0; i < k; ++i) out[stride * j++] = velo_side_feature(s.row[i], false);
+  for (int i = 0; i < k; ++i) out[stride * j++] = velo_side_feature(s.col[i], false);
+  for (int i = 0; i < k; ++i) out[stride * j++] = velo_side_feature(s.row[i], true);
+  for (int i = 0; i < k; ++i) out[stride * j++] = velo_side_feature(s.col[i], true);
 }
 
 // Width of VeLO feature group j (w0__j) for k decays.
 LOPT_HD int velo_group_width(int j, int k) {
   return (j == 3 || j == 5 || j == 7 || j >= 9) ? k : 1;
+}
+
+// First feature column of group j (the weights of w0__j start at column * hidden).
+LOPT_HD int velo_group_column(int j, int k) {
+  int c = 0;
+  for (int i = 0; i < j; ++i) c += velo_group_width(i, k);
+  return c;
+}
+
+// The side groups: 9 (v_row), 10 (v_col), 11 (rsqrt v_row), 12 (rsqrt v_col).
+constexpr int kVeloFirstSideGroup = 9;
+LOPT_HD bool velo_side_group(int j) { return j >= kVeloFirstSideGroup && j < kVeloFirstSideGroup + 4; }
+
+// Layer-0 partial sums of side group j for one v_row or v_col entry v[0..k): per output o,
+// the group's FMA chain over its k normalized features (x = raw * inv), exactly as velo_mlp
+// forms it for every element of that row or column, so that it can be formed once per entry.
+// inv: the tensor's feature normalizers; w: its flattened MLP weights.
+LOPT_HD void velo_side_partial(const float* v, int j, int k, const float* inv, const float* w,
+                               int hidden, float* out) {
+  const int c = velo_group_column(j, k);
+  const bool rsqrt_group = j >= kVeloFirstSideGroup + 2;
+  float x[kMaxDecays];
+  LOPT_UNROLL
+  for (int i = 0; i < k; ++i) x[i] = velo_side_feature(v[i], rsqrt_group) * inv[c + i];
+  LOPT_UNROLL
+  for (int o = 0; o < hidden; ++o) {
+    float partial = 0.0f;
+    LOPT_UNROLL
+    for (int i = 0; i < k; ++i) partial = fmaf(x[i], w[(c + i) * hidden + o], partial);
+    out[o] = partial;
+  }
 }
 
 // VeLO's per-tensor MLP for one element; x[f * xs] are the normalized features. Weights per
@@ -317,10 +362,44 @@ LOPT_HD int velo_mlp_size(int k, int hidden, int layers) {
          + hidden * kVeloOutputs + kVeloOutputs;
 }
 
+// exp(x) in straight-line float arithmetic, so that the CPU's lane loops vectorize it (a call
+// to expf does not): x = n ln2 + r with n = rint(x / ln2) and ln2 split in two (Cody-Waite),
+// e^r by its degree-7 Taylor polynomial on |r| <= ln2 / 2, then two exact scalings by powers
+// of two. Within 0.94 ulp of the exact value on every normal result (checked exhaustively over
+// a seventh of all floats); +-inf and NaN map as expf's do, results below 2^-126 may differ
+// from expf's in the last subnormal bit.
+LOPT_HD float exp_poly(float x) {
+  const float xc = x < -104.0f ? -104.0f : (x > 89.0f ? 89.0f : x);
+  const float n = rintf(xc * 1.44269504088896341f);
+  float r = fmaf(n, -0.693145751953125f, xc);
+  r = fmaf(n, -1.428606765330187e-06f, r);
+  float q = 1.0f / 5040.0f;
+  q = fmaf(q, r, 1.0f / 720.0f);
+  q = fmaf(q, r, 1.0f / 120.0f);
+  q = fmaf(q, r, 1.0f / 24.0f);
+  q = fmaf(q, r, 1.0f / 6.0f);
+  q = fmaf(q, r, 0.5f);
+  q = fmaf(q, r, 1.0f);
+  q = fmaf(q, r, 1.0f);
+  const int ni = xc == xc ? static_cast<int>(n) : 0;  // |n| <= 150: 2^n as two normal factors
+  const int n1 = ni / 2, n2 = ni - n1;
+  return q * bits_float(static_cast<uint32_t>(n1 + 127) << 23)
+         * bits_float(static_cast<uint32_t>(n2 + 127) << 23);
+}
+
+// VeLO's exponential: the device's expf, and exp_poly on the host (vectorizable).
+LOPT_HD float velo_exp(float x) {
+#if defined(__CUDA_ARCH__)
+  return expf(x);
+#else
+  return exp_poly(x);
+#endif
+}
+
 // VeLO's step: lr_mult * ((direction * (param_scale * exp(magnitude * exp_mult))) * step_mult).
 LOPT_HD float velo_step(float direction, float magnitude, float exp_mult, float param_scale,
                         float step_mult, float lr_mult) {
-  return lr_mult * ((direction * (param_scale * expf(magnitude * exp_mult))) * step_mult);
+  return lr_mult * ((direction * (param_scale * velo_exp(magnitude * exp_mult))) * step_mult);
 }
 
 // Second-moment normalizer of one feature column: rsqrt(1e-5 + sum(x^2) / n).

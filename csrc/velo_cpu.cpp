@@ -9,6 +9,13 @@
 #include "cpu_lanes.h"
 #include "small_fc_lopt_cpu.h"
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+// GCC 12 reports its own avx512fintrin.h internals as maybe uninitialized once inlined at -O3
+// (see small_fc_lopt_cpu.cpp).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
 namespace lopt {
 namespace {
 
@@ -19,122 +26,87 @@ using cpu::gather;
 using cpu::lane_state;
 using cpu::per_tensor;
 
-template <int K>
-void accumulate_k(const TensorArgs* t, int count, const GroupDecays& d, float* stats) {
-  constexpr int F = 6 + 8 * K;
-  small_fc_reduce_cpu(t, count, d);
-  const std::vector<WorkItem> items = cpu::accumulate_items(t, count);
-  const int64_t n_items = static_cast<int64_t>(items.size());
-  // Pass 1: sums of p^2, m and rms (old state).
-  constexpr int W1 = 2 + K;
-  std::vector<double> part1(items.size() * W1);
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t w = 0; w < n_items; ++w) {
-    const WorkItem& it = items[w];
-    const TensorArgs& ti = t[it.tensor];
-    double acc[W1] = {};
-    for (int64_t i = it.begin; i < it.end; ++i) {
-      const float p = load_value(ti.p, ti.dtype, i);
-      acc[0] += static_cast<double>(p * p);
-      for (int a = 0; a < K; ++a) acc[1 + a] += ti.m[i * K + a];
-      acc[1 + K] += ti.rms[i];
-    }
-    std::copy(acc, acc + W1, part1.begin() + w * W1);
-  }
-  const std::vector<double> sum1 = per_tensor(items, part1, count, W1);
-  // Pass 2: squared deviations of m and of rms about the momentum mean (old state).
-  constexpr int W2 = 2 * K;
-  std::vector<double> part2(items.size() * W2);
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t w = 0; w < n_items; ++w) {
-    const WorkItem& it = items[w];
-    const TensorArgs& ti = t[it.tensor];
-    const double n = static_cast<double>(ti.n);
-    double mean[K];
-    for (int a = 0; a < K; ++a) mean[a] = sum1[it.tensor * W1 + 1 + a] / n;
-    double acc[W2] = {};
-    for (int64_t i = it.begin; i < it.end; ++i)
-      for (int a = 0; a < K; ++a) {
-        const double dm = ti.m[i * K + a] - mean[a];
-        const double dr = ti.rms[i] - mean[a];
-        acc[a] += dm * dm;
-        acc[K + a] += dr * dr;
-      }
-    std::copy(acc, acc + W2, part2.begin() + w * W2);
-  }
-  const std::vector<double> sum2 = per_tensor(items, part2, count, W2);
-  // Pass 3: the moving averages, then the sums of squares of the features (new state).
-  std::vector<double> part3(items.size() * F);
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t w = 0; w < n_items; ++w) {
-    const WorkItem& it = items[w];
-    const TensorArgs& ti = t[it.tensor];
-    alignas(64) double acc[F][kLanes] = {};
-    alignas(64) float raw[F * kLanes];
-    LaneInputs in;
-    FactoredCursor cur;
-    if (ti.factored) cur.start(ti.ix, it.begin);
-    for (int64_t i0 = it.begin; i0 < it.end; i0 += kLanes) {
-      const int lanes = static_cast<int>(std::min<int64_t>(kLanes, it.end - i0));
-      if (ti.factored) {
-        gather<K, true, true>(ti, d, i0, lanes, cur, in);
-#pragma omp simd
-        for (int e = 0; e < kLanes; ++e)
-          velo_raw_features(lane_state<K, true>(in, e, false), K, raw + e, kLanes);
-      } else {
-        gather<K, false, true>(ti, d, i0, lanes, cur, in);
-#pragma omp simd
-        for (int e = 0; e < kLanes; ++e)
-          velo_raw_features(lane_state<K, false>(in, e, false), K, raw + e, kLanes);
-      }
-      if (lanes < kLanes)
-        for (int f = 0; f < F; ++f)
-          for (int e = lanes; e < kLanes; ++e) raw[f * kLanes + e] = 0.0f;
-      for (int f = 0; f < F; ++f)
-#pragma omp simd
-        for (int e = 0; e < kLanes; ++e) {
-          const double v = raw[f * kLanes + e];
-          acc[f][e] += v * v;
-        }
-    }
-    for (int f = 0; f < F; ++f) {
-      double total = 0.0;
-      for (int e = 0; e < kLanes; ++e) total += acc[f][e];
-      part3[w * F + f] = total;
-    }
-  }
-  const std::vector<double> sum3 = per_tensor(items, part3, count, F);
-  const int S = velo_stats_count(K);
-  for (int i = 0; i < count; ++i) {
-    const double n = static_cast<double>(t[i].n);
-    float* s = stats + i * S;
-    s[0] = static_cast<float>(sum1[i * W1] / n);
-    for (int a = 0; a < K; ++a) {
-      s[1 + a] = static_cast<float>(sum1[i * W1 + 1 + a] / n);
-      s[1 + K + a] = static_cast<float>(sum2[i * W2 + a] / n);
-      s[2 + 2 * K + a] = static_cast<float>(sum2[i * W2 + K + a] / n);
-    }
-    s[1 + 2 * K] = static_cast<float>(sum1[i * W1 + 1 + K] / n);
-    for (int f = 0; f < F; ++f) t[i].sumsq[f] = static_cast<float>(sum3[i * F + f]);
-  }
-}
+// Layer-0 partials of the four side groups for a lane group: group kVeloFirstSideGroup + s,
+// output o, lane e at p[s][o * ld[s] + e].
+struct LaneSides {
+  const float* p[4];
+  int64_t ld[4];
+};
 
 // velo_mlp for kLanes elements at once (x and out feature-major, x[f * kLanes + e]): every
-// lane gets exactly velo_mlp's operations in the same order; the loops over lanes vectorize.
-template <int K, int H, int L>
-void velo_mlp_lanes(const float* x, const float* w, float* out) {
+// lane gets exactly velo_mlp's operations in the same order (one 16-wide register per
+// quantity with AVX-512, loops over the lanes otherwise). With Sides, the side groups'
+// partials come from `sides` (formed per v_row/v_col entry by velo_side_partial) instead of x.
+#if defined(__AVX512F__)
+static_assert(kLanes == 16, "one AVX-512 register per lane group");
+
+template <int K, int H, int L, bool Sides>
+void velo_mlp_lanes(const float* x, const float* w, const LaneSides* sides, float* out) {
+  __m512 h[H];
+  for (int o = 0; o < H; ++o) h[o] = _mm512_setzero_ps();
+  int col = 0;
+  for (int j = 0; j < kVeloGroups; ++j) {
+    const int width = velo_group_width(j, K);
+    if (Sides && velo_side_group(j)) {
+      const float* sp = sides->p[j - kVeloFirstSideGroup];
+      const int64_t ld = sides->ld[j - kVeloFirstSideGroup];
+      for (int o = 0; o < H; ++o) h[o] = _mm512_add_ps(h[o], _mm512_loadu_ps(sp + o * ld));
+    } else {
+      for (int o = 0; o < H; ++o) {
+        __m512 partial = _mm512_setzero_ps();
+        for (int i = 0; i < width; ++i)
+          partial = _mm512_fmadd_ps(_mm512_load_ps(x + (col + i) * kLanes),
+                                    _mm512_set1_ps(w[i * H + o]), partial);
+        h[o] = _mm512_add_ps(h[o], partial);
+      }
+    }
+    w += width * H;
+    col += width;
+  }
+  const __m512 zero = _mm512_setzero_ps();
+  // relu(v) = v < 0 ? 0 : v (NaN passes): keep v where !(v < 0).
+  auto relu16 = [&](__m512 v) {
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ), v, zero);
+  };
+  for (int o = 0; o < H; ++o) h[o] = relu16(_mm512_add_ps(h[o], _mm512_set1_ps(w[o])));
+  w += H;
+  for (int l = 1; l <= L; ++l) {
+    const int n_out = l == L ? kVeloOutputs : H;
+    __m512 next[H > kVeloOutputs ? H : kVeloOutputs];
+    for (int o = 0; o < n_out; ++o) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int i = 0; i < H; ++i) acc = _mm512_fmadd_ps(h[i], _mm512_set1_ps(w[i * n_out + o]), acc);
+      next[o] = _mm512_add_ps(acc, _mm512_set1_ps(w[H * n_out + o]));
+    }
+    w += H * n_out + n_out;
+    for (int o = 0; o < n_out; ++o) {
+      if (l == L) _mm512_store_ps(out + o * kLanes, next[o]);
+      else h[o] = relu16(next[o]);
+    }
+  }
+}
+#else
+template <int K, int H, int L, bool Sides>
+void velo_mlp_lanes(const float* x, const float* w, const LaneSides* sides, float* out) {
   alignas(64) float h[H][kLanes] = {};
   int col = 0;
   for (int j = 0; j < kVeloGroups; ++j) {
     const int width = velo_group_width(j, K);
-    for (int o = 0; o < H; ++o) {
-      alignas(64) float partial[kLanes] = {};
-      for (int i = 0; i < width; ++i) {
-        const float wv = w[i * H + o];
-        for (int e = 0; e < kLanes; ++e)
-          partial[e] = fmaf(x[(col + i) * kLanes + e], wv, partial[e]);
+    if (Sides && velo_side_group(j)) {
+      const float* sp = sides->p[j - kVeloFirstSideGroup];
+      const int64_t ld = sides->ld[j - kVeloFirstSideGroup];
+      for (int o = 0; o < H; ++o)
+        for (int e = 0; e < kLanes; ++e) h[o][e] = h[o][e] + sp[o * ld + e];
+    } else {
+      for (int o = 0; o < H; ++o) {
+        alignas(64) float partial[kLanes] = {};
+        for (int i = 0; i < width; ++i) {
+          const float wv = w[i * H + o];
+          for (int e = 0; e < kLanes; ++e)
+            partial[e] = fmaf(x[(col + i) * kLanes + e], wv, partial[e]);
+        }
+        for (int e = 0; e < kLanes; ++e) h[o][e] = h[o][e] + partial[e];
       }
-      for (int e = 0; e < kLanes; ++e) h[o][e] = h[o][e] + partial[e];
     }
     w += width * H;
     col += width;
@@ -161,12 +133,18 @@ void velo_mlp_lanes(const float* x, const float* w, float* out) {
       }
   }
 }
+#endif
+
+// The per-tensor scalars of the step.
+struct StepScalars {
+  float lr_mult, scale, lr, decay, exp_mult, step_mult;
+};
 
 // H, L > 0: the MLP's sizes at compile time (the released 4-wide, 2-hidden-layer net), so that
 // velo_mlp unrolls and vectorizes across the lanes; 0: runtime sizes, one lane at a time.
 template <int K, bool Factored, int H, int L>
 void apply_range(const TensorArgs& t, const GroupDecays& d, const float* inv, const float* w,
-                 const VeloApplyArgs& a, int index, int64_t begin, int64_t end) {
+                 const VeloApplyArgs& a, const StepScalars& sc, int64_t begin, int64_t end) {
   constexpr int F = 6 + 8 * K;
   alignas(64) float x[F * kLanes];
   alignas(64) float out[kVeloOutputs * kLanes];
@@ -178,8 +156,6 @@ void apply_range(const TensorArgs& t, const GroupDecays& d, const float* inv, co
   alignas(64) float wl[kWeights];
   if constexpr (H > 0)
     for (int j = 0; j < kWeights; ++j) wl[j] = w[j];
-  const float lr_mult = a.lr_mult[index], scale = a.param_scale[index];
-  const float lr = a.lr[index], decay = a.decay_mult[index];
   for (int64_t i0 = begin; i0 < end; i0 += kLanes) {
     const int lanes = static_cast<int>(std::min<int64_t>(kLanes, end - i0));
     gather<K, Factored, false>(t, d, i0, lanes, cur, in);
@@ -190,7 +166,7 @@ void apply_range(const TensorArgs& t, const GroupDecays& d, const float* inv, co
 #pragma omp simd
       for (int e = 0; e < kLanes; ++e) x[f * kLanes + e] *= inv[f];
     if constexpr (H > 0) {
-      velo_mlp_lanes<K, H, L>(x, wl, out);
+      velo_mlp_lanes<K, H, L, false>(x, wl, nullptr, out);
     } else {
       for (int e = 0; e < lanes; ++e) {
         float o[kVeloOutputs];
@@ -199,11 +175,577 @@ void apply_range(const TensorArgs& t, const GroupDecays& d, const float* inv, co
       }
     }
     for (int e = 0; e < lanes; ++e) {
-      const float step = velo_step(out[e], out[kLanes + e], a.exp_mult, scale, a.step_mult,
-                                   lr_mult);
-      const float p = decay != 1.0f ? in.p[e] * decay : in.p[e];
-      store_value(t.p, t.dtype, i0 + e, p - lr * step);
+      const float step = velo_step(out[e], out[kLanes + e], sc.exp_mult, sc.scale,
+                                   sc.step_mult, sc.lr_mult);
+      const float p = sc.decay != 1.0f ? in.p[e] * sc.decay : in.p[e];
+      store_value(t.p, t.dtype, i0 + e, p - sc.lr * step);
     }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Run layout: a factored tensor whose last axis moves exactly one of its v_row / v_col
+// indices (every 2-D tensor). Viewed as [n / len, len], the elements of one run q share the
+// fixed side's entry and walk the varying side's entries by `stride`, so the varying side's
+// layer-0 partials are formed once per entry for a tile of runs, the fixed side's once per
+// run, and the lanes load everything else contiguously.
+
+struct RunLayout {
+  bool ok = false;
+  bool row_varies = false;
+  int64_t len = 0, stride = 0;
+};
+
+RunLayout run_layout(const TensorArgs& t) {
+  RunLayout r;
+  if (!t.factored || t.ix.rank < 2) return r;
+  const int last = t.ix.rank - 1;
+  const int64_t rs = t.ix.row_stride[last], cs = t.ix.col_stride[last];
+  r.len = t.ix.size[last];
+  if ((rs != 0) == (cs != 0) || r.len < kLanes) return r;
+  r.ok = true;
+  r.row_varies = rs != 0;
+  r.stride = r.row_varies ? rs : cs;
+  return r;
+}
+
+constexpr int64_t kRunBlock = 256;       // positions along the last axis per tile
+constexpr int64_t kRunTileElems = 8192;  // elements per tile (at least one run)
+
+// A tile of runs [q0, q1) x positions [j0, j1).
+struct RunTile {
+  int tensor;
+  int64_t q0, q1, j0, j1;
+};
+
+std::vector<RunTile> run_tiles(const TensorArgs* t, const std::vector<RunLayout>& layout,
+                               int count) {
+  std::vector<RunTile> tiles;
+  for (int i = 0; i < count; ++i) {
+    if (!layout[i].ok) continue;
+    const int64_t len = layout[i].len, runs = t[i].n / len;
+    const int64_t rows = std::max<int64_t>(1, kRunTileElems / std::min(len, kRunBlock));
+    for (int64_t q = 0; q < runs; q += rows)
+      for (int64_t j = 0; j < len; j += kRunBlock)
+        tiles.push_back({i, q, std::min(runs, q + rows), j, std::min(len, j + kRunBlock)});
+  }
+  return tiles;
+}
+
+// The varying side's table for positions [0, width) from entry `base` (stride `stride`):
+// factors fac[a][j] and the partials part[s][o][j] of its value (s = 0) and rsqrt (s = 1)
+// groups; then a lane group of padding (unit factors, zero partials).
+template <int K, int H>
+void side_table(const float* __restrict v, const float* __restrict factor, int64_t base,
+                int64_t stride, int64_t width, int value_group, const float* inv,
+                const float* w, float (*fac)[kRunBlock + kLanes],
+                float (*part)[H][kRunBlock + kLanes]) {
+  for (int64_t j0 = 0; j0 < width; j0 += kLanes) {
+    alignas(64) float vl[K][kLanes];
+    for (int a = 0; a < K; ++a)
+#pragma omp simd
+      for (int e = 0; e < kLanes; ++e) {
+        const int64_t j = std::min<int64_t>(j0 + e, width - 1);
+        vl[a][e] = v[(base + j * stride) * K + a];
+        fac[a][j0 + e] = factor[(base + j * stride) * K + a];
+      }
+#pragma omp simd
+    for (int e = 0; e < kLanes; ++e) {
+      float ve[K], pv[H], pr[H];
+      for (int a = 0; a < K; ++a) ve[a] = vl[a][e];
+      velo_side_partial(ve, value_group, K, inv, w, H, pv);
+      velo_side_partial(ve, value_group + 2, K, inv, w, H, pr);
+      for (int o = 0; o < H; ++o) {
+        part[0][o][j0 + e] = pv[o];
+        part[1][o][j0 + e] = pr[o];
+      }
+    }
+  }
+  for (int64_t j = width; j < width + kLanes; ++j) {
+    for (int o = 0; o < H; ++o) part[0][o][j] = part[1][o][j] = 0.0f;
+    for (int a = 0; a < K; ++a) fac[a][j] = 1.0f;
+  }
+}
+
+// Lanes 0..15 = elements i0 .. i0 + 15: parameter, effective gradient, rms and momentum
+// (deinterleaved from its [n, K] layout through a contiguous copy).
+template <DType DT, int K>
+inline void load_lanes(const void* __restrict p, const void* __restrict g,
+                       const float* __restrict m, const float* __restrict rms, float wd,
+                       float clip, int64_t i0, LaneInputs& in) {
+#pragma omp simd
+  for (int e = 0; e < kLanes; ++e) {
+    in.p[e] = load_value(p, DT, i0 + e);
+    in.g[e] = effective_grad(load_value(g, DT, i0 + e), in.p[e], wd, clip);
+    in.rms[e] = rms[i0 + e];
+  }
+  alignas(64) float mm[K * kLanes];
+  std::copy(m + i0 * K, m + (i0 + kLanes) * K, mm);
+  for (int a = 0; a < K; ++a)
+#pragma omp simd
+    for (int e = 0; e < kLanes; ++e) in.m[a][e] = mm[e * K + a];
+}
+
+template <DType DT, int K, int H, int L, bool RowVaries>
+void apply_run_tile(const TensorArgs& t, const RunLayout& rl, const float* inv, const float* w,
+                    const StepScalars& sc, const RunTile& tile) {
+  constexpr int F = 6 + 8 * K;
+  constexpr int kSide0 = 6 + 3 * K, kSide1 = 6 + 7 * K;  // side columns [kSide0, kSide1)
+  constexpr int kWeights = F * H + H + (L - 1) * (H * H + H) + H * 3 + 3;
+  alignas(64) float wl[kWeights];
+  for (int j = 0; j < kWeights; ++j) wl[j] = w[j];
+  const int64_t width = tile.j1 - tile.j0;
+  void* const p_out = t.p;
+  const void* __restrict const p_in = t.p;
+  const void* __restrict const g_in = t.g;
+  const float* __restrict const m_in = t.m;
+  const float* __restrict const rms_in = t.rms;
+  const float wd = t.grad_wd, clip = t.grad_clip;
+  const float* vary_factor = RowVaries ? t.row_factor : t.col_factor;
+  const float* vary_v = RowVaries ? t.v_row : t.v_col;
+  const float* fixed_factor = RowVaries ? t.col_factor : t.row_factor;
+  const float* fixed_v = RowVaries ? t.v_col : t.v_row;
+  // Side group s = 0..3 is 9 + s: v_row, v_col, rsqrt v_row, rsqrt v_col.
+  constexpr int vary_s = RowVaries ? 0 : 1, fixed_s = 1 - vary_s;
+  alignas(64) float vfac[K][kRunBlock + kLanes];
+  alignas(64) float vpart[2][H][kRunBlock + kLanes];
+  alignas(64) float fpart[2][H][kLanes];
+  int64_t table_base = -1;
+  alignas(64) float x[F * kLanes];
+  alignas(64) float out[kVeloOutputs * kLanes];
+  alignas(64) float result[kLanes];
+  LaneInputs in{};  // v_row / v_col lanes stay 0: the side groups are not formed per element
+  LaneSides sides;
+  sides.ld[fixed_s] = sides.ld[2 + fixed_s] = kLanes;
+  sides.ld[vary_s] = sides.ld[2 + vary_s] = kRunBlock + kLanes;
+  sides.p[fixed_s] = &fpart[0][0][0];
+  sides.p[2 + fixed_s] = &fpart[1][0][0];
+  float (*const fixed_lanes)[kLanes] = RowVaries ? in.cf : in.rf;
+  float (*const vary_lanes)[kLanes] = RowVaries ? in.rf : in.cf;
+  for (int64_t q = tile.q0; q < tile.q1; ++q) {
+    const int64_t first = q * rl.len + tile.j0;
+    int64_t row, col, rcm;
+    factored_indices(t.ix, first, &row, &col, &rcm);
+    const int64_t vary0 = RowVaries ? row : col, fixed = RowVaries ? col : row;
+    if (vary0 != table_base) {
+      table_base = vary0;
+      side_table<K, H>(vary_v, vary_factor, vary0, rl.stride, width,
+                       kVeloFirstSideGroup + vary_s, inv, wl, vfac, vpart);
+    }
+    float part[2][H];
+    velo_side_partial(fixed_v + fixed * K, kVeloFirstSideGroup + fixed_s, K, inv, wl, H,
+                      part[0]);
+    velo_side_partial(fixed_v + fixed * K, kVeloFirstSideGroup + 2 + fixed_s, K, inv, wl, H,
+                      part[1]);
+    for (int s = 0; s < 2; ++s)
+      for (int o = 0; o < H; ++o)
+        for (int e = 0; e < kLanes; ++e) fpart[s][o][e] = part[s][o];
+    for (int a = 0; a < K; ++a)
+      for (int e = 0; e < kLanes; ++e) fixed_lanes[a][e] = fixed_factor[fixed * K + a];
+    for (int64_t j = 0; j < width; j += kLanes) {
+      const int lanes = static_cast<int>(std::min<int64_t>(kLanes, width - j));
+      const int64_t i0 = first + j;
+      if (lanes == kLanes) {
+        load_lanes<DT, K>(p_in, g_in, m_in, rms_in, wd, clip, i0, in);
+      } else {  // the run's last, partial lane group: lanes past its end repeat its last element
+        for (int e = 0; e < kLanes; ++e) {
+          const int64_t i = i0 + std::min(e, lanes - 1);
+          in.p[e] = load_value(p_in, DT, i);
+          in.g[e] = effective_grad(load_value(g_in, DT, i), in.p[e], wd, clip);
+          in.rms[e] = rms_in[i];
+          for (int a = 0; a < K; ++a) in.m[a][e] = m_in[i * K + a];
+        }
+      }
+      for (int a = 0; a < K; ++a)
+#pragma omp simd
+        for (int e = 0; e < kLanes; ++e) vary_lanes[a][e] = vfac[a][j + e];
+#pragma omp simd
+      for (int e = 0; e < kLanes; ++e)
+        velo_element_features(lane_state<K, true>(in, e, false), K, x + e, kLanes);
+      for (int f = 0; f < F; ++f) {
+        if (f >= kSide0 && f < kSide1) continue;
+#pragma omp simd
+        for (int e = 0; e < kLanes; ++e) x[f * kLanes + e] *= inv[f];
+      }
+      sides.p[vary_s] = &vpart[0][0][j];
+      sides.p[2 + vary_s] = &vpart[1][0][j];
+      velo_mlp_lanes<K, H, L, true>(x, wl, &sides, out);
+#pragma omp simd
+      for (int e = 0; e < kLanes; ++e) {
+        const float step = velo_step(out[e], out[kLanes + e], sc.exp_mult, sc.scale,
+                                     sc.step_mult, sc.lr_mult);
+        const float p = sc.decay != 1.0f ? in.p[e] * sc.decay : in.p[e];
+        result[e] = p - sc.lr * step;
+      }
+      for (int e = 0; e < lanes; ++e) store_value(p_out, DT, i0 + e, result[e]);
+    }
+  }
+}
+
+template <int K>
+void apply_run_tile_dtype(const TensorArgs& t, const RunLayout& rl, const float* inv,
+                          const float* w, const StepScalars& sc, const RunTile& tile) {
+  if (rl.row_varies) {
+    switch (t.dtype) {
+      case DType::kFloat32: apply_run_tile<DType::kFloat32, K, 4, 2, true>(t, rl, inv, w, sc, tile); break;
+      case DType::kBFloat16: apply_run_tile<DType::kBFloat16, K, 4, 2, true>(t, rl, inv, w, sc, tile); break;
+      case DType::kFloat16: apply_run_tile<DType::kFloat16, K, 4, 2, true>(t, rl, inv, w, sc, tile); break;
+    }
+  } else {
+    switch (t.dtype) {
+      case DType::kFloat32: apply_run_tile<DType::kFloat32, K, 4, 2, false>(t, rl, inv, w, sc, tile); break;
+      case DType::kBFloat16: apply_run_tile<DType::kBFloat16, K, 4, 2, false>(t, rl, inv, w, sc, tile); break;
+      case DType::kFloat16: apply_run_tile<DType::kFloat16, K, 4, 2, false>(t, rl, inv, w, sc, tile); break;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Phase A.
+
+// Pass 1 on one tile: sums of p^2 (squared in float), m (k) and rms, in double per lane in
+// element order, then the lanes in order, into out[2 + K].
+template <DType DT, int K>
+void sums_tile(const TensorArgs& t, int64_t begin, int64_t end, double* out) {
+  const void* __restrict p = t.p;
+  const float* __restrict m = t.m;
+  const float* __restrict rms = t.rms;
+  alignas(64) double ap[kLanes] = {}, ar[kLanes] = {}, am[K][kLanes] = {};
+  int64_t i0 = begin;
+  for (; i0 + kLanes <= end; i0 += kLanes) {
+    alignas(64) float mm[K * kLanes];
+    std::copy(m + i0 * K, m + (i0 + kLanes) * K, mm);
+#pragma omp simd
+    for (int e = 0; e < kLanes; ++e) {
+      const float v = load_value(p, DT, i0 + e);
+      ap[e] += static_cast<double>(v * v);
+      ar[e] += rms[i0 + e];
+    }
+    for (int a = 0; a < K; ++a)
+#pragma omp simd
+      for (int e = 0; e < kLanes; ++e) am[a][e] += mm[e * K + a];
+  }
+  for (int e = 0; i0 + e < end; ++e) {
+    const float v = load_value(p, DT, i0 + e);
+    ap[e] += static_cast<double>(v * v);
+    ar[e] += rms[i0 + e];
+    for (int a = 0; a < K; ++a) am[a][e] += m[(i0 + e) * K + a];
+  }
+  for (int c = 0; c < 2 + K; ++c) out[c] = 0.0;
+  for (int e = 0; e < kLanes; ++e) {
+    out[0] += ap[e];
+    for (int a = 0; a < K; ++a) out[1 + a] += am[a][e];
+    out[1 + K] += ar[e];
+  }
+}
+
+// How phase A walks a tensor: element by element (v_diag), or by runs (RunLayout) with the
+// row (RowRun) or the column (ColRun) entry varying along the last axis.
+enum class Walk { kDiag, kRowRun, kColRun };
+
+// Passes 2 and 3 on one tile of lane groups: the squared deviations of the old m and rms about
+// the momentum means (dev[2K], per lane then lanes in order), the moving averages (stored),
+// and the sums of squares of the features of the new state (sq[F]; for Walk::kDiag all of
+// them, for runs the element columns only: the side columns are summed per entry).
+template <DType DT, int K, Walk W>
+void update_tile(const TensorArgs& t, const GroupDecays& d, const RunLayout& rl,
+                 const double* mean, int64_t begin, int64_t end, double* dev, double* sq) {
+  constexpr int F = 6 + 8 * K;
+  constexpr bool kRun = W != Walk::kDiag, kRowVaries = W == Walk::kRowRun;
+  const void* __restrict p = t.p;
+  const void* __restrict g = t.g;
+  float* __restrict m = t.m;
+  float* __restrict rms = t.rms;
+  float* __restrict vd = t.v_diag;
+  alignas(64) double adev[2 * K][kLanes] = {};
+  alignas(64) double asq[F][kLanes] = {};
+  alignas(64) float x[F * kLanes];
+  LaneInputs in{};
+  const float* vary_factor = kRowVaries ? t.row_factor : t.col_factor;
+  const float* fixed_factor = kRowVaries ? t.col_factor : t.row_factor;
+  float (*const fixed_lanes)[kLanes] = kRowVaries ? in.cf : in.rf;
+  float (*const vary_lanes)[kLanes] = kRowVaries ? in.rf : in.cf;
+  int64_t i = begin;
+  while (i < end) {
+    // A segment [i, seg_end) inside one run (the whole tile for v_diag).
+    int64_t seg_end = end, vary0 = 0;
+    if constexpr (kRun) {
+      seg_end = std::min(end, (i / rl.len + 1) * rl.len);
+      int64_t row, col, rcm;
+      factored_indices(t.ix, i, &row, &col, &rcm);
+      vary0 = kRowVaries ? row : col;
+      const int64_t fixed = kRowVaries ? col : row;
+      for (int a = 0; a < K; ++a)
+        for (int e = 0; e < kLanes; ++e) fixed_lanes[a][e] = fixed_factor[fixed * K + a];
+    }
+    for (int64_t i0 = i; i0 < seg_end; i0 += kLanes) {
+      const int lanes = static_cast<int>(std::min<int64_t>(kLanes, seg_end - i0));
+      const int64_t entry0 = vary0 + (i0 - i) * rl.stride;
+      // Old state into the lanes (lanes past the end repeat the last element).
+      alignas(64) float mm[K * kLanes], vv[K * kLanes];
+      if (lanes == kLanes) {
+#pragma omp simd
+        for (int e = 0; e < kLanes; ++e) {
+          in.p[e] = load_value(p, DT, i0 + e);
+          in.g[e] = effective_grad(load_value(g, DT, i0 + e), in.p[e], t.grad_wd, t.grad_clip);
+          in.rms[e] = rms[i0 + e];
+        }
+        std::copy(m + i0 * K, m + (i0 + kLanes) * K, mm);
+        if constexpr (!kRun) std::copy(vd + i0 * K, vd + (i0 + kLanes) * K, vv);
+      } else {
+        for (int e = 0; e < kLanes; ++e) {
+          const int64_t ie = i0 + std::min(e, lanes - 1);
+          in.p[e] = load_value(p, DT, ie);
+          in.g[e] = effective_grad(load_value(g, DT, ie), in.p[e], t.grad_wd, t.grad_clip);
+          in.rms[e] = rms[ie];
+          for (int a = 0; a < K; ++a) {
+            mm[e * K + a] = m[ie * K + a];
+            if constexpr (!kRun) vv[e * K + a] = vd[ie * K + a];
+          }
+        }
+      }
+      if constexpr (kRun) {
+        if (rl.stride == 1 && lanes == kLanes) {
+          alignas(64) float ff[K * kLanes];
+          std::copy(vary_factor + entry0 * K, vary_factor + (entry0 + kLanes) * K, ff);
+          for (int a = 0; a < K; ++a)
+#pragma omp simd
+            for (int e = 0; e < kLanes; ++e) vary_lanes[a][e] = ff[e * K + a];
+        } else {
+          for (int e = 0; e < kLanes; ++e)
+            for (int a = 0; a < K; ++a)
+              vary_lanes[a][e] =
+                  vary_factor[(entry0 + std::min(e, lanes - 1) * rl.stride) * K + a];
+        }
+      }
+      // Deviations of the old state (zero in lanes past the end), then the moving averages.
+      alignas(64) double dm[K][kLanes], dr[K][kLanes];
+      for (int a = 0; a < K; ++a)
+#pragma omp simd
+        for (int e = 0; e < kLanes; ++e) {
+          dm[a][e] = mm[e * K + a] - mean[a];
+          dr[a][e] = in.rms[e] - mean[a];
+        }
+      if (lanes < kLanes)
+        for (int a = 0; a < K; ++a)
+          for (int e = lanes; e < kLanes; ++e) dm[a][e] = dr[a][e] = 0.0;
+      for (int a = 0; a < K; ++a)
+#pragma omp simd
+        for (int e = 0; e < kLanes; ++e) {
+          adev[a][e] += dm[a][e] * dm[a][e];
+          adev[K + a][e] += dr[a][e] * dr[a][e];
+        }
+      for (int a = 0; a < K; ++a) {
+        const float mom = d.mom[a], mom_mix = d.mom_mix[a];
+#pragma omp simd
+        for (int e = 0; e < kLanes; ++e) {
+          const float mn = ema(mom, mm[e * K + a], mom_mix * in.g[e]);
+          mm[e * K + a] = mn;
+          in.m[a][e] = mn;
+        }
+      }
+#pragma omp simd
+      for (int e = 0; e < kLanes; ++e)
+        in.rms[e] = ema(d.rms, in.rms[e], d.rms_mix * (in.g[e] * in.g[e]));
+      if constexpr (!kRun) {
+        for (int a = 0; a < K; ++a) {
+          const float fac = d.fac[a], fac_mix = d.fac_mix[a];
+#pragma omp simd
+          for (int e = 0; e < kLanes; ++e) {
+            const float vn = ema(fac, vv[e * K + a], fac_mix * factored_grad_sq(in.g[e]));
+            vv[e * K + a] = vn;
+            in.vr[a][e] = vn;
+          }
+        }
+      }
+      // Store the new state.
+      if (lanes == kLanes) {
+        std::copy(mm, mm + K * kLanes, m + i0 * K);
+        std::copy(in.rms, in.rms + kLanes, rms + i0);
+        if constexpr (!kRun) std::copy(vv, vv + K * kLanes, vd + i0 * K);
+      } else {
+        std::copy(mm, mm + K * lanes, m + i0 * K);
+        std::copy(in.rms, in.rms + lanes, rms + i0);
+        if constexpr (!kRun) std::copy(vv, vv + K * lanes, vd + i0 * K);
+      }
+      // Features of the new state and their squares.
+      if constexpr (kRun) {
+#pragma omp simd
+        for (int e = 0; e < kLanes; ++e)
+          velo_element_features(lane_state<K, true>(in, e, false), K, x + e, kLanes);
+      } else {
+#pragma omp simd
+        for (int e = 0; e < kLanes; ++e)
+          velo_raw_features(lane_state<K, false>(in, e, false), K, x + e, kLanes);
+      }
+      if (lanes < kLanes)
+        for (int f = 0; f < F; ++f)
+          for (int e = lanes; e < kLanes; ++e) x[f * kLanes + e] = 0.0f;
+      constexpr int kSkip0 = kRun ? 6 + 3 * K : F, kSkip1 = kRun ? 6 + 7 * K : F;
+      for (int f = 0; f < kSkip0; ++f)
+#pragma omp simd
+        for (int e = 0; e < kLanes; ++e) {
+          const double v = x[f * kLanes + e];
+          asq[f][e] += v * v;
+        }
+      for (int f = kSkip1; f < F; ++f)
+#pragma omp simd
+        for (int e = 0; e < kLanes; ++e) {
+          const double v = x[f * kLanes + e];
+          asq[f][e] += v * v;
+        }
+    }
+    i = seg_end;
+  }
+  for (int c = 0; c < 2 * K; ++c) {
+    dev[c] = 0.0;
+    for (int e = 0; e < kLanes; ++e) dev[c] += adev[c][e];
+  }
+  for (int f = 0; f < F; ++f) {
+    sq[f] = 0.0;
+    for (int e = 0; e < kLanes; ++e) sq[f] += asq[f][e];
+  }
+}
+
+// Passes 2 and 3 (as update_tile) for a factored tensor that runs cannot walk: lane groups
+// through the factored cursor (cpu::gather), every column per element (the side columns are
+// then replaced by side_sums).
+template <int K>
+void factored_lane_tile(const TensorArgs& t, const GroupDecays& d, const double* mean,
+                        int64_t begin, int64_t end, double* dev, double* sq) {
+  constexpr int F = 6 + 8 * K;
+  alignas(64) double adev[2 * K][kLanes] = {};
+  alignas(64) double asq[F][kLanes] = {};
+  alignas(64) float raw[F * kLanes];
+  LaneInputs in;
+  FactoredCursor cur;
+  cur.start(t.ix, begin);
+  for (int64_t i0 = begin; i0 < end; i0 += kLanes) {
+    const int lanes = static_cast<int>(std::min<int64_t>(kLanes, end - i0));
+    for (int e = 0; e < lanes; ++e)
+      for (int a = 0; a < K; ++a) {
+        const double dm = t.m[(i0 + e) * K + a] - mean[a];
+        const double dr = t.rms[i0 + e] - mean[a];
+        adev[a][e] += dm * dm;
+        adev[K + a][e] += dr * dr;
+      }
+    gather<K, true, true>(t, d, i0, lanes, cur, in);
+#pragma omp simd
+    for (int e = 0; e < kLanes; ++e)
+      velo_raw_features(lane_state<K, true>(in, e, false), K, raw + e, kLanes);
+    for (int f = 0; f < F; ++f)
+#pragma omp simd
+      for (int e = 0; e < kLanes; ++e) {
+        const double v = e < lanes ? raw[f * kLanes + e] : 0.0f;
+        asq[f][e] += v * v;
+      }
+  }
+  for (int c = 0; c < 2 * K; ++c) {
+    dev[c] = 0.0;
+    for (int e = 0; e < kLanes; ++e) dev[c] += adev[c][e];
+  }
+  for (int f = 0; f < F; ++f) {
+    sq[f] = 0.0;
+    for (int e = 0; e < kLanes; ++e) sq[f] += asq[f][e];
+  }
+}
+
+// Side columns of a factored tensor's feature sums of squares, from its (updated) v_row and
+// v_col entries: each entry's features squared, summed over the entries in order, times the
+// number of elements sharing the entry.
+template <int K>
+void side_sums(const TensorArgs& t, double* sq) {
+  const int c0 = 6 + 3 * K;
+  for (int side = 0; side < 2; ++side) {
+    const float* v = side == 0 ? t.v_row : t.v_col;
+    const int64_t entries = side == 0 ? t.n_row : t.n_col;
+    const double share = static_cast<double>(t.n / entries);
+    for (int rs = 0; rs < 2; ++rs)
+      for (int a = 0; a < K; ++a) {
+        double total = 0.0;
+        for (int64_t r = 0; r < entries; ++r) {
+          const double f = velo_side_feature(v[r * K + a], rs == 1);
+          total += f * f;
+        }
+        sq[c0 + (2 * rs + side) * K + a] = total * share;
+      }
+  }
+}
+
+template <int K, DType DT>
+void update_tile_walk(const TensorArgs& t, const GroupDecays& d, const RunLayout& rl,
+                      const double* mean, int64_t begin, int64_t end, double* dev,
+                      double* sq) {
+  if (!rl.ok) update_tile<DT, K, Walk::kDiag>(t, d, rl, mean, begin, end, dev, sq);
+  else if (rl.row_varies) update_tile<DT, K, Walk::kRowRun>(t, d, rl, mean, begin, end, dev, sq);
+  else update_tile<DT, K, Walk::kColRun>(t, d, rl, mean, begin, end, dev, sq);
+}
+
+template <int K>
+void accumulate_k(const TensorArgs* t, int count, const GroupDecays& d, float* stats) {
+  constexpr int F = 6 + 8 * K;
+  constexpr int W1 = 2 + K, W23 = 2 * K + F;
+  small_fc_reduce_cpu(t, count, d);
+  std::vector<RunLayout> layout(count);
+  for (int i = 0; i < count; ++i) {
+    layout[i] = run_layout(t[i]);
+    // A factored tensor the runs cannot walk: the lane path with a factored gather.
+    if (t[i].factored && !layout[i].ok) layout[i].len = -1;
+  }
+  const std::vector<WorkItem> items = cpu::accumulate_items(t, count);
+  const int64_t n_items = static_cast<int64_t>(items.size());
+  std::vector<double> part1(items.size() * W1);
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t w = 0; w < n_items; ++w) {
+    const WorkItem& it = items[w];
+    const TensorArgs& ti = t[it.tensor];
+    double* out = part1.data() + w * W1;
+    switch (ti.dtype) {
+      case DType::kFloat32: sums_tile<DType::kFloat32, K>(ti, it.begin, it.end, out); break;
+      case DType::kBFloat16: sums_tile<DType::kBFloat16, K>(ti, it.begin, it.end, out); break;
+      case DType::kFloat16: sums_tile<DType::kFloat16, K>(ti, it.begin, it.end, out); break;
+    }
+  }
+  const std::vector<double> sum1 = per_tensor(items, part1, count, W1);
+  std::vector<double> part23(items.size() * W23);
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t w = 0; w < n_items; ++w) {
+    const WorkItem& it = items[w];
+    const TensorArgs& ti = t[it.tensor];
+    const RunLayout& rl = layout[it.tensor];
+    const double n = static_cast<double>(ti.n);
+    double mean[K];
+    for (int a = 0; a < K; ++a) mean[a] = sum1[it.tensor * W1 + 1 + a] / n;
+    double* dev = part23.data() + w * W23;
+    double* sq = dev + 2 * K;
+    if (rl.len < 0) {
+      factored_lane_tile<K>(ti, d, mean, it.begin, it.end, dev, sq);
+      continue;
+    }
+    switch (ti.dtype) {
+      case DType::kFloat32: update_tile_walk<K, DType::kFloat32>(ti, d, rl, mean, it.begin, it.end, dev, sq); break;
+      case DType::kBFloat16: update_tile_walk<K, DType::kBFloat16>(ti, d, rl, mean, it.begin, it.end, dev, sq); break;
+      case DType::kFloat16: update_tile_walk<K, DType::kFloat16>(ti, d, rl, mean, it.begin, it.end, dev, sq); break;
+    }
+  }
+  std::vector<double> sum23 = per_tensor(items, part23, count, W23);
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int i = 0; i < count; ++i)
+    if (t[i].factored) side_sums<K>(t[i], sum23.data() + i * W23 + 2 * K);
+  const int S = velo_stats_count(K);
+  for (int i = 0; i < count; ++i) {
+    const double n = static_cast<double>(t[i].n);
+    const double* s1 = sum1.data() + i * W1;
+    const double* s23 = sum23.data() + i * W23;
+    float* s = stats + i * S;
+    s[0] = static_cast<float>(s1[0] / n);
+    for (int a = 0; a < K; ++a) {
+      s[1 + a] = static_cast<float>(s1[1 + a] / n);
+      s[1 + K + a] = static_cast<float>(s23[a] / n);
+      s[2 + 2 * K + a] = static_cast<float>(s23[K + a] / n);
+    }
+    s[1 + 2 * K] = static_cast<float>(s1[1 + K] / n);
+    for (int f = 0; f < F; ++f) t[i].sumsq[f] = static_cast<float>(s23[2 * K + f]);
   }
 }
 
@@ -211,24 +753,45 @@ template <int K>
 void apply_k(const TensorArgs* t, int count, const GroupDecays& d, const VeloApplyArgs& a) {
   constexpr int F = 6 + 8 * K;
   const int width = velo_mlp_size(K, a.hidden, a.layers);
+  const bool released = a.hidden == 4 && a.layers == 2;
   const std::vector<float> inv = cpu::normalizers(t, count, F);
-  const std::vector<WorkItem> items = cpu::apply_items(t, count);
+  std::vector<StepScalars> scalars(count);
+  std::vector<RunLayout> layout(count);
+  std::vector<WorkItem> items;
+  for (int i = 0; i < count; ++i) {
+    scalars[i] = {a.lr_mult[i], a.param_scale[i], a.lr[i], a.decay_mult[i], a.exp_mult,
+                  a.step_mult};
+    if (released) layout[i] = run_layout(t[i]);
+    if (layout[i].ok) continue;
+    for (int64_t b = 0; b < t[i].n; b += cpu::kApplyChunk)
+      items.push_back({i, b, std::min(t[i].n, b + cpu::kApplyChunk)});
+  }
+  const std::vector<RunTile> tiles = run_tiles(t, layout, count);
+  const int64_t n_tiles = static_cast<int64_t>(tiles.size());
   const int64_t n_items = static_cast<int64_t>(items.size());
-#pragma omp parallel for schedule(static)
-  for (int64_t w = 0; w < n_items; ++w) {
-    const WorkItem& it = items[w];
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t w = 0; w < n_tiles + n_items; ++w) {
+    if (w < n_tiles) {
+      const RunTile& tile = tiles[w];
+      apply_run_tile_dtype<K>(t[tile.tensor], layout[tile.tensor],
+                              inv.data() + tile.tensor * F,
+                              a.weights + static_cast<int64_t>(tile.tensor) * width,
+                              scalars[tile.tensor], tile);
+      continue;
+    }
+    const WorkItem& it = items[w - n_tiles];
     const TensorArgs& ti = t[it.tensor];
     const float* iv = inv.data() + it.tensor * F;
     const float* weights = a.weights + static_cast<int64_t>(it.tensor) * width;
-    const bool released = a.hidden == 4 && a.layers == 2;
+    const StepScalars& sc = scalars[it.tensor];
     if (ti.factored && released)
-      apply_range<K, true, 4, 2>(ti, d, iv, weights, a, it.tensor, it.begin, it.end);
+      apply_range<K, true, 4, 2>(ti, d, iv, weights, a, sc, it.begin, it.end);
     else if (released)
-      apply_range<K, false, 4, 2>(ti, d, iv, weights, a, it.tensor, it.begin, it.end);
+      apply_range<K, false, 4, 2>(ti, d, iv, weights, a, sc, it.begin, it.end);
     else if (ti.factored)
-      apply_range<K, true, 0, 0>(ti, d, iv, weights, a, it.tensor, it.begin, it.end);
+      apply_range<K, true, 0, 0>(ti, d, iv, weights, a, sc, it.begin, it.end);
     else
-      apply_range<K, false, 0, 0>(ti, d, iv, weights, a, it.tensor, it.begin, it.end);
+      apply_range<K, false, 0, 0>(ti, d, iv, weights, a, sc, it.begin, it.end);
   }
 }
 
