@@ -202,8 +202,6 @@ void apply_k(const TensorArgs* t, int count, const GroupDecays& d, bool head_var
 }
 
 void reduce_one(const TensorArgs& t, const GroupDecays& d) {
-  const int k = d.k;
-  const int rank = t.ix.rank;
   std::vector<double> row_sum(t.n_row, 0.0), col_sum(t.n_col, 0.0);
   FactoredCursor cur;
   cur.start(t.ix, 0);
@@ -214,6 +212,15 @@ void reduce_one(const TensorArgs& t, const GroupDecays& d) {
     row_sum[cur.row] += gs;
     col_sum[cur.col] += gs;
   }
+  small_fc_reduce_finish(t, d, row_sum.data(), col_sum.data());
+}
+
+}  // namespace
+
+void small_fc_reduce_finish(const TensorArgs& t, const GroupDecays& d, const double* row_sum,
+                            const double* col_sum) {
+  const int k = d.k;
+  const int rank = t.ix.rank;
   const double n0 = static_cast<double>(t.ix.size[t.d0]);
   const double n1 = static_cast<double>(t.ix.size[t.d1]);
   for (int64_t r = 0; r < t.n_row; ++r) {
@@ -249,8 +256,6 @@ void reduce_one(const TensorArgs& t, const GroupDecays& d) {
   }
   for (int64_t c = 0; c < t.n_col * k; ++c) t.col_factor[c] = safe_rsqrt(t.v_col[c]);
 }
-
-}  // namespace
 
 void small_fc_reduce_cpu(const TensorArgs* t, int count, const GroupDecays& d) {
 #pragma omp parallel for schedule(dynamic, 1)

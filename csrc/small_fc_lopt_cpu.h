@@ -11,6 +11,11 @@ namespace lopt {
 // parallel, each summed in element order (deterministic).
 void small_fc_reduce_cpu(const TensorArgs* t, int count, const GroupDecays& d);
 
+// The rest of phase 1 for one factored tensor, from the sums of g^2 + 1e-30 over each v_row
+// entry's and each v_col entry's elements: the moving averages and the factors.
+void small_fc_reduce_finish(const TensorArgs& t, const GroupDecays& d, const double* row_sum,
+                            const double* col_sum);
+
 // Phase 2: momentum, rms and v_diag moving averages; per-feature sums of squares of the raw
 // features into each tensor's sumsq (summed per accumulate_tile, then the tiles in order).
 void small_fc_accumulate_cpu(const TensorArgs* t, int count, const GroupDecays& d,

@@ -403,6 +403,119 @@ void apply_run_tile_dtype(const TensorArgs& t, const RunLayout& rl, const float*
 // ---------------------------------------------------------------------------------------
 // Phase A.
 
+// The factored sums of g^2 + 1e-30 of a run-layout tensor, over runs [q0, q1): each run's
+// total into its fixed-side entry (one run per entry), and each element into the varying
+// side's entry in `vary` (this chunk's partial sums).
+template <DType DT>
+void run_sums(const TensorArgs& t, const RunLayout& rl, bool row_varies, int64_t q0,
+              int64_t q1, double* fixed_sum, double* vary) {
+  const void* __restrict p = t.p;
+  const void* __restrict g = t.g;
+  const float wd = t.grad_wd, clip = t.grad_clip;
+  for (int64_t q = q0; q < q1; ++q) {
+    const int64_t first = q * rl.len;
+    int64_t row, col, rcm;
+    factored_indices(t.ix, first, &row, &col, &rcm);
+    const int64_t vary0 = row_varies ? row : col;
+    double* __restrict v = vary + vary0;
+    alignas(64) double lane[kLanes] = {};
+    int64_t j0 = 0;
+    for (; j0 + kLanes <= rl.len; j0 += kLanes) {
+      alignas(64) float gs[kLanes];
+#pragma omp simd
+      for (int e = 0; e < kLanes; ++e) {
+        const int64_t i = first + j0 + e;
+        gs[e] = factored_grad_sq(effective_grad(
+            load_value(g, DT, i), wd != 0.0f ? load_value(p, DT, i) : 0.0f, wd, clip));
+        lane[e] += gs[e];
+      }
+      if (rl.stride == 1) {
+#pragma omp simd
+        for (int e = 0; e < kLanes; ++e) v[j0 + e] += gs[e];
+      } else {
+        for (int e = 0; e < kLanes; ++e) v[(j0 + e) * rl.stride] += gs[e];
+      }
+    }
+    for (int e = 0; j0 + e < rl.len; ++e) {
+      const int64_t i = first + j0 + e;
+      const float gs = factored_grad_sq(effective_grad(
+          load_value(g, DT, i), wd != 0.0f ? load_value(p, DT, i) : 0.0f, wd, clip));
+      lane[e] += gs;
+      v[(j0 + e) * rl.stride] += gs;
+    }
+    double total = 0.0;
+    for (int e = 0; e < kLanes; ++e) total += lane[e];
+    fixed_sum[row_varies ? col : row] = total;
+  }
+}
+
+constexpr int64_t kReduceChunks = 8;  // chunks of runs per tensor, whatever the thread count
+
+// Phase A's factored statistics (as small_fc_reduce_cpu): run-layout tensors by runs, in
+// chunks whose partial sums of the varying side are added in chunk order; other factored
+// tensors through small_fc_reduce_cpu.
+void velo_reduce(const TensorArgs* t, int count, const GroupDecays& d,
+                 const std::vector<RunLayout>& layout) {
+  std::vector<TensorArgs> others;
+  struct Job {
+    int tensor;
+    int64_t q0, q1;
+    double *fixed, *vary;
+  };
+  std::vector<Job> jobs;
+  std::vector<int64_t> offset(count + 1, 0), chunks(count, 0);
+  for (int i = 0; i < count; ++i) {
+    int64_t size = 0;
+    if (t[i].factored && t[i].n > 0) {
+      if (!layout[i].ok) {
+        others.push_back(t[i]);
+      } else {
+        chunks[i] = std::min<int64_t>(kReduceChunks, t[i].n / layout[i].len);
+        const bool rv = layout[i].row_varies;
+        size = (rv ? t[i].n_col : t[i].n_row) + chunks[i] * (rv ? t[i].n_row : t[i].n_col);
+      }
+    }
+    offset[i + 1] = offset[i] + size;
+  }
+  small_fc_reduce_cpu(others.data(), static_cast<int>(others.size()), d);
+  std::vector<double> sums(offset[count], 0.0);
+  for (int i = 0; i < count; ++i) {
+    if (chunks[i] == 0) continue;
+    const int64_t runs = t[i].n / layout[i].len;
+    const bool rv = layout[i].row_varies;
+    double* fixed = sums.data() + offset[i];
+    double* vary = fixed + (rv ? t[i].n_col : t[i].n_row);
+    const int64_t n_vary = rv ? t[i].n_row : t[i].n_col;
+    for (int64_t c = 0; c < chunks[i]; ++c)
+      jobs.push_back({i, runs * c / chunks[i], runs * (c + 1) / chunks[i], fixed,
+                      vary + c * n_vary});
+  }
+  const int64_t n_jobs = static_cast<int64_t>(jobs.size());
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t w = 0; w < n_jobs; ++w) {
+    const Job& j = jobs[w];
+    const TensorArgs& ti = t[j.tensor];
+    const bool rv = layout[j.tensor].row_varies;
+    switch (ti.dtype) {
+      case DType::kFloat32: run_sums<DType::kFloat32>(ti, layout[j.tensor], rv, j.q0, j.q1, j.fixed, j.vary); break;
+      case DType::kBFloat16: run_sums<DType::kBFloat16>(ti, layout[j.tensor], rv, j.q0, j.q1, j.fixed, j.vary); break;
+      case DType::kFloat16: run_sums<DType::kFloat16>(ti, layout[j.tensor], rv, j.q0, j.q1, j.fixed, j.vary); break;
+    }
+  }
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int i = 0; i < count; ++i) {
+    if (chunks[i] == 0) continue;
+    const bool rv = layout[i].row_varies;
+    double* fixed = sums.data() + offset[i];
+    double* vary = fixed + (rv ? t[i].n_col : t[i].n_row);
+    const int64_t n_vary = rv ? t[i].n_row : t[i].n_col;
+    for (int64_t c = 1; c < chunks[i]; ++c)
+      for (int64_t e = 0; e < n_vary; ++e) vary[e] += vary[c * n_vary + e];
+    small_fc_reduce_finish(t[i], d, rv ? vary : fixed, rv ? fixed : vary);
+  }
+}
+
+
 // Pass 1 on one tile: sums of p^2 (squared in float), m (k) and rms, in double per lane in
 // element order, then the lanes in order, into out[2 + K].
 template <DType DT, int K>
@@ -685,13 +798,12 @@ template <int K>
 void accumulate_k(const TensorArgs* t, int count, const GroupDecays& d, float* stats) {
   constexpr int F = 6 + 8 * K;
   constexpr int W1 = 2 + K, W23 = 2 * K + F;
-  small_fc_reduce_cpu(t, count, d);
   std::vector<RunLayout> layout(count);
-  for (int i = 0; i < count; ++i) {
-    layout[i] = run_layout(t[i]);
-    // A factored tensor the runs cannot walk: the lane path with a factored gather.
+  for (int i = 0; i < count; ++i) layout[i] = run_layout(t[i]);
+  velo_reduce(t, count, d, layout);
+  // A factored tensor the runs cannot walk: the lane path with a factored gather.
+  for (int i = 0; i < count; ++i)
     if (t[i].factored && !layout[i].ok) layout[i].len = -1;
-  }
   const std::vector<WorkItem> items = cpu::accumulate_items(t, count);
   const int64_t n_items = static_cast<int64_t>(items.size());
   std::vector<double> part1(items.size() * W1);
