@@ -8,6 +8,10 @@
 
 #include "small_fc_lopt_args.h"
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace lopt {
 namespace cpu {
 
@@ -73,6 +77,85 @@ void gather(const TensorArgs& t, const GroupDecays& d, int64_t i0, int lanes,
       for (int a = 0; a < K; ++a) in.vr[a][e] = v[a];
     }
   }
+}
+
+#if defined(__AVX512F__)
+// Permute indices and lane masks for moving 16 lanes between a [16, K] layout (K registers)
+// and K lane registers, computed at compile time.
+struct PermuteTable {
+  alignas(64) int idx[kMaxDecays][kMaxDecays][16];
+  unsigned mask[kMaxDecays][kMaxDecays];
+};
+
+// Deinterleave: output a takes from source register k the lanes e with e*K + a in [16k, 16k+16).
+constexpr PermuteTable deinterleave_table(int K) {
+  PermuteTable t{};
+  for (int a = 0; a < K; ++a)
+    for (int k = 0; k < K; ++k)
+      for (int e = 0; e < 16; ++e) {
+        const int i = e * K + a - 16 * k;
+        t.idx[a][k][e] = i & 15;
+        if (i >= 0 && i < 16) t.mask[a][k] |= 1u << e;
+      }
+  return t;
+}
+
+// Interleave: output register k takes from lane register a the positions l with (16k+l) % K == a.
+constexpr PermuteTable interleave_table(int K) {
+  PermuteTable t{};
+  for (int k = 0; k < K; ++k)
+    for (int a = 0; a < K; ++a)
+      for (int l = 0; l < 16; ++l) {
+        t.idx[k][a][l] = (16 * k + l) / K;
+        if ((16 * k + l) % K == a) t.mask[k][a] |= 1u << l;
+      }
+  return t;
+}
+
+template <int K>
+struct Permutes {
+  static constexpr PermuteTable de = deinterleave_table(K);
+  static constexpr PermuteTable in = interleave_table(K);
+};
+#endif
+
+// dst[a][e] = src[e * K + a] for kLanes elements of a [n, K] state (deinterleave), and back.
+// With AVX-512 each output register is K masked permutes of the K source registers.
+template <int K>
+inline void deinterleave(const float* src, float (*dst)[kLanes]) {
+#if defined(__AVX512F__)
+  static_assert(kLanes == 16, "one AVX-512 register per lane group");
+  __m512 r[K];
+  for (int k = 0; k < K; ++k) r[k] = _mm512_loadu_ps(src + 16 * k);
+  for (int a = 0; a < K; ++a) {
+    __m512 out = _mm512_setzero_ps();
+    for (int k = 0; k < K; ++k)
+      out = _mm512_mask_permutexvar_ps(out, static_cast<__mmask16>(Permutes<K>::de.mask[a][k]),
+                                       _mm512_load_si512(Permutes<K>::de.idx[a][k]), r[k]);
+    _mm512_store_ps(dst[a], out);
+  }
+#else
+  for (int a = 0; a < K; ++a)
+    for (int e = 0; e < kLanes; ++e) dst[a][e] = src[e * K + a];
+#endif
+}
+
+template <int K>
+inline void interleave(const float (*src)[kLanes], float* dst) {
+#if defined(__AVX512F__)
+  __m512 r[K];
+  for (int a = 0; a < K; ++a) r[a] = _mm512_load_ps(src[a]);
+  for (int k = 0; k < K; ++k) {
+    __m512 out = _mm512_setzero_ps();
+    for (int a = 0; a < K; ++a)
+      out = _mm512_mask_permutexvar_ps(out, static_cast<__mmask16>(Permutes<K>::in.mask[k][a]),
+                                       _mm512_load_si512(Permutes<K>::in.idx[k][a]), r[a]);
+    _mm512_storeu_ps(dst + 16 * k, out);
+  }
+#else
+  for (int a = 0; a < K; ++a)
+    for (int e = 0; e < kLanes; ++e) dst[e * K + a] = src[a][e];
+#endif
 }
 
 // The header's per-element state for lane e.

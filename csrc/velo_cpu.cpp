@@ -33,15 +33,17 @@ struct LaneSides {
   int64_t ld[4];
 };
 
-// velo_mlp for kLanes elements at once (x and out feature-major, x[f * kLanes + e]): every
-// lane gets exactly velo_mlp's operations in the same order (one 16-wide register per
-// quantity with AVX-512, loops over the lanes otherwise). With Sides, the side groups'
-// partials come from `sides` (formed per v_row/v_col entry by velo_side_partial) instead of x.
+// velo_mlp for kLanes elements at once on the raw features x (feature-major,
+// x[f * kLanes + e]), normalized here by inv[f]: every lane gets exactly x * inv and then
+// velo_mlp's operations in the same order (one 16-wide register per quantity with AVX-512,
+// loops over the lanes otherwise). With Sides, the side groups' partials come from `sides`
+// (formed per v_row/v_col entry by velo_side_partial) instead of x.
 #if defined(__AVX512F__)
 static_assert(kLanes == 16, "one AVX-512 register per lane group");
 
 template <int K, int H, int L, bool Sides>
-void velo_mlp_lanes(const float* x, const float* w, const LaneSides* sides, float* out) {
+void velo_mlp_lanes(const float* x, const float* inv, const float* w, const LaneSides* sides,
+                    float* out) {
   __m512 h[H];
   for (int o = 0; o < H; ++o) h[o] = _mm512_setzero_ps();
   int col = 0;
@@ -52,11 +54,13 @@ void velo_mlp_lanes(const float* x, const float* w, const LaneSides* sides, floa
       const int64_t ld = sides->ld[j - kVeloFirstSideGroup];
       for (int o = 0; o < H; ++o) h[o] = _mm512_add_ps(h[o], _mm512_loadu_ps(sp + o * ld));
     } else {
+      __m512 xn[kMaxDecays];
+      for (int i = 0; i < width; ++i)
+        xn[i] = _mm512_mul_ps(_mm512_load_ps(x + (col + i) * kLanes), _mm512_set1_ps(inv[col + i]));
       for (int o = 0; o < H; ++o) {
         __m512 partial = _mm512_setzero_ps();
         for (int i = 0; i < width; ++i)
-          partial = _mm512_fmadd_ps(_mm512_load_ps(x + (col + i) * kLanes),
-                                    _mm512_set1_ps(w[i * H + o]), partial);
+          partial = _mm512_fmadd_ps(xn[i], _mm512_set1_ps(w[i * H + o]), partial);
         h[o] = _mm512_add_ps(h[o], partial);
       }
     }
@@ -87,7 +91,8 @@ void velo_mlp_lanes(const float* x, const float* w, const LaneSides* sides, floa
 }
 #else
 template <int K, int H, int L, bool Sides>
-void velo_mlp_lanes(const float* x, const float* w, const LaneSides* sides, float* out) {
+void velo_mlp_lanes(const float* x, const float* inv, const float* w, const LaneSides* sides,
+                    float* out) {
   alignas(64) float h[H][kLanes] = {};
   int col = 0;
   for (int j = 0; j < kVeloGroups; ++j) {
@@ -103,7 +108,7 @@ void velo_mlp_lanes(const float* x, const float* w, const LaneSides* sides, floa
         for (int i = 0; i < width; ++i) {
           const float wv = w[i * H + o];
           for (int e = 0; e < kLanes; ++e)
-            partial[e] = fmaf(x[(col + i) * kLanes + e], wv, partial[e]);
+            partial[e] = fmaf(x[(col + i) * kLanes + e] * inv[col + i], wv, partial[e]);
         }
         for (int e = 0; e < kLanes; ++e) h[o][e] = h[o][e] + partial[e];
       }
@@ -162,12 +167,12 @@ void apply_range(const TensorArgs& t, const GroupDecays& d, const float* inv, co
 #pragma omp simd
     for (int e = 0; e < kLanes; ++e)
       velo_raw_features(lane_state<K, Factored>(in, e, false), K, x + e, kLanes);
-    for (int f = 0; f < F; ++f)
-#pragma omp simd
-      for (int e = 0; e < kLanes; ++e) x[f * kLanes + e] *= inv[f];
     if constexpr (H > 0) {
-      velo_mlp_lanes<K, H, L, false>(x, wl, nullptr, out);
+      velo_mlp_lanes<K, H, L, false>(x, inv, wl, nullptr, out);
     } else {
+      for (int f = 0; f < F; ++f)
+#pragma omp simd
+        for (int e = 0; e < kLanes; ++e) x[f * kLanes + e] *= inv[f];
       for (int e = 0; e < lanes; ++e) {
         float o[kVeloOutputs];
         velo_mlp(x + e, kLanes, w, K, a.hidden, a.layers, o);
@@ -268,7 +273,7 @@ void side_table(const float* __restrict v, const float* __restrict factor, int64
 }
 
 // Lanes 0..15 = elements i0 .. i0 + 15: parameter, effective gradient, rms and momentum
-// (deinterleaved from its [n, K] layout through a contiguous copy).
+// (deinterleaved from its [n, K] layout).
 template <DType DT, int K>
 inline void load_lanes(const void* __restrict p, const void* __restrict g,
                        const float* __restrict m, const float* __restrict rms, float wd,
@@ -279,18 +284,13 @@ inline void load_lanes(const void* __restrict p, const void* __restrict g,
     in.g[e] = effective_grad(load_value(g, DT, i0 + e), in.p[e], wd, clip);
     in.rms[e] = rms[i0 + e];
   }
-  alignas(64) float mm[K * kLanes];
-  std::copy(m + i0 * K, m + (i0 + kLanes) * K, mm);
-  for (int a = 0; a < K; ++a)
-#pragma omp simd
-    for (int e = 0; e < kLanes; ++e) in.m[a][e] = mm[e * K + a];
+  cpu::deinterleave<K>(m + i0 * K, in.m);
 }
 
 template <DType DT, int K, int H, int L, bool RowVaries>
 void apply_run_tile(const TensorArgs& t, const RunLayout& rl, const float* inv, const float* w,
                     const StepScalars& sc, const RunTile& tile) {
   constexpr int F = 6 + 8 * K;
-  constexpr int kSide0 = 6 + 3 * K, kSide1 = 6 + 7 * K;  // side columns [kSide0, kSide1)
   constexpr int kWeights = F * H + H + (L - 1) * (H * H + H) + H * 3 + 3;
   alignas(64) float wl[kWeights];
   for (int j = 0; j < kWeights; ++j) wl[j] = w[j];
@@ -362,14 +362,9 @@ void apply_run_tile(const TensorArgs& t, const RunLayout& rl, const float* inv, 
 #pragma omp simd
       for (int e = 0; e < kLanes; ++e)
         velo_element_features(lane_state<K, true>(in, e, false), K, x + e, kLanes);
-      for (int f = 0; f < F; ++f) {
-        if (f >= kSide0 && f < kSide1) continue;
-#pragma omp simd
-        for (int e = 0; e < kLanes; ++e) x[f * kLanes + e] *= inv[f];
-      }
       sides.p[vary_s] = &vpart[0][0][j];
       sides.p[2 + vary_s] = &vpart[1][0][j];
-      velo_mlp_lanes<K, H, L, true>(x, wl, &sides, out);
+      velo_mlp_lanes<K, H, L, true>(x, inv, wl, &sides, out);
 #pragma omp simd
       for (int e = 0; e < kLanes; ++e) {
         const float step = velo_step(out[e], out[kLanes + e], sc.exp_mult, sc.scale,
@@ -523,31 +518,30 @@ void sums_tile(const TensorArgs& t, int64_t begin, int64_t end, double* out) {
   const void* __restrict p = t.p;
   const float* __restrict m = t.m;
   const float* __restrict rms = t.rms;
-  alignas(64) double ap[kLanes] = {}, ar[kLanes] = {}, am[K][kLanes] = {};
+  // Momentum summed per position of its [n, K] layout in a lane group (position e * K + a
+  // holds decay a), the positions of one decay then added in order.
+  alignas(64) double ap[kLanes] = {}, ar[kLanes] = {}, am[K * kLanes] = {};
   int64_t i0 = begin;
   for (; i0 + kLanes <= end; i0 += kLanes) {
-    alignas(64) float mm[K * kLanes];
-    std::copy(m + i0 * K, m + (i0 + kLanes) * K, mm);
 #pragma omp simd
     for (int e = 0; e < kLanes; ++e) {
       const float v = load_value(p, DT, i0 + e);
       ap[e] += static_cast<double>(v * v);
       ar[e] += rms[i0 + e];
     }
-    for (int a = 0; a < K; ++a)
 #pragma omp simd
-      for (int e = 0; e < kLanes; ++e) am[a][e] += mm[e * K + a];
+    for (int c = 0; c < K * kLanes; ++c) am[c] += m[i0 * K + c];
   }
   for (int e = 0; i0 + e < end; ++e) {
     const float v = load_value(p, DT, i0 + e);
     ap[e] += static_cast<double>(v * v);
     ar[e] += rms[i0 + e];
-    for (int a = 0; a < K; ++a) am[a][e] += m[(i0 + e) * K + a];
+    for (int a = 0; a < K; ++a) am[e * K + a] += m[(i0 + e) * K + a];
   }
   for (int c = 0; c < 2 + K; ++c) out[c] = 0.0;
   for (int e = 0; e < kLanes; ++e) {
     out[0] += ap[e];
-    for (int a = 0; a < K; ++a) out[1 + a] += am[a][e];
+    for (int a = 0; a < K; ++a) out[1 + a] += am[e * K + a];
     out[1 + K] += ar[e];
   }
 }
@@ -556,10 +550,15 @@ void sums_tile(const TensorArgs& t, int64_t begin, int64_t end, double* out) {
 // row (RowRun) or the column (ColRun) entry varying along the last axis.
 enum class Walk { kDiag, kRowRun, kColRun };
 
+// Squares of the features are summed per lane in float (fmaf) over kSquareBlock consecutive
+// lane groups, then in double: at most kSquareBlock roundings of float precision per block.
+constexpr int kSquareBlock = 4;
+
 // Passes 2 and 3 on one tile of lane groups: the squared deviations of the old m and rms about
-// the momentum means (dev[2K], per lane then lanes in order), the moving averages (stored),
-// and the sums of squares of the features of the new state (sq[F]; for Walk::kDiag all of
-// them, for runs the element columns only: the side columns are summed per entry).
+// the momentum means (dev[2K], in double per lane, then lanes in order), the moving averages
+// (stored), and the sums of squares of the features of the new state (sq[F], per lane in
+// kSquareBlock blocks, then lanes in order; for Walk::kDiag all of them, for runs the element
+// columns only: the side columns are summed per entry).
 template <DType DT, int K, Walk W>
 void update_tile(const TensorArgs& t, const GroupDecays& d, const RunLayout& rl,
                  const double* mean, int64_t begin, int64_t end, double* dev, double* sq) {
@@ -572,6 +571,20 @@ void update_tile(const TensorArgs& t, const GroupDecays& d, const RunLayout& rl,
   float* __restrict vd = t.v_diag;
   alignas(64) double adev[2 * K][kLanes] = {};
   alignas(64) double asq[F][kLanes] = {};
+  alignas(64) float block[F][kLanes] = {};  // squares of the current kSquareBlock lane groups
+  int blocked = 0;
+  constexpr int kSkip0 = kRun ? 6 + 3 * K : F, kSkip1 = kRun ? 6 + 7 * K : F;
+  auto flush = [&]() {
+    for (int f = 0; f < F; ++f) {
+      if (f >= kSkip0 && f < kSkip1) continue;
+#pragma omp simd
+      for (int e = 0; e < kLanes; ++e) {
+        asq[f][e] += block[f][e];
+        block[f][e] = 0.0f;
+      }
+    }
+    blocked = 0;
+  };
   alignas(64) float x[F * kLanes];
   LaneInputs in{};
   const float* vary_factor = kRowVaries ? t.row_factor : t.col_factor;
@@ -603,8 +616,8 @@ void update_tile(const TensorArgs& t, const GroupDecays& d, const RunLayout& rl,
           in.g[e] = effective_grad(load_value(g, DT, i0 + e), in.p[e], t.grad_wd, t.grad_clip);
           in.rms[e] = rms[i0 + e];
         }
-        std::copy(m + i0 * K, m + (i0 + kLanes) * K, mm);
-        if constexpr (!kRun) std::copy(vd + i0 * K, vd + (i0 + kLanes) * K, vv);
+        cpu::deinterleave<K>(m + i0 * K, in.m);
+        if constexpr (!kRun) cpu::deinterleave<K>(vd + i0 * K, in.vr);
       } else {
         for (int e = 0; e < kLanes; ++e) {
           const int64_t ie = i0 + std::min(e, lanes - 1);
@@ -616,14 +629,12 @@ void update_tile(const TensorArgs& t, const GroupDecays& d, const RunLayout& rl,
             if constexpr (!kRun) vv[e * K + a] = vd[ie * K + a];
           }
         }
+        cpu::deinterleave<K>(mm, in.m);
+        if constexpr (!kRun) cpu::deinterleave<K>(vv, in.vr);
       }
       if constexpr (kRun) {
         if (rl.stride == 1 && lanes == kLanes) {
-          alignas(64) float ff[K * kLanes];
-          std::copy(vary_factor + entry0 * K, vary_factor + (entry0 + kLanes) * K, ff);
-          for (int a = 0; a < K; ++a)
-#pragma omp simd
-            for (int e = 0; e < kLanes; ++e) vary_lanes[a][e] = ff[e * K + a];
+          cpu::deinterleave<K>(vary_factor + entry0 * K, vary_lanes);
         } else {
           for (int e = 0; e < kLanes; ++e)
             for (int a = 0; a < K; ++a)
@@ -636,7 +647,7 @@ void update_tile(const TensorArgs& t, const GroupDecays& d, const RunLayout& rl,
       for (int a = 0; a < K; ++a)
 #pragma omp simd
         for (int e = 0; e < kLanes; ++e) {
-          dm[a][e] = mm[e * K + a] - mean[a];
+          dm[a][e] = in.m[a][e] - mean[a];
           dr[a][e] = in.rms[e] - mean[a];
         }
       if (lanes < kLanes)
@@ -651,11 +662,7 @@ void update_tile(const TensorArgs& t, const GroupDecays& d, const RunLayout& rl,
       for (int a = 0; a < K; ++a) {
         const float mom = d.mom[a], mom_mix = d.mom_mix[a];
 #pragma omp simd
-        for (int e = 0; e < kLanes; ++e) {
-          const float mn = ema(mom, mm[e * K + a], mom_mix * in.g[e]);
-          mm[e * K + a] = mn;
-          in.m[a][e] = mn;
-        }
+        for (int e = 0; e < kLanes; ++e) in.m[a][e] = ema(mom, in.m[a][e], mom_mix * in.g[e]);
       }
 #pragma omp simd
       for (int e = 0; e < kLanes; ++e)
@@ -664,22 +671,23 @@ void update_tile(const TensorArgs& t, const GroupDecays& d, const RunLayout& rl,
         for (int a = 0; a < K; ++a) {
           const float fac = d.fac[a], fac_mix = d.fac_mix[a];
 #pragma omp simd
-          for (int e = 0; e < kLanes; ++e) {
-            const float vn = ema(fac, vv[e * K + a], fac_mix * factored_grad_sq(in.g[e]));
-            vv[e * K + a] = vn;
-            in.vr[a][e] = vn;
-          }
+          for (int e = 0; e < kLanes; ++e)
+            in.vr[a][e] = ema(fac, in.vr[a][e], fac_mix * factored_grad_sq(in.g[e]));
         }
       }
       // Store the new state.
       if (lanes == kLanes) {
-        std::copy(mm, mm + K * kLanes, m + i0 * K);
+        cpu::interleave<K>(in.m, m + i0 * K);
         std::copy(in.rms, in.rms + kLanes, rms + i0);
-        if constexpr (!kRun) std::copy(vv, vv + K * kLanes, vd + i0 * K);
+        if constexpr (!kRun) cpu::interleave<K>(in.vr, vd + i0 * K);
       } else {
+        cpu::interleave<K>(in.m, mm);
         std::copy(mm, mm + K * lanes, m + i0 * K);
         std::copy(in.rms, in.rms + lanes, rms + i0);
-        if constexpr (!kRun) std::copy(vv, vv + K * lanes, vd + i0 * K);
+        if constexpr (!kRun) {
+          cpu::interleave<K>(in.vr, vv);
+          std::copy(vv, vv + K * lanes, vd + i0 * K);
+        }
       }
       // Features of the new state and their squares.
       if constexpr (kRun) {
@@ -694,22 +702,19 @@ void update_tile(const TensorArgs& t, const GroupDecays& d, const RunLayout& rl,
       if (lanes < kLanes)
         for (int f = 0; f < F; ++f)
           for (int e = lanes; e < kLanes; ++e) x[f * kLanes + e] = 0.0f;
-      constexpr int kSkip0 = kRun ? 6 + 3 * K : F, kSkip1 = kRun ? 6 + 7 * K : F;
       for (int f = 0; f < kSkip0; ++f)
 #pragma omp simd
-        for (int e = 0; e < kLanes; ++e) {
-          const double v = x[f * kLanes + e];
-          asq[f][e] += v * v;
-        }
+        for (int e = 0; e < kLanes; ++e)
+          block[f][e] = fmaf(x[f * kLanes + e], x[f * kLanes + e], block[f][e]);
       for (int f = kSkip1; f < F; ++f)
 #pragma omp simd
-        for (int e = 0; e < kLanes; ++e) {
-          const double v = x[f * kLanes + e];
-          asq[f][e] += v * v;
-        }
+        for (int e = 0; e < kLanes; ++e)
+          block[f][e] = fmaf(x[f * kLanes + e], x[f * kLanes + e], block[f][e]);
+      if (++blocked == kSquareBlock) flush();
     }
     i = seg_end;
   }
+  flush();
   for (int c = 0; c < 2 * K; ++c) {
     dev[c] = 0.0;
     for (int e = 0; e < kLanes; ++e) dev[c] += adev[c][e];
