@@ -377,6 +377,51 @@ void apply_run_tile(const TensorArgs& t, const RunLayout& rl, const float* inv, 
   }
 }
 
+// Phase B for a non-factored tensor's elements [begin, end): contiguous lane groups (v_diag
+// deinterleaved like the momentum), all 6 + 8k features per element.
+template <DType DT, int K, int H, int L>
+void apply_diag_range(const TensorArgs& t, const float* inv, const float* w,
+                      const StepScalars& sc, int64_t begin, int64_t end) {
+  constexpr int F = 6 + 8 * K;
+  constexpr int kWeights = F * H + H + (L - 1) * (H * H + H) + H * 3 + 3;
+  alignas(64) float wl[kWeights];
+  for (int j = 0; j < kWeights; ++j) wl[j] = w[j];
+  alignas(64) float x[F * kLanes];
+  alignas(64) float out[kVeloOutputs * kLanes];
+  alignas(64) float result[kLanes];
+  LaneInputs in{};
+  for (int64_t i0 = begin; i0 < end; i0 += kLanes) {
+    const int lanes = static_cast<int>(std::min<int64_t>(kLanes, end - i0));
+    if (lanes == kLanes) {
+      load_lanes<DT, K>(t.p, t.g, t.m, t.rms, t.grad_wd, t.grad_clip, i0, in);
+      cpu::deinterleave<K>(t.v_diag + i0 * K, in.vr);
+    } else {  // the last, partial lane group: lanes past the end repeat the last element
+      for (int e = 0; e < kLanes; ++e) {
+        const int64_t i = i0 + std::min(e, lanes - 1);
+        in.p[e] = load_value(t.p, DT, i);
+        in.g[e] = effective_grad(load_value(t.g, DT, i), in.p[e], t.grad_wd, t.grad_clip);
+        in.rms[e] = t.rms[i];
+        for (int a = 0; a < K; ++a) {
+          in.m[a][e] = t.m[i * K + a];
+          in.vr[a][e] = t.v_diag[i * K + a];
+        }
+      }
+    }
+#pragma omp simd
+    for (int e = 0; e < kLanes; ++e)
+      velo_raw_features(lane_state<K, false>(in, e, false), K, x + e, kLanes);
+    velo_mlp_lanes<K, H, L, false>(x, inv, wl, nullptr, out);
+#pragma omp simd
+    for (int e = 0; e < kLanes; ++e) {
+      const float step = velo_step(out[e], out[kLanes + e], sc.exp_mult, sc.scale,
+                                   sc.step_mult, sc.lr_mult);
+      const float p = sc.decay != 1.0f ? in.p[e] * sc.decay : in.p[e];
+      result[e] = p - sc.lr * step;
+    }
+    for (int e = 0; e < lanes; ++e) store_value(t.p, DT, i0 + e, result[e]);
+  }
+}
+
 template <int K>
 void apply_run_tile_dtype(const TensorArgs& t, const RunLayout& rl, const float* inv,
                           const float* w, const StepScalars& sc, const RunTile& tile) {
@@ -398,32 +443,39 @@ void apply_run_tile_dtype(const TensorArgs& t, const RunLayout& rl, const float*
 // ---------------------------------------------------------------------------------------
 // Phase A.
 
-// The factored sums of g^2 + 1e-30 of a run-layout tensor, over runs [q0, q1): each run's
-// total into its fixed-side entry (one run per entry), and each element into the varying
-// side's entry in `vary` (this chunk's partial sums).
-template <DType DT>
-void run_sums(const TensorArgs& t, const RunLayout& rl, bool row_varies, int64_t q0,
-              int64_t q1, double* fixed_sum, double* vary) {
+// One pass over runs [q0, q1) of a run-layout tensor: the factored sums of g^2 + 1e-30 (each
+// run's total into its fixed-side entry, one run per entry; each element into the varying
+// side's entry in `vary`, this chunk's partial sums) and pass 1's sums of p^2, m (k) and rms of
+// the old state into s1[2 + K] (per lane, momentum per layout position, then in order).
+template <DType DT, int K>
+void run_sums(const TensorArgs& t, const RunLayout& rl, int64_t q0, int64_t q1,
+              double* fixed_sum, double* vary, double* s1) {
   const void* __restrict p = t.p;
   const void* __restrict g = t.g;
+  const float* __restrict m = t.m;
+  const float* __restrict rms = t.rms;
   const float wd = t.grad_wd, clip = t.grad_clip;
+  alignas(64) double ap[kLanes] = {}, ar[kLanes] = {}, am[K * kLanes] = {};
   for (int64_t q = q0; q < q1; ++q) {
     const int64_t first = q * rl.len;
     int64_t row, col, rcm;
     factored_indices(t.ix, first, &row, &col, &rcm);
-    const int64_t vary0 = row_varies ? row : col;
-    double* __restrict v = vary + vary0;
+    double* __restrict v = vary + (rl.row_varies ? row : col);
     alignas(64) double lane[kLanes] = {};
     int64_t j0 = 0;
     for (; j0 + kLanes <= rl.len; j0 += kLanes) {
+      const int64_t i0 = first + j0;
       alignas(64) float gs[kLanes];
 #pragma omp simd
       for (int e = 0; e < kLanes; ++e) {
-        const int64_t i = first + j0 + e;
-        gs[e] = factored_grad_sq(effective_grad(
-            load_value(g, DT, i), wd != 0.0f ? load_value(p, DT, i) : 0.0f, wd, clip));
+        const float pv = load_value(p, DT, i0 + e);
+        gs[e] = factored_grad_sq(effective_grad(load_value(g, DT, i0 + e), pv, wd, clip));
         lane[e] += gs[e];
+        ap[e] += static_cast<double>(pv * pv);
+        ar[e] += rms[i0 + e];
       }
+#pragma omp simd
+      for (int c = 0; c < K * kLanes; ++c) am[c] += m[i0 * K + c];
       if (rl.stride == 1) {
 #pragma omp simd
         for (int e = 0; e < kLanes; ++e) v[j0 + e] += gs[e];
@@ -433,24 +485,36 @@ void run_sums(const TensorArgs& t, const RunLayout& rl, bool row_varies, int64_t
     }
     for (int e = 0; j0 + e < rl.len; ++e) {
       const int64_t i = first + j0 + e;
-      const float gs = factored_grad_sq(effective_grad(
-          load_value(g, DT, i), wd != 0.0f ? load_value(p, DT, i) : 0.0f, wd, clip));
+      const float pv = load_value(p, DT, i);
+      const float gs = factored_grad_sq(effective_grad(load_value(g, DT, i), pv, wd, clip));
       lane[e] += gs;
       v[(j0 + e) * rl.stride] += gs;
+      ap[e] += static_cast<double>(pv * pv);
+      ar[e] += rms[i];
+      for (int a = 0; a < K; ++a) am[e * K + a] += m[i * K + a];
     }
     double total = 0.0;
     for (int e = 0; e < kLanes; ++e) total += lane[e];
-    fixed_sum[row_varies ? col : row] = total;
+    fixed_sum[rl.row_varies ? col : row] = total;
+  }
+  for (int c = 0; c < 2 + K; ++c) s1[c] = 0.0;
+  for (int e = 0; e < kLanes; ++e) {
+    s1[0] += ap[e];
+    for (int a = 0; a < K; ++a) s1[1 + a] += am[e * K + a];
+    s1[1 + K] += ar[e];
   }
 }
 
 constexpr int64_t kReduceChunks = 8;  // chunks of runs per tensor, whatever the thread count
 
 // Phase A's factored statistics (as small_fc_reduce_cpu): run-layout tensors by runs, in
-// chunks whose partial sums of the varying side are added in chunk order; other factored
-// tensors through small_fc_reduce_cpu.
-void velo_reduce(const TensorArgs* t, int count, const GroupDecays& d,
-                 const std::vector<RunLayout>& layout) {
+// chunks whose partial sums of the varying side are added in chunk order, with pass 1's sums
+// (added in chunk order into sum1[tensor * (2 + K)]); other factored tensors through
+// small_fc_reduce_cpu. Returns which tensors got their pass-1 sums here.
+template <int K>
+std::vector<bool> velo_reduce(const TensorArgs* t, int count, const GroupDecays& d,
+                              const std::vector<RunLayout>& layout, double* sum1) {
+  constexpr int W1 = 2 + K;
   std::vector<TensorArgs> others;
   struct Job {
     int tensor;
@@ -458,7 +522,7 @@ void velo_reduce(const TensorArgs* t, int count, const GroupDecays& d,
     double *fixed, *vary;
   };
   std::vector<Job> jobs;
-  std::vector<int64_t> offset(count + 1, 0), chunks(count, 0);
+  std::vector<int64_t> offset(count + 1, 0), chunks(count, 0), first_job(count, 0);
   for (int i = 0; i < count; ++i) {
     int64_t size = 0;
     if (t[i].factored && t[i].n > 0) {
@@ -481,22 +545,26 @@ void velo_reduce(const TensorArgs* t, int count, const GroupDecays& d,
     double* fixed = sums.data() + offset[i];
     double* vary = fixed + (rv ? t[i].n_col : t[i].n_row);
     const int64_t n_vary = rv ? t[i].n_row : t[i].n_col;
+    first_job[i] = static_cast<int64_t>(jobs.size());
     for (int64_t c = 0; c < chunks[i]; ++c)
       jobs.push_back({i, runs * c / chunks[i], runs * (c + 1) / chunks[i], fixed,
                       vary + c * n_vary});
   }
   const int64_t n_jobs = static_cast<int64_t>(jobs.size());
+  std::vector<double> part1(jobs.size() * W1);
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t w = 0; w < n_jobs; ++w) {
     const Job& j = jobs[w];
     const TensorArgs& ti = t[j.tensor];
-    const bool rv = layout[j.tensor].row_varies;
+    const RunLayout& rl = layout[j.tensor];
+    double* s1 = part1.data() + w * W1;
     switch (ti.dtype) {
-      case DType::kFloat32: run_sums<DType::kFloat32>(ti, layout[j.tensor], rv, j.q0, j.q1, j.fixed, j.vary); break;
-      case DType::kBFloat16: run_sums<DType::kBFloat16>(ti, layout[j.tensor], rv, j.q0, j.q1, j.fixed, j.vary); break;
-      case DType::kFloat16: run_sums<DType::kFloat16>(ti, layout[j.tensor], rv, j.q0, j.q1, j.fixed, j.vary); break;
+      case DType::kFloat32: run_sums<DType::kFloat32, K>(ti, rl, j.q0, j.q1, j.fixed, j.vary, s1); break;
+      case DType::kBFloat16: run_sums<DType::kBFloat16, K>(ti, rl, j.q0, j.q1, j.fixed, j.vary, s1); break;
+      case DType::kFloat16: run_sums<DType::kFloat16, K>(ti, rl, j.q0, j.q1, j.fixed, j.vary, s1); break;
     }
   }
+  std::vector<bool> done(count, false);
 #pragma omp parallel for schedule(dynamic, 1)
   for (int i = 0; i < count; ++i) {
     if (chunks[i] == 0) continue;
@@ -507,9 +575,15 @@ void velo_reduce(const TensorArgs* t, int count, const GroupDecays& d,
     for (int64_t c = 1; c < chunks[i]; ++c)
       for (int64_t e = 0; e < n_vary; ++e) vary[e] += vary[c * n_vary + e];
     small_fc_reduce_finish(t[i], d, rv ? vary : fixed, rv ? fixed : vary);
+    for (int c = 0; c < W1; ++c) {
+      double total = 0.0;
+      for (int64_t k = 0; k < chunks[i]; ++k) total += part1[(first_job[i] + k) * W1 + c];
+      sum1[i * W1 + c] = total;
+    }
   }
+  for (int i = 0; i < count; ++i) done[i] = chunks[i] > 0;
+  return done;
 }
-
 
 // Pass 1 on one tile: sums of p^2 (squared in float), m (k) and rms, in double per lane in
 // element order, then the lanes in order, into out[2 + K].
@@ -805,16 +879,18 @@ void accumulate_k(const TensorArgs* t, int count, const GroupDecays& d, float* s
   constexpr int W1 = 2 + K, W23 = 2 * K + F;
   std::vector<RunLayout> layout(count);
   for (int i = 0; i < count; ++i) layout[i] = run_layout(t[i]);
-  velo_reduce(t, count, d, layout);
+  std::vector<double> sum1(static_cast<size_t>(count) * W1, 0.0);
+  const std::vector<bool> summed = velo_reduce<K>(t, count, d, layout, sum1.data());
   // A factored tensor the runs cannot walk: the lane path with a factored gather.
   for (int i = 0; i < count; ++i)
     if (t[i].factored && !layout[i].ok) layout[i].len = -1;
   const std::vector<WorkItem> items = cpu::accumulate_items(t, count);
   const int64_t n_items = static_cast<int64_t>(items.size());
-  std::vector<double> part1(items.size() * W1);
+  std::vector<double> part1(items.size() * W1, 0.0);
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t w = 0; w < n_items; ++w) {
     const WorkItem& it = items[w];
+    if (summed[it.tensor]) continue;
     const TensorArgs& ti = t[it.tensor];
     double* out = part1.data() + w * W1;
     switch (ti.dtype) {
@@ -823,7 +899,10 @@ void accumulate_k(const TensorArgs* t, int count, const GroupDecays& d, float* s
       case DType::kFloat16: sums_tile<DType::kFloat16, K>(ti, it.begin, it.end, out); break;
     }
   }
-  const std::vector<double> sum1 = per_tensor(items, part1, count, W1);
+  const std::vector<double> tiles1 = per_tensor(items, part1, count, W1);
+  for (int i = 0; i < count; ++i)
+    if (!summed[i])
+      for (int c = 0; c < W1; ++c) sum1[i * W1 + c] = tiles1[i * W1 + c];
   std::vector<double> part23(items.size() * W23);
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t w = 0; w < n_items; ++w) {
@@ -901,14 +980,19 @@ void apply_k(const TensorArgs* t, int count, const GroupDecays& d, const VeloApp
     const float* iv = inv.data() + it.tensor * F;
     const float* weights = a.weights + static_cast<int64_t>(it.tensor) * width;
     const StepScalars& sc = scalars[it.tensor];
-    if (ti.factored && released)
+    if (ti.factored && released) {
       apply_range<K, true, 4, 2>(ti, d, iv, weights, a, sc, it.begin, it.end);
-    else if (released)
-      apply_range<K, false, 4, 2>(ti, d, iv, weights, a, sc, it.begin, it.end);
-    else if (ti.factored)
+    } else if (released) {
+      switch (ti.dtype) {
+        case DType::kFloat32: apply_diag_range<DType::kFloat32, K, 4, 2>(ti, iv, weights, sc, it.begin, it.end); break;
+        case DType::kBFloat16: apply_diag_range<DType::kBFloat16, K, 4, 2>(ti, iv, weights, sc, it.begin, it.end); break;
+        case DType::kFloat16: apply_diag_range<DType::kFloat16, K, 4, 2>(ti, iv, weights, sc, it.begin, it.end); break;
+      }
+    } else if (ti.factored) {
       apply_range<K, true, 0, 0>(ti, d, iv, weights, a, sc, it.begin, it.end);
-    else
+    } else {
       apply_range<K, false, 0, 0>(ti, d, iv, weights, a, sc, it.begin, it.end);
+    }
   }
 }
 
