@@ -116,11 +116,15 @@ def task_strategy(steps: int = 5) -> Any:
     from hypothesis import strategies as st
 
     dim = st.integers(1, 9)
+    # wide: an axis past one 16-lane group of the CPU kernels (their run and tail paths)
+    wide = st.integers(16, 300)
     shape = st.one_of(st.just(()), st.tuples(dim), st.tuples(dim, dim),
                       st.tuples(dim, dim, dim), st.tuples(dim, dim, dim, dim),
                       dim.map(lambda n: (n, n)),
                       st.tuples(dim, st.integers(1, 3)).map(lambda ab: (ab[0], ab[0], ab[1],
-                                                                        ab[1])))
+                                                                        ab[1])),
+                      st.tuples(wide), st.tuples(dim, wide), st.tuples(wide, dim),
+                      st.tuples(dim, dim, wide))
     return st.builds(lambda shapes, seed: make_task(seed, steps, shapes),
                      st.lists(shape, min_size=1, max_size=6), st.integers(0, 2**31 - 1))
 

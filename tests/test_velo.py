@@ -269,7 +269,10 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA d
 DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
 # 21 tensors (the CUDA kernels take 16 per launch) of up to 14,400 elements (up to four
 # reduction tiles of 4,096 and eight apply blocks of 2,048 each), factored of rank 2-4 and not.
-MANY_SHAPES = [(130, 70), (3, 50, 41), (9000,), (), (17, 3)] * 4 + [(2, 3, 40, 60)]
+# Every CPU path: runs along either factored axis with several 256-wide blocks and partial
+# lane groups, factored tensors whose last axis is not factored, long 1-D tensors.
+MANY_SHAPES = [(130, 70), (3, 50, 41), (9000,), (), (17, 3)] * 4 + [(2, 3, 40, 60), (3, 700),
+                                                                  (700, 20), (40, 30, 2)]
 
 
 def _np(t):
@@ -366,6 +369,61 @@ def test_fused_is_bitwise_deterministic(weights, shapes, device):
             opt.step(loss=float(task.losses[t]))
         finals.append(params)
     assert all(torch.equal(a, b) for a, b in zip(*finals, strict=True))
+
+
+def _clone_lists(lists):
+    """The kernels' argument lists with every tensor cloned (the factored dims are ints)."""
+    return [[t.clone() if isinstance(t, torch.Tensor) else t for t in group] for group in lists]
+
+
+def test_fused_kernels_are_bitwise_independent_of_thread_count(weights, monkeypatch):
+    """Both CPU kernels, run on identical inputs with 1 and with 2 threads, give identical
+    bits: statistics, sums of squares, state and parameters (the work is split in tiles that
+    depend only on the shapes, summed in tile order)."""
+    from lopt_port import velo_fused
+
+    captured = {}
+    real_a, real_b = velo_fused.phase_a, velo_fused.phase_b
+
+    def capture_a(params, states, *rest):
+        captured["a"] = ([(p.detach().clone(), p.grad.clone()) for p in params],
+                         [{k: (v.clone() if isinstance(v, torch.Tensor) else v)
+                           for k, v in s.items()} for s in states], rest)
+        return real_a(params, states, *rest)
+
+    def capture_b(lists, *rest):
+        captured["b"] = (_clone_lists(lists), rest)
+        return real_b(lists, *rest)
+
+    monkeypatch.setattr(velo_fused, "phase_a", capture_a)
+    monkeypatch.setattr(velo_fused, "phase_b", capture_b)
+    task = make_task(8, 2, MANY_SHAPES)
+    params = [torch.tensor(v) for v in task.params.values()]
+    opt = VeLO(params, weights, num_steps=50, fused=True)
+    for t in range(task.steps):
+        for p, g in zip(params, task.grads[t].values(), strict=True):
+            p.grad = torch.tensor(g)
+        opt.step(loss=float(task.losses[t]))
+    threads = torch.get_num_threads()
+    outputs = []
+    try:
+        for n in (1, max(2, threads)):
+            torch.set_num_threads(n)
+            a_params, a_states, a_rest = captured["a"]
+            ps = [p.clone() for p, _ in a_params]
+            for p, (_, g) in zip(ps, a_params, strict=True):
+                p.grad = g.clone()
+            states = [{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
+                      for s in a_states]
+            _, stats, sumsq = real_a(ps, states, *a_rest)
+            b_lists, b_rest = captured["b"]
+            lists = _clone_lists(b_lists)
+            real_b(lists, *b_rest)
+            outputs.append([stats, sumsq, *[s[k] for s in states for k in sorted(s)
+                                             if isinstance(s[k], torch.Tensor)], *lists[0]])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*outputs, strict=True))
 
 
 @pytest.mark.parametrize("device", DEVICES)
