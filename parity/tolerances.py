@@ -20,7 +20,10 @@ LOCKSTEP: dict[str, float] = {
     # Parameters after the step, relative to the tensor's scale: steps are 1e-3..1e-2 of it,
     # so an update error of 1e-5 is ~1e-7 here; 1e-5 is the bound.
     "params": 1e-5,
-    # Normalized features and time features are O(1) to O(20): 1e-5 absolute is 5 ulp at 16.
+    # Normalized features and time features, relative per column: a normalized column has
+    # unit root mean square, but one spiky element carries its max to sqrt(n) (42 at
+    # n = 2,472, where a summation-order difference in the normalizer is 3 ulp = 1.1e-5
+    # absolute; 18 at n = 345 for VeLO); measured <= 3e-7 relative.
     "mlp_input": 1e-5,
     # Raw features (per column, relative): elementwise float32 math on accumulators that
     # agree to ~2e-7 (the moving averages use upstream's jit FMA, see accumulators.py);
@@ -29,6 +32,11 @@ LOCKSTEP: dict[str, float] = {
     # Preconditioned gradient: same chain as the raw features.
     "fac_g": 1e-5,
     # Hidden activations and outputs, relative to their scale: matmul reduction order.
+    # VeLO's are measured against what each layer sums (parity.golden_velo.mlp_abs_scales):
+    # its MLP weights are themselves computed (interpolated, ~1.5e-6 relative apart) and its
+    # 4-wide layers can cancel 40-fold (terms of O(3) summing to 0.07 in a scalar tensor's
+    # hidden layer), which against the tensor's largest output reached 3.6e-5 with every
+    # input agreeing to float32 noise.
     "mlp_pre": 1e-5,
     "mlp_output": 1e-5,
     # Accumulators after the step, relative to each leaf's scale: one EMA update from
@@ -51,20 +59,8 @@ LOCKSTEP: dict[str, float] = {
     "ff_params": 1e-5,
 }
 
-#: Per-kind overrides of :data:`LOCKSTEP`.
-LOCKSTEP_BY_KIND: dict[str, dict[str, float]] = {
-    "velo": {
-        # Normalized features, relative per column: a column's max grows like sqrt(n) for a
-        # spiky gradient (18 at n = 345), where the absolute 1e-5 above would be 5 ulp.
-        "mlp_input": 1e-5,
-        # MLP activations and outputs, and the update, are measured against what each layer
-        # sums (parity.golden_velo.mlp_abs_scales): VeLO's MLP weights are themselves
-        # computed (interpolated, ~1.5e-6 relative apart) and its 4-wide layers can cancel
-        # 40-fold (terms of O(3) summing to 0.07 in a scalar tensor's hidden layer), which
-        # against the tensor's largest output reached 3.6e-5 with every input agreeing to
-        # float32 noise. The 1e-5 bound stays.
-    },
-}
+#: Per-kind overrides of :data:`LOCKSTEP` (none at present: every kind meets the same bounds).
+LOCKSTEP_BY_KIND: dict[str, dict[str, float]] = {}
 
 #: Free-running runs (each side computes its own gradients on the same batches).
 FREE: dict[str, float] = {
