@@ -33,15 +33,21 @@ def absolute(ours: np.ndarray, ref: np.ndarray) -> float:
     return float(np.abs(ours - ref).max()) if ref.size else 0.0
 
 
-def relative_per_column(ours: np.ndarray, ref: np.ndarray) -> float:
-    """Worst over the last axis of ``max|ours - ref| / max|ref|`` within each column."""
+def relative_per_column(ours: np.ndarray, ref: np.ndarray, floor: float = 0.0) -> float:
+    """Worst over the last axis of ``max|ours - ref| / max(floor, max|ref|)`` within each
+    column (the absolute error in an all-zero column when ``floor`` is 0).
+
+    ``floor = 1`` suits normalized features: a column of unit root mean square is measured
+    absolutely, one that an outlier stretched past 1 (up to sqrt(n)) at its own scale, and a
+    column of tiny values (features of a zero gradient) is not inflated by its own smallness.
+    """
     ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
     if ours.shape != ref.shape:
         return float("inf")
     if ref.size == 0:
         return 0.0
     ours2, ref2 = ours.reshape(-1, ours.shape[-1]), ref.reshape(-1, ref.shape[-1])
-    scale = np.abs(ref2).max(axis=0)
+    scale = np.maximum(np.abs(ref2).max(axis=0), floor)
     diff = np.abs(ours2 - ref2).max(axis=0)
     return float(np.max(np.where(scale > 0, diff / np.where(scale > 0, scale, 1), diff)))
 

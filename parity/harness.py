@@ -11,10 +11,11 @@ quantity            error
 ==================  ========================================================================
 ``update``          :func:`~parity.errors.update_error`: relative to ``step_mult *
                     max|MLP output|`` of the tensor (the size of what the step is made from)
-``features_raw``,   :func:`~parity.errors.relative_per_column`: per feature column. A
-``mlp_input``       normalized column has unit root mean square, but one outlier element can
-                    carry it to sqrt(n) (42 in a 2,472-element tensor, where float32's ulp
-                    is 3.8e-6): the error is measured against each column's largest value
+``features_raw``    :func:`~parity.errors.relative_per_column`: per feature column
+``mlp_input``       the same with a floor of 1: a normalized column has unit root mean
+                    square (absolute error), but one outlier element can carry it to sqrt(n)
+                    (42 in a 2,472-element tensor, where float32's ulp is 3.8e-6), where the
+                    error is measured against the column's largest value
 ``params``          :func:`~parity.errors.relative` with the pre-step params: relative to
                     the larger of the tensor's max before and after the step
 ``mlp_*``,          :func:`~parity.errors.relative`: relative to the tensor's max
@@ -239,8 +240,10 @@ def lockstep(sides: Sides, task: Task, num_steps: int = 1000) -> list[ErrorRecor
             for q in INTERMEDIATES:
                 if q in ours and n in inter and q in inter[n]:
                     theirs = np.asarray(inter[n][q])
-                    if q in ("features_raw", "mlp_input"):
+                    if q == "features_raw":
                         err = relative_per_column(ours[q].numpy(), theirs)
+                    elif q == "mlp_input":
+                        err = relative_per_column(ours[q].numpy(), theirs, floor=1.0)
                     elif q == "update":
                         err = update_error(ours[q].numpy(), theirs, inter[n]["mlp_output"],
                                            opt.hparams["exp_mult"], opt.hparams["step_mult"])

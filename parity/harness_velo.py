@@ -16,7 +16,8 @@ quantity              error
 ``lstm_state``
 ``ff_params``         relative, worst leaf of the tensor's interpolated MLP weights
 ``features_raw``      per column, relative
-``mlp_input``         per column, relative (a normalized column's max grows like sqrt(n))
+``mlp_input``         per column, relative to max(1, the column's max) (unit scale, but a
+                      normalized column's max grows like sqrt(n) with an outlier)
 ``fac_g``             relative to the tensor's max
 ``mlp_pre*``,         relative to what the layer sums (:func:`~parity.golden_velo.
 ``mlp_output``        mlp_abs_scales`: the absolute forward pass |W| |x| + |b|)
@@ -115,7 +116,7 @@ def velo_lockstep(sides: Any, task: Task, num_steps: int,
             add(n, "features_raw", relative_per_column(*_pair(got["features_raw"],
                                                               want["features_raw"])))
             add(n, "mlp_input", relative_per_column(*_pair(got["mlp_input"],
-                                                            want["mlp_input"])))
+                                                            want["mlp_input"]), floor=1.0))
             add(n, "fac_g", relative(*_pair(got["fac_g"], want["fac_g"])))
             ff_ref = {k: np.asarray(v) for k, v in want["ff_params"].items()}
             for q, err in mlp_errors(got, lambda q, want=want: want[q], ff_ref).items():

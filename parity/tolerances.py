@@ -20,10 +20,10 @@ LOCKSTEP: dict[str, float] = {
     # Parameters after the step, relative to the tensor's scale: steps are 1e-3..1e-2 of it,
     # so an update error of 1e-5 is ~1e-7 here; 1e-5 is the bound.
     "params": 1e-5,
-    # Normalized features and time features, relative per column: a normalized column has
-    # unit root mean square, but one spiky element carries its max to sqrt(n) (42 at
-    # n = 2,472, where a summation-order difference in the normalizer is 3 ulp = 1.1e-5
-    # absolute; 18 at n = 345 for VeLO); measured <= 3e-7 relative.
+    # Normalized features and time features, per column against max(1, the column's max):
+    # a normalized column has unit root mean square, but one spiky element carries its max
+    # to sqrt(n) (42 at n = 2,472, where a summation-order difference in the normalizer is
+    # 3 ulp = 1.1e-5 absolute; 18 at n = 345 for VeLO); measured <= 3e-7 there.
     "mlp_input": 1e-5,
     # Raw features (per column, relative): elementwise float32 math on accumulators that
     # agree to ~2e-7 (the moving averages use upstream's jit FMA, see accumulators.py);
