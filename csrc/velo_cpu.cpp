@@ -41,24 +41,34 @@ struct LaneSides {
 #if defined(__AVX512F__)
 static_assert(kLanes == 16, "one AVX-512 register per lane group");
 
+// Every loop of the lane MLP unrolled at compile time, so that its per-quantity registers
+// (h, the normalized group inputs) stay in registers instead of stack arrays.
+#define LOPT_CPU_UNROLL _Pragma("GCC unroll 32")
+
 template <int K, int H, int L, bool Sides>
 void velo_mlp_lanes(const float* x, const float* inv, const float* w, const LaneSides* sides,
                     float* out) {
   __m512 h[H];
+  LOPT_CPU_UNROLL
   for (int o = 0; o < H; ++o) h[o] = _mm512_setzero_ps();
   int col = 0;
+  LOPT_CPU_UNROLL
   for (int j = 0; j < kVeloGroups; ++j) {
     const int width = velo_group_width(j, K);
     if (Sides && velo_side_group(j)) {
       const float* sp = sides->p[j - kVeloFirstSideGroup];
       const int64_t ld = sides->ld[j - kVeloFirstSideGroup];
+      LOPT_CPU_UNROLL
       for (int o = 0; o < H; ++o) h[o] = _mm512_add_ps(h[o], _mm512_loadu_ps(sp + o * ld));
     } else {
       __m512 xn[kMaxDecays];
+      LOPT_CPU_UNROLL
       for (int i = 0; i < width; ++i)
         xn[i] = _mm512_mul_ps(_mm512_load_ps(x + (col + i) * kLanes), _mm512_set1_ps(inv[col + i]));
+      LOPT_CPU_UNROLL
       for (int o = 0; o < H; ++o) {
         __m512 partial = _mm512_setzero_ps();
+        LOPT_CPU_UNROLL
         for (int i = 0; i < width; ++i)
           partial = _mm512_fmadd_ps(xn[i], _mm512_set1_ps(w[i * H + o]), partial);
         h[o] = _mm512_add_ps(h[o], partial);
@@ -72,17 +82,22 @@ void velo_mlp_lanes(const float* x, const float* inv, const float* w, const Lane
   auto relu16 = [&](__m512 v) {
     return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ), v, zero);
   };
+  LOPT_CPU_UNROLL
   for (int o = 0; o < H; ++o) h[o] = relu16(_mm512_add_ps(h[o], _mm512_set1_ps(w[o])));
   w += H;
+  LOPT_CPU_UNROLL
   for (int l = 1; l <= L; ++l) {
     const int n_out = l == L ? kVeloOutputs : H;
     __m512 next[H > kVeloOutputs ? H : kVeloOutputs];
+    LOPT_CPU_UNROLL
     for (int o = 0; o < n_out; ++o) {
       __m512 acc = _mm512_setzero_ps();
+      LOPT_CPU_UNROLL
       for (int i = 0; i < H; ++i) acc = _mm512_fmadd_ps(h[i], _mm512_set1_ps(w[i * n_out + o]), acc);
       next[o] = _mm512_add_ps(acc, _mm512_set1_ps(w[H * n_out + o]));
     }
     w += H * n_out + n_out;
+    LOPT_CPU_UNROLL
     for (int o = 0; o < n_out; ++o) {
       if (l == L) _mm512_store_ps(out + o * kLanes, next[o]);
       else h[o] = relu16(next[o]);
@@ -629,10 +644,10 @@ enum class Walk { kDiag, kRowRun, kColRun };
 constexpr int kSquareBlock = 4;
 
 // Passes 2 and 3 on one tile of lane groups: the squared deviations of the old m and rms about
-// the momentum means (dev[2K], in double per lane, then lanes in order), the moving averages
-// (stored), and the sums of squares of the features of the new state (sq[F], per lane in
-// kSquareBlock blocks, then lanes in order; for Walk::kDiag all of them, for runs the element
-// columns only: the side columns are summed per entry).
+// the momentum means (deviations in float32 as upstream forms them; dev[2K]), the moving
+// averages (stored), and the sums of squares of the features of the new state (sq[F]; for
+// Walk::kDiag all of them, for runs the element columns only: the side columns are summed
+// per entry). Squares go per lane in kSquareBlock blocks, then lanes in order.
 template <DType DT, int K, Walk W>
 void update_tile(const TensorArgs& t, const GroupDecays& d, const RunLayout& rl,
                  const double* mean, int64_t begin, int64_t end, double* dev, double* sq) {
@@ -646,9 +661,16 @@ void update_tile(const TensorArgs& t, const GroupDecays& d, const RunLayout& rl,
   alignas(64) double adev[2 * K][kLanes] = {};
   alignas(64) double asq[F][kLanes] = {};
   alignas(64) float block[F][kLanes] = {};  // squares of the current kSquareBlock lane groups
+  alignas(64) float block_dev[2 * K][kLanes] = {};
   int blocked = 0;
   constexpr int kSkip0 = kRun ? 6 + 3 * K : F, kSkip1 = kRun ? 6 + 7 * K : F;
   auto flush = [&]() {
+    for (int c = 0; c < 2 * K; ++c)
+#pragma omp simd
+      for (int e = 0; e < kLanes; ++e) {
+        adev[c][e] += block_dev[c][e];
+        block_dev[c][e] = 0.0f;
+      }
     for (int f = 0; f < F; ++f) {
       if (f >= kSkip0 && f < kSkip1) continue;
 #pragma omp simd
@@ -660,6 +682,8 @@ void update_tile(const TensorArgs& t, const GroupDecays& d, const RunLayout& rl,
     blocked = 0;
   };
   alignas(64) float x[F * kLanes];
+  float mean_f[K];  // the momentum means in float: deviations in float32, as upstream's
+  for (int a = 0; a < K; ++a) mean_f[a] = static_cast<float>(mean[a]);
   LaneInputs in{};
   const float* vary_factor = kRowVaries ? t.row_factor : t.col_factor;
   const float* fixed_factor = kRowVaries ? t.col_factor : t.row_factor;
@@ -717,21 +741,21 @@ void update_tile(const TensorArgs& t, const GroupDecays& d, const RunLayout& rl,
         }
       }
       // Deviations of the old state (zero in lanes past the end), then the moving averages.
-      alignas(64) double dm[K][kLanes], dr[K][kLanes];
+      alignas(64) float dm[K][kLanes], dr[K][kLanes];
       for (int a = 0; a < K; ++a)
 #pragma omp simd
         for (int e = 0; e < kLanes; ++e) {
-          dm[a][e] = in.m[a][e] - mean[a];
-          dr[a][e] = in.rms[e] - mean[a];
+          dm[a][e] = in.m[a][e] - mean_f[a];
+          dr[a][e] = in.rms[e] - mean_f[a];
         }
       if (lanes < kLanes)
         for (int a = 0; a < K; ++a)
-          for (int e = lanes; e < kLanes; ++e) dm[a][e] = dr[a][e] = 0.0;
+          for (int e = lanes; e < kLanes; ++e) dm[a][e] = dr[a][e] = 0.0f;
       for (int a = 0; a < K; ++a)
 #pragma omp simd
         for (int e = 0; e < kLanes; ++e) {
-          adev[a][e] += dm[a][e] * dm[a][e];
-          adev[K + a][e] += dr[a][e] * dr[a][e];
+          block_dev[a][e] = fmaf(dm[a][e], dm[a][e], block_dev[a][e]);
+          block_dev[K + a][e] = fmaf(dr[a][e], dr[a][e], block_dev[K + a][e]);
         }
       for (int a = 0; a < K; ++a) {
         const float mom = d.mom[a], mom_mix = d.mom_mix[a];
