@@ -158,6 +158,15 @@ inline void interleave(const float (*src)[kLanes], float* dst) {
 #endif
 }
 
+// out[r] = the lanes of acc[r] summed in lane order, for rows r < rows (a tile's partials).
+inline void sum_lanes(const double (*acc)[kLanes], int rows, double* out) {
+  for (int r = 0; r < rows; ++r) {
+    double total = 0.0;
+    for (int e = 0; e < kLanes; ++e) total += acc[r][e];
+    out[r] = total;
+  }
+}
+
 // The header's per-element state for lane e.
 template <int K, bool Factored>
 inline ElementState lane_state(const LaneInputs& in, int e, bool head_variant) {

@@ -57,11 +57,7 @@ void accumulate_tile_cpu(const TensorArgs& t, const GroupDecays& d, bool head_va
         acc[f][e] += v * v;
       }
   }
-  for (int f = 0; f < F; ++f) {
-    double total = 0.0;
-    for (int e = 0; e < kLanes; ++e) total += acc[f][e];
-    out[f] = total;
-  }
+  cpu::sum_lanes(acc, F, out);
 }
 
 // The MLP for kLanes elements at once, feature-major (x[i * kLanes + e], out likewise), a

@@ -813,14 +813,8 @@ void update_tile(const TensorArgs& t, const GroupDecays& d, const RunLayout& rl,
     i = seg_end;
   }
   flush();
-  for (int c = 0; c < 2 * K; ++c) {
-    dev[c] = 0.0;
-    for (int e = 0; e < kLanes; ++e) dev[c] += adev[c][e];
-  }
-  for (int f = 0; f < F; ++f) {
-    sq[f] = 0.0;
-    for (int e = 0; e < kLanes; ++e) sq[f] += asq[f][e];
-  }
+  cpu::sum_lanes(adev, 2 * K, dev);
+  cpu::sum_lanes(asq, F, sq);
 }
 
 // Passes 2 and 3 (as update_tile) for a factored tensor that runs cannot walk: lane groups
@@ -856,14 +850,8 @@ void factored_lane_tile(const TensorArgs& t, const GroupDecays& d, const double*
         asq[f][e] += v * v;
       }
   }
-  for (int c = 0; c < 2 * K; ++c) {
-    dev[c] = 0.0;
-    for (int e = 0; e < kLanes; ++e) dev[c] += adev[c][e];
-  }
-  for (int f = 0; f < F; ++f) {
-    sq[f] = 0.0;
-    for (int e = 0; e < kLanes; ++e) sq[f] += asq[f][e];
-  }
+  cpu::sum_lanes(adev, 2 * K, dev);
+  cpu::sum_lanes(asq, F, sq);
 }
 
 // Side columns of a factored tensor's feature sums of squares, from its (updated) v_row and

@@ -23,14 +23,22 @@ MAX_LAYERS = 8
 MAX_RANK = 8
 
 
-def config_unsupported_reason(hparams: Mapping[str, Any]) -> str | None:
-    """Why these hyperparameters cannot run fused (``None`` when they can)."""
+def decays_unsupported_reason(hparams: Mapping[str, Any]) -> str | None:
+    """Why the kernels cannot take these decays (``None`` when they can): they need one rms
+    decay and K <= MAX_DECAYS momentum and adafactor decays each (both optimizers' layout)."""
     m = len(hparams["initial_momentum_decays"])
     r = len(hparams["initial_rms_decays"])
     a = len(hparams["initial_adafactor_decays"])
     if r != 1 or m != a or m > MAX_DECAYS:
         return (f"the fused kernels need 1 rms decay and equal momentum/adafactor decay "
                 f"counts <= {MAX_DECAYS} (got M={m}, R={r}, A={a})")
+    return None
+
+
+def config_unsupported_reason(hparams: Mapping[str, Any]) -> str | None:
+    """Why these hyperparameters cannot run fused (``None`` when they can)."""
+    if (reason := decays_unsupported_reason(hparams)) is not None:
+        return reason
     if hparams["hidden_layers"] + 1 > MAX_LAYERS or hparams["hidden_size"] > MAX_HIDDEN:
         return (f"the fused kernels support up to {MAX_LAYERS - 1} hidden layers of at most "
                 f"{MAX_HIDDEN} units")

@@ -23,21 +23,20 @@ from typing import Any
 import torch
 
 from lopt_port import extension
-from lopt_port.small_fc_lopt_fused import layout_unsupported_reason, state_lists
+from lopt_port.small_fc_lopt_fused import (
+    decays_unsupported_reason,
+    layout_unsupported_reason,
+    state_lists,
+)
 
-MAX_DECAYS = 4
 MAX_HIDDEN = 16
 GRAD_CLIP = 1000.0
 
 
 def config_unsupported_reason(hparams: Mapping[str, Any]) -> str | None:
     """Why these hyperparameters cannot run fused (``None`` when they can)."""
-    m = len(hparams["initial_momentum_decays"])
-    r = len(hparams["initial_rms_decays"])
-    a = len(hparams["initial_adafactor_decays"])
-    if r != 1 or m != a or m > MAX_DECAYS:
-        return (f"the fused kernels need 1 rms decay and equal momentum/adafactor decay "
-                f"counts <= {MAX_DECAYS} (got M={m}, R={r}, A={a})")
+    if (reason := decays_unsupported_reason(hparams)) is not None:
+        return reason
     if hparams["ff_hidden_size"] > MAX_HIDDEN or hparams["ff_hidden_layers"] < 1:
         return (f"the fused kernels support per-parameter MLPs of at most {MAX_HIDDEN} units "
                 f"and at least one hidden layer")
