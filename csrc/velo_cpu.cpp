@@ -287,6 +287,21 @@ void side_table(const float* __restrict v, const float* __restrict factor, int64
   }
 }
 
+// The step of a lane group from its MLP outputs (direction out[e], magnitude
+// out[kLanes + e]): p <- decay * p - lr * velo_step(...), stored for lanes [0, lanes).
+template <DType DT>
+inline void write_step(const float* out, const float* p, const StepScalars& sc, void* dst,
+                       int64_t i0, int lanes) {
+  alignas(64) float result[kLanes];
+#pragma omp simd
+  for (int e = 0; e < kLanes; ++e) {
+    const float step = velo_step(out[e], out[kLanes + e], sc.exp_mult, sc.scale, sc.step_mult,
+                                 sc.lr_mult);
+    result[e] = (sc.decay != 1.0f ? p[e] * sc.decay : p[e]) - sc.lr * step;
+  }
+  for (int e = 0; e < lanes; ++e) store_value(dst, DT, i0 + e, result[e]);
+}
+
 // Lanes 0..15 = elements i0 .. i0 + 15: parameter, effective gradient, rms and momentum
 // (deinterleaved from its [n, K] layout).
 template <DType DT, int K>
@@ -328,7 +343,6 @@ void apply_run_tile(const TensorArgs& t, const RunLayout& rl, const float* inv, 
   int64_t table_base = -1;
   alignas(64) float x[F * kLanes];
   alignas(64) float out[kVeloOutputs * kLanes];
-  alignas(64) float result[kLanes];
   LaneInputs in{};  // v_row / v_col lanes stay 0: the side groups are not formed per element
   LaneSides sides;
   sides.ld[fixed_s] = sides.ld[2 + fixed_s] = kLanes;
@@ -380,14 +394,7 @@ void apply_run_tile(const TensorArgs& t, const RunLayout& rl, const float* inv, 
       sides.p[vary_s] = &vpart[0][0][j];
       sides.p[2 + vary_s] = &vpart[1][0][j];
       velo_mlp_lanes<K, H, L, true>(x, inv, wl, &sides, out);
-#pragma omp simd
-      for (int e = 0; e < kLanes; ++e) {
-        const float step = velo_step(out[e], out[kLanes + e], sc.exp_mult, sc.scale,
-                                     sc.step_mult, sc.lr_mult);
-        const float p = sc.decay != 1.0f ? in.p[e] * sc.decay : in.p[e];
-        result[e] = p - sc.lr * step;
-      }
-      for (int e = 0; e < lanes; ++e) store_value(p_out, DT, i0 + e, result[e]);
+      write_step<DT>(out, in.p, sc, p_out, i0, lanes);
     }
   }
 }
@@ -403,7 +410,6 @@ void apply_diag_range(const TensorArgs& t, const float* inv, const float* w,
   for (int j = 0; j < kWeights; ++j) wl[j] = w[j];
   alignas(64) float x[F * kLanes];
   alignas(64) float out[kVeloOutputs * kLanes];
-  alignas(64) float result[kLanes];
   LaneInputs in{};
   for (int64_t i0 = begin; i0 < end; i0 += kLanes) {
     const int lanes = static_cast<int>(std::min<int64_t>(kLanes, end - i0));
@@ -426,14 +432,7 @@ void apply_diag_range(const TensorArgs& t, const float* inv, const float* w,
     for (int e = 0; e < kLanes; ++e)
       velo_raw_features(lane_state<K, false>(in, e, false), K, x + e, kLanes);
     velo_mlp_lanes<K, H, L, false>(x, inv, wl, nullptr, out);
-#pragma omp simd
-    for (int e = 0; e < kLanes; ++e) {
-      const float step = velo_step(out[e], out[kLanes + e], sc.exp_mult, sc.scale,
-                                   sc.step_mult, sc.lr_mult);
-      const float p = sc.decay != 1.0f ? in.p[e] * sc.decay : in.p[e];
-      result[e] = p - sc.lr * step;
-    }
-    for (int e = 0; e < lanes; ++e) store_value(t.p, DT, i0 + e, result[e]);
+    write_step<DT>(out, in.p, sc, t.p, i0, lanes);
   }
 }
 
