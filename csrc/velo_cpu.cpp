@@ -1,6 +1,7 @@
-// CPU backend of the fused VeLO step (see velo_cpu.h). Work is split into the fixed tiles of
-// accumulate_tile(n) (phase A: three passes, each summed per tile and then in tile order) and
-// chunks of kApplyChunk elements (phase B), so results never depend on the thread count.
+// CPU backend of the fused VeLO step (see velo_cpu.h). Phase A: the factored reduce (fixed
+// chunks of runs), then one pass over the state in the fixed tiles of accumulate_tile(n),
+// summed per tile and then in tile order. Phase B: fixed tiles of runs and chunks of
+// kApplyChunk elements. Results never depend on the thread count.
 #include "velo_cpu.h"
 
 #include <algorithm>
@@ -229,8 +230,11 @@ RunLayout run_layout(const TensorArgs& t) {
   return r;
 }
 
-constexpr int64_t kRunBlock = 256;       // positions along the last axis per tile
-constexpr int64_t kRunTileElems = 8192;  // elements per tile (at least one run)
+constexpr int64_t kRunBlock = 1024;      // positions along the last axis per tile
+constexpr int64_t kRunTileElems = 32768; // elements per tile (at least one run)
+constexpr int64_t kPrefetchGroups = 16;   // lane groups between a prefetch and its use
+
+constexpr int64_t dtype_size(DType dt) { return dt == DType::kFloat32 ? 4 : 2; }
 
 // A tile of runs [q0, q1) x positions [j0, j1).
 struct RunTile {
@@ -299,7 +303,12 @@ inline void write_step(const float* out, const float* p, const StepScalars& sc, 
                                  sc.lr_mult);
     result[e] = (sc.decay != 1.0f ? p[e] * sc.decay : p[e]) - sc.lr * step;
   }
-  for (int e = 0; e < lanes; ++e) store_value(dst, DT, i0 + e, result[e]);
+  if (lanes == kLanes) {  // one vector store (a loop of `lanes` stores compiles to rep movs)
+#pragma omp simd
+    for (int e = 0; e < kLanes; ++e) store_value(dst, DT, i0 + e, result[e]);
+  } else {
+    for (int e = 0; e < lanes; ++e) store_value(dst, DT, i0 + e, result[e]);
+  }
 }
 
 // Lanes 0..15 = elements i0 .. i0 + 15: parameter, effective gradient, rms and momentum
@@ -374,6 +383,22 @@ void apply_run_tile(const TensorArgs& t, const RunLayout& rl, const float* inv, 
     for (int64_t j = 0; j < width; j += kLanes) {
       const int lanes = static_cast<int>(std::min<int64_t>(kLanes, width - j));
       const int64_t i0 = first + j;
+      {
+        // Software prefetch kPrefetchGroups lane groups ahead in the tile's walk (into the next
+        // run past this one's end): the runs' short segments defeat the hardware prefetcher.
+        int64_t ahead = j + kPrefetchGroups * kLanes, qa = q;
+        if (ahead >= width) {
+          ahead -= width;
+          ++qa;
+        }
+        if (qa < tile.q1) {
+          const int64_t ia = qa * rl.len + tile.j0 + ahead;
+          __builtin_prefetch(static_cast<const char*>(p_in) + ia * dtype_size(DT));
+          __builtin_prefetch(static_cast<const char*>(g_in) + ia * dtype_size(DT));
+          __builtin_prefetch(rms_in + ia);
+          for (int c = 0; c < K; ++c) __builtin_prefetch(m_in + ia * K + c * kLanes);
+        }
+      }
       if (lanes == kLanes) {
         load_lanes<DT, K>(p_in, g_in, m_in, rms_in, wd, clip, i0, in);
       } else {  // the run's last, partial lane group: lanes past its end repeat its last element
@@ -459,17 +484,17 @@ void apply_run_tile_dtype(const TensorArgs& t, const RunLayout& rl, const float*
 
 // One pass over runs [q0, q1) of a run-layout tensor: the factored sums of g^2 + 1e-30 (each
 // run's total into its fixed-side entry, one run per entry; each element into the varying
-// side's entry in `vary`, this chunk's partial sums) and pass 1's sums of p^2, m (k) and rms of
-// the old state into s1[2 + K] (per lane, momentum per layout position, then in order).
-template <DType DT, int K>
+// side's entry in `vary`, this chunk's partial sums). Reads g only (and p with weight decay).
+template <DType DT, bool Decayed>
 void run_sums(const TensorArgs& t, const RunLayout& rl, int64_t q0, int64_t q1,
-              double* fixed_sum, double* vary, double* s1) {
+              double* fixed_sum, double* vary) {
   const void* __restrict p = t.p;
   const void* __restrict g = t.g;
-  const float* __restrict m = t.m;
-  const float* __restrict rms = t.rms;
   const float wd = t.grad_wd, clip = t.grad_clip;
-  alignas(64) double ap[kLanes] = {}, ar[kLanes] = {}, am[K * kLanes] = {};
+  auto grad_sq = [&](int64_t i) {
+    const float pv = Decayed ? load_value(p, DT, i) : 0.0f;
+    return factored_grad_sq(effective_grad(load_value(g, DT, i), pv, Decayed ? wd : 0.0f, clip));
+  };
   for (int64_t q = q0; q < q1; ++q) {
     const int64_t first = q * rl.len;
     int64_t row, col, rcm;
@@ -482,14 +507,9 @@ void run_sums(const TensorArgs& t, const RunLayout& rl, int64_t q0, int64_t q1,
       alignas(64) float gs[kLanes];
 #pragma omp simd
       for (int e = 0; e < kLanes; ++e) {
-        const float pv = load_value(p, DT, i0 + e);
-        gs[e] = factored_grad_sq(effective_grad(load_value(g, DT, i0 + e), pv, wd, clip));
+        gs[e] = grad_sq(i0 + e);
         lane[e] += gs[e];
-        ap[e] += static_cast<double>(pv * pv);
-        ar[e] += rms[i0 + e];
       }
-#pragma omp simd
-      for (int c = 0; c < K * kLanes; ++c) am[c] += m[i0 * K + c];
       if (rl.stride == 1) {
 #pragma omp simd
         for (int e = 0; e < kLanes; ++e) v[j0 + e] += gs[e];
@@ -498,37 +518,23 @@ void run_sums(const TensorArgs& t, const RunLayout& rl, int64_t q0, int64_t q1,
       }
     }
     for (int e = 0; j0 + e < rl.len; ++e) {
-      const int64_t i = first + j0 + e;
-      const float pv = load_value(p, DT, i);
-      const float gs = factored_grad_sq(effective_grad(load_value(g, DT, i), pv, wd, clip));
+      const float gs = grad_sq(first + j0 + e);
       lane[e] += gs;
       v[(j0 + e) * rl.stride] += gs;
-      ap[e] += static_cast<double>(pv * pv);
-      ar[e] += rms[i];
-      for (int a = 0; a < K; ++a) am[e * K + a] += m[i * K + a];
     }
     double total = 0.0;
     for (int e = 0; e < kLanes; ++e) total += lane[e];
     fixed_sum[rl.row_varies ? col : row] = total;
-  }
-  for (int c = 0; c < 2 + K; ++c) s1[c] = 0.0;
-  for (int e = 0; e < kLanes; ++e) {
-    s1[0] += ap[e];
-    for (int a = 0; a < K; ++a) s1[1 + a] += am[e * K + a];
-    s1[1 + K] += ar[e];
   }
 }
 
 constexpr int64_t kReduceChunks = 8;  // chunks of runs per tensor, whatever the thread count
 
 // Phase A's factored statistics (as small_fc_reduce_cpu): run-layout tensors by runs, in
-// chunks whose partial sums of the varying side are added in chunk order, with pass 1's sums
-// (added in chunk order into sum1[tensor * (2 + K)]); other factored tensors through
-// small_fc_reduce_cpu. Returns which tensors got their pass-1 sums here.
-template <int K>
-std::vector<bool> velo_reduce(const TensorArgs* t, int count, const GroupDecays& d,
-                              const std::vector<RunLayout>& layout, double* sum1) {
-  constexpr int W1 = 2 + K;
+// chunks whose partial sums of the varying side are added in chunk order; other factored
+// tensors through small_fc_reduce_cpu.
+void velo_reduce(const TensorArgs* t, int count, const GroupDecays& d,
+                 const std::vector<RunLayout>& layout) {
   std::vector<TensorArgs> others;
   struct Job {
     int tensor;
@@ -536,7 +542,7 @@ std::vector<bool> velo_reduce(const TensorArgs* t, int count, const GroupDecays&
     double *fixed, *vary;
   };
   std::vector<Job> jobs;
-  std::vector<int64_t> offset(count + 1, 0), chunks(count, 0), first_job(count, 0);
+  std::vector<int64_t> offset(count + 1, 0), chunks(count, 0);
   for (int i = 0; i < count; ++i) {
     int64_t size = 0;
     if (t[i].factored && t[i].n > 0) {
@@ -559,26 +565,32 @@ std::vector<bool> velo_reduce(const TensorArgs* t, int count, const GroupDecays&
     double* fixed = sums.data() + offset[i];
     double* vary = fixed + (rv ? t[i].n_col : t[i].n_row);
     const int64_t n_vary = rv ? t[i].n_row : t[i].n_col;
-    first_job[i] = static_cast<int64_t>(jobs.size());
     for (int64_t c = 0; c < chunks[i]; ++c)
       jobs.push_back({i, runs * c / chunks[i], runs * (c + 1) / chunks[i], fixed,
                       vary + c * n_vary});
   }
   const int64_t n_jobs = static_cast<int64_t>(jobs.size());
-  std::vector<double> part1(jobs.size() * W1);
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t w = 0; w < n_jobs; ++w) {
     const Job& j = jobs[w];
     const TensorArgs& ti = t[j.tensor];
     const RunLayout& rl = layout[j.tensor];
-    double* s1 = part1.data() + w * W1;
+    const bool decayed = ti.grad_wd != 0.0f;
     switch (ti.dtype) {
-      case DType::kFloat32: run_sums<DType::kFloat32, K>(ti, rl, j.q0, j.q1, j.fixed, j.vary, s1); break;
-      case DType::kBFloat16: run_sums<DType::kBFloat16, K>(ti, rl, j.q0, j.q1, j.fixed, j.vary, s1); break;
-      case DType::kFloat16: run_sums<DType::kFloat16, K>(ti, rl, j.q0, j.q1, j.fixed, j.vary, s1); break;
+      case DType::kFloat32:
+        if (decayed) run_sums<DType::kFloat32, true>(ti, rl, j.q0, j.q1, j.fixed, j.vary);
+        else run_sums<DType::kFloat32, false>(ti, rl, j.q0, j.q1, j.fixed, j.vary);
+        break;
+      case DType::kBFloat16:
+        if (decayed) run_sums<DType::kBFloat16, true>(ti, rl, j.q0, j.q1, j.fixed, j.vary);
+        else run_sums<DType::kBFloat16, false>(ti, rl, j.q0, j.q1, j.fixed, j.vary);
+        break;
+      case DType::kFloat16:
+        if (decayed) run_sums<DType::kFloat16, true>(ti, rl, j.q0, j.q1, j.fixed, j.vary);
+        else run_sums<DType::kFloat16, false>(ti, rl, j.q0, j.q1, j.fixed, j.vary);
+        break;
     }
   }
-  std::vector<bool> done(count, false);
 #pragma omp parallel for schedule(dynamic, 1)
   for (int i = 0; i < count; ++i) {
     if (chunks[i] == 0) continue;
@@ -589,49 +601,39 @@ std::vector<bool> velo_reduce(const TensorArgs* t, int count, const GroupDecays&
     for (int64_t c = 1; c < chunks[i]; ++c)
       for (int64_t e = 0; e < n_vary; ++e) vary[e] += vary[c * n_vary + e];
     small_fc_reduce_finish(t[i], d, rv ? vary : fixed, rv ? fixed : vary);
-    for (int c = 0; c < W1; ++c) {
-      double total = 0.0;
-      for (int64_t k = 0; k < chunks[i]; ++k) total += part1[(first_job[i] + k) * W1 + c];
-      sum1[i * W1 + c] = total;
-    }
   }
-  for (int i = 0; i < count; ++i) done[i] = chunks[i] > 0;
-  return done;
 }
 
-// Pass 1 on one tile: sums of p^2 (squared in float), m (k) and rms, in double per lane in
-// element order, then the lanes in order, into out[2 + K].
-template <DType DT, int K>
-void sums_tile(const TensorArgs& t, int64_t begin, int64_t end, double* out) {
-  const void* __restrict p = t.p;
-  const float* __restrict m = t.m;
-  const float* __restrict rms = t.rms;
-  // Momentum summed per position of its [n, K] layout in a lane group (position e * K + a
-  // holds decay a), the positions of one decay then added in order.
-  alignas(64) double ap[kLanes] = {}, ar[kLanes] = {}, am[K * kLanes] = {};
-  int64_t i0 = begin;
-  for (; i0 + kLanes <= end; i0 += kLanes) {
+// The sums of the old state's moments that phase A's statistics come from, per tensor, in
+// float64: p^2 (squared in float, as upstream's mean(p^2)), m and m^2 (k each), rms, rms^2.
+// The variances follow in one pass as E[x^2] - 2 c E[x] + c^2 about a center c (the momentum
+// mean); squares of float32 values are exact in float64, so only the float64 sums round.
+template <int K>
+struct Moments {
+  static constexpr int kCount = 3 + 2 * K;
+  static constexpr int kP2 = 0, kM = 1, kM2 = 1 + K, kRms = 1 + 2 * K, kRms2 = 2 + 2 * K;
+};
+
+// Adds lanes [0, lanes) of a lane group's old state to the per-lane moment sums acc.
+template <int K>
+inline void add_moments(const LaneInputs& in, int lanes, double (*acc)[kLanes]) {
+  using M = Moments<K>;
+#pragma omp simd
+  for (int e = 0; e < kLanes; ++e) {
+    const bool ok = e < lanes;
+    const double p2 = ok ? static_cast<double>(in.p[e] * in.p[e]) : 0.0;
+    const double r = ok ? static_cast<double>(in.rms[e]) : 0.0;
+    acc[M::kP2][e] += p2;
+    acc[M::kRms][e] += r;
+    acc[M::kRms2][e] += r * r;
+  }
+  for (int a = 0; a < K; ++a)
 #pragma omp simd
     for (int e = 0; e < kLanes; ++e) {
-      const float v = load_value(p, DT, i0 + e);
-      ap[e] += static_cast<double>(v * v);
-      ar[e] += rms[i0 + e];
+      const double v = e < lanes ? static_cast<double>(in.m[a][e]) : 0.0;
+      acc[M::kM + a][e] += v;
+      acc[M::kM2 + a][e] += v * v;
     }
-#pragma omp simd
-    for (int c = 0; c < K * kLanes; ++c) am[c] += m[i0 * K + c];
-  }
-  for (int e = 0; i0 + e < end; ++e) {
-    const float v = load_value(p, DT, i0 + e);
-    ap[e] += static_cast<double>(v * v);
-    ar[e] += rms[i0 + e];
-    for (int a = 0; a < K; ++a) am[e * K + a] += m[(i0 + e) * K + a];
-  }
-  for (int c = 0; c < 2 + K; ++c) out[c] = 0.0;
-  for (int e = 0; e < kLanes; ++e) {
-    out[0] += ap[e];
-    for (int a = 0; a < K; ++a) out[1 + a] += am[e * K + a];
-    out[1 + K] += ar[e];
-  }
 }
 
 // How phase A walks a tensor: element by element (v_diag), or by runs (RunLayout) with the
@@ -642,14 +644,14 @@ enum class Walk { kDiag, kRowRun, kColRun };
 // lane groups, then in double: at most kSquareBlock roundings of float precision per block.
 constexpr int kSquareBlock = 4;
 
-// Passes 2 and 3 on one tile of lane groups: the squared deviations of the old m and rms about
-// the momentum means (deviations in float32 as upstream forms them; dev[2K]), the moving
-// averages (stored), and the sums of squares of the features of the new state (sq[F]; for
-// Walk::kDiag all of them, for runs the element columns only: the side columns are summed
-// per entry). Squares go per lane in kSquareBlock blocks, then lanes in order.
+// Phase A's one pass over the state, on one tile of lane groups: the moment sums of the old
+// state (Moments; mom), the moving averages (stored), and the sums of squares of the features
+// of the new state (sq[F]; for Walk::kDiag all of them, for runs the element columns only: the
+// side columns are summed per entry). Squares go per lane in kSquareBlock blocks, then lanes
+// in order; moments per lane in float64, then lanes in order.
 template <DType DT, int K, Walk W>
 void update_tile(const TensorArgs& t, const GroupDecays& d, const RunLayout& rl,
-                 const double* mean, int64_t begin, int64_t end, double* dev, double* sq) {
+                 int64_t begin, int64_t end, double* mom, double* sq) {
   constexpr int F = 6 + 8 * K;
   constexpr bool kRun = W != Walk::kDiag, kRowVaries = W == Walk::kRowRun;
   const void* __restrict p = t.p;
@@ -657,19 +659,12 @@ void update_tile(const TensorArgs& t, const GroupDecays& d, const RunLayout& rl,
   float* __restrict m = t.m;
   float* __restrict rms = t.rms;
   float* __restrict vd = t.v_diag;
-  alignas(64) double adev[2 * K][kLanes] = {};
+  alignas(64) double amom[Moments<K>::kCount][kLanes] = {};
   alignas(64) double asq[F][kLanes] = {};
   alignas(64) float block[F][kLanes] = {};  // squares of the current kSquareBlock lane groups
-  alignas(64) float block_dev[2 * K][kLanes] = {};
   int blocked = 0;
   constexpr int kSkip0 = kRun ? 6 + 3 * K : F, kSkip1 = kRun ? 6 + 7 * K : F;
   auto flush = [&]() {
-    for (int c = 0; c < 2 * K; ++c)
-#pragma omp simd
-      for (int e = 0; e < kLanes; ++e) {
-        adev[c][e] += block_dev[c][e];
-        block_dev[c][e] = 0.0f;
-      }
     for (int f = 0; f < F; ++f) {
       if (f >= kSkip0 && f < kSkip1) continue;
 #pragma omp simd
@@ -681,8 +676,6 @@ void update_tile(const TensorArgs& t, const GroupDecays& d, const RunLayout& rl,
     blocked = 0;
   };
   alignas(64) float x[F * kLanes];
-  float mean_f[K];  // the momentum means in float: deviations in float32, as upstream's
-  for (int a = 0; a < K; ++a) mean_f[a] = static_cast<float>(mean[a]);
   LaneInputs in{};
   const float* vary_factor = kRowVaries ? t.row_factor : t.col_factor;
   const float* fixed_factor = kRowVaries ? t.col_factor : t.row_factor;
@@ -739,23 +732,9 @@ void update_tile(const TensorArgs& t, const GroupDecays& d, const RunLayout& rl,
                   vary_factor[(entry0 + std::min(e, lanes - 1) * rl.stride) * K + a];
         }
       }
-      // Deviations of the old state (zero in lanes past the end), then the moving averages.
-      alignas(64) float dm[K][kLanes], dr[K][kLanes];
-      for (int a = 0; a < K; ++a)
-#pragma omp simd
-        for (int e = 0; e < kLanes; ++e) {
-          dm[a][e] = in.m[a][e] - mean_f[a];
-          dr[a][e] = in.rms[e] - mean_f[a];
-        }
-      if (lanes < kLanes)
-        for (int a = 0; a < K; ++a)
-          for (int e = lanes; e < kLanes; ++e) dm[a][e] = dr[a][e] = 0.0f;
-      for (int a = 0; a < K; ++a)
-#pragma omp simd
-        for (int e = 0; e < kLanes; ++e) {
-          block_dev[a][e] = fmaf(dm[a][e], dm[a][e], block_dev[a][e]);
-          block_dev[K + a][e] = fmaf(dr[a][e], dr[a][e], block_dev[K + a][e]);
-        }
+      // Moments of the old state (lanes past the end excluded), then the moving averages.
+      if (lanes == kLanes) add_moments<K>(in, kLanes, amom);
+      else add_moments<K>(in, lanes, amom);
       for (int a = 0; a < K; ++a) {
         const float mom = d.mom[a], mom_mix = d.mom_mix[a];
 #pragma omp simd
@@ -812,18 +791,18 @@ void update_tile(const TensorArgs& t, const GroupDecays& d, const RunLayout& rl,
     i = seg_end;
   }
   flush();
-  cpu::sum_lanes(adev, 2 * K, dev);
+  cpu::sum_lanes(amom, Moments<K>::kCount, mom);
   cpu::sum_lanes(asq, F, sq);
 }
 
-// Passes 2 and 3 (as update_tile) for a factored tensor that runs cannot walk: lane groups
-// through the factored cursor (cpu::gather), every column per element (the side columns are
-// then replaced by side_sums).
+// As update_tile, for a factored tensor that runs cannot walk: lane groups through the
+// factored cursor (cpu::gather), every column per element (the side columns are then replaced
+// by side_sums).
 template <int K>
-void factored_lane_tile(const TensorArgs& t, const GroupDecays& d, const double* mean,
-                        int64_t begin, int64_t end, double* dev, double* sq) {
+void factored_lane_tile(const TensorArgs& t, const GroupDecays& d, int64_t begin, int64_t end,
+                        double* mom, double* sq) {
   constexpr int F = 6 + 8 * K;
-  alignas(64) double adev[2 * K][kLanes] = {};
+  alignas(64) double amom[Moments<K>::kCount][kLanes] = {};
   alignas(64) double asq[F][kLanes] = {};
   alignas(64) float raw[F * kLanes];
   LaneInputs in;
@@ -831,13 +810,12 @@ void factored_lane_tile(const TensorArgs& t, const GroupDecays& d, const double*
   cur.start(t.ix, begin);
   for (int64_t i0 = begin; i0 < end; i0 += kLanes) {
     const int lanes = static_cast<int>(std::min<int64_t>(kLanes, end - i0));
-    for (int e = 0; e < lanes; ++e)
-      for (int a = 0; a < K; ++a) {
-        const double dm = t.m[(i0 + e) * K + a] - mean[a];
-        const double dr = t.rms[i0 + e] - mean[a];
-        adev[a][e] += dm * dm;
-        adev[K + a][e] += dr * dr;
-      }
+    for (int e = 0; e < lanes; ++e) {  // the old state, before gather updates it
+      in.p[e] = load_value(t.p, t.dtype, i0 + e);
+      in.rms[e] = t.rms[i0 + e];
+      for (int a = 0; a < K; ++a) in.m[a][e] = t.m[(i0 + e) * K + a];
+    }
+    add_moments<K>(in, lanes, amom);
     gather<K, true, true>(t, d, i0, lanes, cur, in);
 #pragma omp simd
     for (int e = 0; e < kLanes; ++e)
@@ -849,7 +827,7 @@ void factored_lane_tile(const TensorArgs& t, const GroupDecays& d, const double*
         asq[f][e] += v * v;
       }
   }
-  cpu::sum_lanes(adev, 2 * K, dev);
+  cpu::sum_lanes(amom, Moments<K>::kCount, mom);
   cpu::sum_lanes(asq, F, sq);
 }
 
@@ -877,82 +855,63 @@ void side_sums(const TensorArgs& t, double* sq) {
 
 template <int K, DType DT>
 void update_tile_walk(const TensorArgs& t, const GroupDecays& d, const RunLayout& rl,
-                      const double* mean, int64_t begin, int64_t end, double* dev,
-                      double* sq) {
-  if (!rl.ok) update_tile<DT, K, Walk::kDiag>(t, d, rl, mean, begin, end, dev, sq);
-  else if (rl.row_varies) update_tile<DT, K, Walk::kRowRun>(t, d, rl, mean, begin, end, dev, sq);
-  else update_tile<DT, K, Walk::kColRun>(t, d, rl, mean, begin, end, dev, sq);
+                      int64_t begin, int64_t end, double* mom, double* sq) {
+  if (!rl.ok) update_tile<DT, K, Walk::kDiag>(t, d, rl, begin, end, mom, sq);
+  else if (rl.row_varies) update_tile<DT, K, Walk::kRowRun>(t, d, rl, begin, end, mom, sq);
+  else update_tile<DT, K, Walk::kColRun>(t, d, rl, begin, end, mom, sq);
 }
 
 template <int K>
 void accumulate_k(const TensorArgs* t, int count, const GroupDecays& d, float* stats) {
   constexpr int F = 6 + 8 * K;
-  constexpr int W1 = 2 + K, W23 = 2 * K + F;
+  using M = Moments<K>;
+  constexpr int W = M::kCount + F;
   std::vector<RunLayout> layout(count);
   for (int i = 0; i < count; ++i) layout[i] = run_layout(t[i]);
-  std::vector<double> sum1(static_cast<size_t>(count) * W1, 0.0);
-  const std::vector<bool> summed = velo_reduce<K>(t, count, d, layout, sum1.data());
+  velo_reduce(t, count, d, layout);
   // A factored tensor the runs cannot walk: the lane path with a factored gather.
   for (int i = 0; i < count; ++i)
     if (t[i].factored && !layout[i].ok) layout[i].len = -1;
   const std::vector<WorkItem> items = cpu::accumulate_items(t, count);
   const int64_t n_items = static_cast<int64_t>(items.size());
-  std::vector<double> part1(items.size() * W1, 0.0);
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t w = 0; w < n_items; ++w) {
-    const WorkItem& it = items[w];
-    if (summed[it.tensor]) continue;
-    const TensorArgs& ti = t[it.tensor];
-    double* out = part1.data() + w * W1;
-    switch (ti.dtype) {
-      case DType::kFloat32: sums_tile<DType::kFloat32, K>(ti, it.begin, it.end, out); break;
-      case DType::kBFloat16: sums_tile<DType::kBFloat16, K>(ti, it.begin, it.end, out); break;
-      case DType::kFloat16: sums_tile<DType::kFloat16, K>(ti, it.begin, it.end, out); break;
-    }
-  }
-  const std::vector<double> tiles1 = per_tensor(items, part1, count, W1);
-  for (int i = 0; i < count; ++i)
-    if (!summed[i])
-      for (int c = 0; c < W1; ++c) sum1[i * W1 + c] = tiles1[i * W1 + c];
-  std::vector<double> part23(items.size() * W23);
+  std::vector<double> part(items.size() * W);
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t w = 0; w < n_items; ++w) {
     const WorkItem& it = items[w];
     const TensorArgs& ti = t[it.tensor];
     const RunLayout& rl = layout[it.tensor];
-    const double n = static_cast<double>(ti.n);
-    double mean[K];
-    for (int a = 0; a < K; ++a) mean[a] = sum1[it.tensor * W1 + 1 + a] / n;
-    double* dev = part23.data() + w * W23;
-    double* sq = dev + 2 * K;
+    double* mom = part.data() + w * W;
+    double* sq = mom + M::kCount;
     if (rl.len < 0) {
-      factored_lane_tile<K>(ti, d, mean, it.begin, it.end, dev, sq);
+      factored_lane_tile<K>(ti, d, it.begin, it.end, mom, sq);
       continue;
     }
     switch (ti.dtype) {
-      case DType::kFloat32: update_tile_walk<K, DType::kFloat32>(ti, d, rl, mean, it.begin, it.end, dev, sq); break;
-      case DType::kBFloat16: update_tile_walk<K, DType::kBFloat16>(ti, d, rl, mean, it.begin, it.end, dev, sq); break;
-      case DType::kFloat16: update_tile_walk<K, DType::kFloat16>(ti, d, rl, mean, it.begin, it.end, dev, sq); break;
+      case DType::kFloat32: update_tile_walk<K, DType::kFloat32>(ti, d, rl, it.begin, it.end, mom, sq); break;
+      case DType::kBFloat16: update_tile_walk<K, DType::kBFloat16>(ti, d, rl, it.begin, it.end, mom, sq); break;
+      case DType::kFloat16: update_tile_walk<K, DType::kFloat16>(ti, d, rl, it.begin, it.end, mom, sq); break;
     }
   }
-  std::vector<double> sum23 = per_tensor(items, part23, count, W23);
+  std::vector<double> sums = per_tensor(items, part, count, W);
 #pragma omp parallel for schedule(dynamic, 1)
   for (int i = 0; i < count; ++i)
-    if (t[i].factored) side_sums<K>(t[i], sum23.data() + i * W23 + 2 * K);
+    if (t[i].factored) side_sums<K>(t[i], sums.data() + i * W + M::kCount);
   const int S = velo_stats_count(K);
   for (int i = 0; i < count; ++i) {
     const double n = static_cast<double>(t[i].n);
-    const double* s1 = sum1.data() + i * W1;
-    const double* s23 = sum23.data() + i * W23;
+    const double* mo = sums.data() + i * W;
     float* s = stats + i * S;
-    s[0] = static_cast<float>(s1[0] / n);
+    const double mean_rms = mo[M::kRms] / n, mean_rms2 = mo[M::kRms2] / n;
+    s[0] = static_cast<float>(mo[M::kP2] / n);
     for (int a = 0; a < K; ++a) {
-      s[1 + a] = static_cast<float>(s1[1 + a] / n);
-      s[1 + K + a] = static_cast<float>(s23[a] / n);
-      s[2 + 2 * K + a] = static_cast<float>(s23[K + a] / n);
+      const double mean = mo[M::kM + a] / n;
+      s[1 + a] = static_cast<float>(mean);
+      s[1 + K + a] = static_cast<float>(std::max(0.0, mo[M::kM2 + a] / n - mean * mean));
+      s[2 + 2 * K + a] = static_cast<float>(
+          std::max(0.0, mean_rms2 - 2.0 * mean * mean_rms + mean * mean));
     }
-    s[1 + 2 * K] = static_cast<float>(s1[1 + K] / n);
-    for (int f = 0; f < F; ++f) t[i].sumsq[f] = static_cast<float>(s23[2 * K + f]);
+    s[1 + 2 * K] = static_cast<float>(mean_rms);
+    for (int f = 0; f < F; ++f) t[i].sumsq[f] = static_cast<float>(sums[i * W + M::kCount + f]);
   }
 }
 
