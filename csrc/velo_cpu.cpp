@@ -5,6 +5,7 @@
 #include "velo_cpu.h"
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_lanes.h"
@@ -34,11 +35,14 @@ struct LaneSides {
   int64_t ld[4];
 };
 
-// velo_mlp for kLanes elements at once on the raw features x (feature-major,
-// x[f * kLanes + e]), normalized here by inv[f]: every lane gets exactly x * inv and then
-// velo_mlp's operations in the same order (one 16-wide register per quantity with AVX-512,
-// loops over the lanes otherwise). With Sides, the side groups' partials come from `sides`
-// (formed per v_row/v_col entry by velo_side_partial) instead of x.
+// velo_mlp for G lane groups of kLanes elements at once on the raw features x (group g at
+// x + g * (6 + 8K) * kLanes, feature-major: x[f * kLanes + e]), normalized here by inv[f]:
+// every lane gets exactly x * inv and then velo_mlp's operations in the same order (one
+// 16-wide register per quantity with AVX-512, loops over the lanes otherwise). Group g's
+// outputs go to out + g * 3 * kLanes. With Sides, the side groups' partials come from
+// sides[g] (formed per v_row/v_col entry by velo_side_partial) instead of x. G = 2 interleaves
+// two groups' independent dependency chains (the output layers and the step are chains of
+// dependent FMAs that one group alone leaves mostly idle).
 #if defined(__AVX512F__)
 static_assert(kLanes == 16, "one AVX-512 register per lane group");
 
@@ -46,33 +50,47 @@ static_assert(kLanes == 16, "one AVX-512 register per lane group");
 // (h, the normalized group inputs) stay in registers instead of stack arrays.
 #define LOPT_CPU_UNROLL _Pragma("GCC unroll 32")
 
-template <int K, int H, int L, bool Sides>
+template <int K, int H, int L, bool Sides, int G = 1>
 void velo_mlp_lanes(const float* x, const float* inv, const float* w, const LaneSides* sides,
                     float* out) {
-  __m512 h[H];
+  constexpr int F = 6 + 8 * K;
+  __m512 h[G][H];
   LOPT_CPU_UNROLL
-  for (int o = 0; o < H; ++o) h[o] = _mm512_setzero_ps();
+  for (int g = 0; g < G; ++g)
+    LOPT_CPU_UNROLL
+    for (int o = 0; o < H; ++o) h[g][o] = _mm512_setzero_ps();
   int col = 0;
   LOPT_CPU_UNROLL
   for (int j = 0; j < kVeloGroups; ++j) {
     const int width = velo_group_width(j, K);
     if (Sides && velo_side_group(j)) {
-      const float* sp = sides->p[j - kVeloFirstSideGroup];
-      const int64_t ld = sides->ld[j - kVeloFirstSideGroup];
       LOPT_CPU_UNROLL
-      for (int o = 0; o < H; ++o) h[o] = _mm512_add_ps(h[o], _mm512_loadu_ps(sp + o * ld));
+      for (int g = 0; g < G; ++g) {
+        const float* sp = sides[g].p[j - kVeloFirstSideGroup];
+        const int64_t ld = sides[g].ld[j - kVeloFirstSideGroup];
+        LOPT_CPU_UNROLL
+        for (int o = 0; o < H; ++o) h[g][o] = _mm512_add_ps(h[g][o], _mm512_loadu_ps(sp + o * ld));
+      }
     } else {
-      __m512 xn[kMaxDecays];
+      __m512 xn[G][kMaxDecays];
       LOPT_CPU_UNROLL
-      for (int i = 0; i < width; ++i)
-        xn[i] = _mm512_mul_ps(_mm512_load_ps(x + (col + i) * kLanes), _mm512_set1_ps(inv[col + i]));
-      LOPT_CPU_UNROLL
-      for (int o = 0; o < H; ++o) {
-        __m512 partial = _mm512_setzero_ps();
+      for (int g = 0; g < G; ++g)
         LOPT_CPU_UNROLL
         for (int i = 0; i < width; ++i)
-          partial = _mm512_fmadd_ps(xn[i], _mm512_set1_ps(w[i * H + o]), partial);
-        h[o] = _mm512_add_ps(h[o], partial);
+          xn[g][i] = _mm512_mul_ps(_mm512_load_ps(x + g * F * kLanes + (col + i) * kLanes),
+                                   _mm512_set1_ps(inv[col + i]));
+      LOPT_CPU_UNROLL
+      for (int o = 0; o < H; ++o) {
+        __m512 partial[G];
+        LOPT_CPU_UNROLL
+        for (int g = 0; g < G; ++g) partial[g] = _mm512_setzero_ps();
+        LOPT_CPU_UNROLL
+        for (int i = 0; i < width; ++i)
+          LOPT_CPU_UNROLL
+          for (int g = 0; g < G; ++g)
+            partial[g] = _mm512_fmadd_ps(xn[g][i], _mm512_set1_ps(w[i * H + o]), partial[g]);
+        LOPT_CPU_UNROLL
+        for (int g = 0; g < G; ++g) h[g][o] = _mm512_add_ps(h[g][o], partial[g]);
       }
     }
     w += width * H;
@@ -84,30 +102,41 @@ void velo_mlp_lanes(const float* x, const float* inv, const float* w, const Lane
     return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ), v, zero);
   };
   LOPT_CPU_UNROLL
-  for (int o = 0; o < H; ++o) h[o] = relu16(_mm512_add_ps(h[o], _mm512_set1_ps(w[o])));
+  for (int o = 0; o < H; ++o)
+    LOPT_CPU_UNROLL
+    for (int g = 0; g < G; ++g) h[g][o] = relu16(_mm512_add_ps(h[g][o], _mm512_set1_ps(w[o])));
   w += H;
   LOPT_CPU_UNROLL
   for (int l = 1; l <= L; ++l) {
     const int n_out = l == L ? kVeloOutputs : H;
-    __m512 next[H > kVeloOutputs ? H : kVeloOutputs];
+    __m512 next[G][H > kVeloOutputs ? H : kVeloOutputs];
     LOPT_CPU_UNROLL
     for (int o = 0; o < n_out; ++o) {
-      __m512 acc = _mm512_setzero_ps();
+      __m512 acc[G];
       LOPT_CPU_UNROLL
-      for (int i = 0; i < H; ++i) acc = _mm512_fmadd_ps(h[i], _mm512_set1_ps(w[i * n_out + o]), acc);
-      next[o] = _mm512_add_ps(acc, _mm512_set1_ps(w[H * n_out + o]));
+      for (int g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
+      LOPT_CPU_UNROLL
+      for (int i = 0; i < H; ++i)
+        LOPT_CPU_UNROLL
+        for (int g = 0; g < G; ++g)
+          acc[g] = _mm512_fmadd_ps(h[g][i], _mm512_set1_ps(w[i * n_out + o]), acc[g]);
+      LOPT_CPU_UNROLL
+      for (int g = 0; g < G; ++g)
+        next[g][o] = _mm512_add_ps(acc[g], _mm512_set1_ps(w[H * n_out + o]));
     }
     w += H * n_out + n_out;
     LOPT_CPU_UNROLL
-    for (int o = 0; o < n_out; ++o) {
-      if (l == L) _mm512_store_ps(out + o * kLanes, next[o]);
-      else h[o] = relu16(next[o]);
-    }
+    for (int o = 0; o < n_out; ++o)
+      LOPT_CPU_UNROLL
+      for (int g = 0; g < G; ++g) {
+        if (l == L) _mm512_store_ps(out + (g * kVeloOutputs + o) * kLanes, next[g][o]);
+        else h[g][o] = relu16(next[g][o]);
+      }
   }
 }
 #else
 template <int K, int H, int L, bool Sides>
-void velo_mlp_lanes(const float* x, const float* inv, const float* w, const LaneSides* sides,
+void velo_mlp_group(const float* x, const float* inv, const float* w, const LaneSides* sides,
                     float* out) {
   alignas(64) float h[H][kLanes] = {};
   int col = 0;
@@ -153,6 +182,14 @@ void velo_mlp_lanes(const float* x, const float* inv, const float* w, const Lane
         else h[o][e] = relu(next[o][e]);
       }
   }
+}
+
+template <int K, int H, int L, bool Sides, int G = 1>
+void velo_mlp_lanes(const float* x, const float* inv, const float* w, const LaneSides* sides,
+                    float* out) {
+  for (int g = 0; g < G; ++g)
+    velo_mlp_group<K, H, L, Sides>(x + g * (6 + 8 * K) * kLanes, inv, w,
+                                   Sides ? sides + g : nullptr, out + g * kVeloOutputs * kLanes);
 }
 #endif
 
@@ -350,16 +387,18 @@ void apply_run_tile(const TensorArgs& t, const RunLayout& rl, const float* inv, 
   alignas(64) float vpart[2][H][kRunBlock + kLanes];
   alignas(64) float fpart[2][H][kLanes];
   int64_t table_base = -1;
-  alignas(64) float x[F * kLanes];
-  alignas(64) float out[kVeloOutputs * kLanes];
-  LaneInputs in{};  // v_row / v_col lanes stay 0: the side groups are not formed per element
-  LaneSides sides;
-  sides.ld[fixed_s] = sides.ld[2 + fixed_s] = kLanes;
-  sides.ld[vary_s] = sides.ld[2 + vary_s] = kRunBlock + kLanes;
-  sides.p[fixed_s] = &fpart[0][0][0];
-  sides.p[2 + fixed_s] = &fpart[1][0][0];
-  float (*const fixed_lanes)[kLanes] = RowVaries ? in.cf : in.rf;
-  float (*const vary_lanes)[kLanes] = RowVaries ? in.rf : in.cf;
+  // kPair lane groups at a time through the MLP (velo_mlp_lanes with G = kPair).
+  constexpr int kPair = 2;
+  alignas(64) float x[kPair][F * kLanes];
+  alignas(64) float out[kPair][kVeloOutputs * kLanes];
+  LaneInputs in[kPair]{};  // v_row / v_col lanes stay 0: the side groups are not formed per element
+  LaneSides sides[kPair];
+  for (LaneSides& sd : sides) {
+    sd.ld[fixed_s] = sd.ld[2 + fixed_s] = kLanes;
+    sd.ld[vary_s] = sd.ld[2 + vary_s] = kRunBlock + kLanes;
+    sd.p[fixed_s] = &fpart[0][0][0];
+    sd.p[2 + fixed_s] = &fpart[1][0][0];
+  }
   for (int64_t q = tile.q0; q < tile.q1; ++q) {
     const int64_t first = q * rl.len + tile.j0;
     int64_t row, col, rcm;
@@ -378,9 +417,13 @@ void apply_run_tile(const TensorArgs& t, const RunLayout& rl, const float* inv, 
     for (int s = 0; s < 2; ++s)
       for (int o = 0; o < H; ++o)
         for (int e = 0; e < kLanes; ++e) fpart[s][o][e] = part[s][o];
-    for (int a = 0; a < K; ++a)
-      for (int e = 0; e < kLanes; ++e) fixed_lanes[a][e] = fixed_factor[fixed * K + a];
-    for (int64_t j = 0; j < width; j += kLanes) {
+    for (LaneInputs& li : in)
+      for (int a = 0; a < K; ++a)
+        for (int e = 0; e < kLanes; ++e)
+          (RowVaries ? li.cf : li.rf)[a][e] = fixed_factor[fixed * K + a];
+    // Lane group g at position j of this run: loads, features and side pointers.
+    auto prepare = [&](int g, int64_t j) {
+      LaneInputs& li = in[g];
       const int lanes = static_cast<int>(std::min<int64_t>(kLanes, width - j));
       const int64_t i0 = first + j;
       {
@@ -400,26 +443,40 @@ void apply_run_tile(const TensorArgs& t, const RunLayout& rl, const float* inv, 
         }
       }
       if (lanes == kLanes) {
-        load_lanes<DT, K>(p_in, g_in, m_in, rms_in, wd, clip, i0, in);
+        load_lanes<DT, K>(p_in, g_in, m_in, rms_in, wd, clip, i0, li);
       } else {  // the run's last, partial lane group: lanes past its end repeat its last element
         for (int e = 0; e < kLanes; ++e) {
           const int64_t i = i0 + std::min(e, lanes - 1);
-          in.p[e] = load_value(p_in, DT, i);
-          in.g[e] = effective_grad(load_value(g_in, DT, i), in.p[e], wd, clip);
-          in.rms[e] = rms_in[i];
-          for (int a = 0; a < K; ++a) in.m[a][e] = m_in[i * K + a];
+          li.p[e] = load_value(p_in, DT, i);
+          li.g[e] = effective_grad(load_value(g_in, DT, i), li.p[e], wd, clip);
+          li.rms[e] = rms_in[i];
+          for (int a = 0; a < K; ++a) li.m[a][e] = m_in[i * K + a];
         }
       }
+      float (*const vary_lanes)[kLanes] = RowVaries ? li.rf : li.cf;
       for (int a = 0; a < K; ++a)
 #pragma omp simd
         for (int e = 0; e < kLanes; ++e) vary_lanes[a][e] = vfac[a][j + e];
 #pragma omp simd
       for (int e = 0; e < kLanes; ++e)
-        velo_element_features(lane_state<K, true>(in, e, false), K, x + e, kLanes);
-      sides.p[vary_s] = &vpart[0][0][j];
-      sides.p[2 + vary_s] = &vpart[1][0][j];
-      velo_mlp_lanes<K, H, L, true>(x, inv, wl, &sides, out);
-      write_step<DT>(out, in.p, sc, p_out, i0, lanes);
+        velo_element_features(lane_state<K, true>(li, e, false), K, x[g] + e, kLanes);
+      sides[g].p[vary_s] = &vpart[0][0][j];
+      sides[g].p[2 + vary_s] = &vpart[1][0][j];
+    };
+    auto finish = [&](int g, int64_t j) {
+      const int lanes = static_cast<int>(std::min<int64_t>(kLanes, width - j));
+      write_step<DT>(out[g], in[g].p, sc, p_out, first + j, lanes);
+    };
+    int64_t j = 0;
+    for (; j + kPair * kLanes <= width; j += kPair * kLanes) {
+      for (int g = 0; g < kPair; ++g) prepare(g, j + g * kLanes);
+      velo_mlp_lanes<K, H, L, true, kPair>(x[0], inv, wl, sides, out[0]);
+      for (int g = 0; g < kPair; ++g) finish(g, j + g * kLanes);
+    }
+    for (; j < width; j += kLanes) {
+      prepare(0, j);
+      velo_mlp_lanes<K, H, L, true>(x[0], inv, wl, sides, out[0]);
+      finish(0, j);
     }
   }
 }
@@ -648,7 +705,9 @@ constexpr int kSquareBlock = 4;
 // state (Moments; mom), the moving averages (stored), and the sums of squares of the features
 // of the new state (sq[F]; for Walk::kDiag all of them, for runs the element columns only: the
 // side columns are summed per entry). Squares go per lane in kSquareBlock blocks, then lanes
-// in order; moments per lane in float64, then lanes in order.
+// in order; moments per lane in float64, then lanes in order. Each lane group stages its
+// features and old state; a block of kSquareBlock groups is then summed column by column, so
+// that each accumulator is loaded and stored once per block rather than once per group.
 template <DType DT, int K, Walk W>
 void update_tile(const TensorArgs& t, const GroupDecays& d, const RunLayout& rl,
                  int64_t begin, int64_t end, double* mom, double* sq) {
@@ -659,23 +718,44 @@ void update_tile(const TensorArgs& t, const GroupDecays& d, const RunLayout& rl,
   float* __restrict m = t.m;
   float* __restrict rms = t.rms;
   float* __restrict vd = t.v_diag;
-  alignas(64) double amom[Moments<K>::kCount][kLanes] = {};
+  using M = Moments<K>;
+  alignas(64) double amom[M::kCount][kLanes] = {};
   alignas(64) double asq[F][kLanes] = {};
-  alignas(64) float block[F][kLanes] = {};  // squares of the current kSquareBlock lane groups
+  // The staged lane groups of the current block: features of the new state, and the old
+  // state's p, rms and m (k) (zero in lanes past the end).
+  alignas(64) float xs[kSquareBlock][F * kLanes];
+  alignas(64) float old[kSquareBlock][2 + K][kLanes];
   int blocked = 0;
   constexpr int kSkip0 = kRun ? 6 + 3 * K : F, kSkip1 = kRun ? 6 + 7 * K : F;
-  auto flush = [&]() {
+  auto flush = [&](auto count) {
+    constexpr int n = decltype(count)::value;
     for (int f = 0; f < F; ++f) {
       if (f >= kSkip0 && f < kSkip1) continue;
 #pragma omp simd
       for (int e = 0; e < kLanes; ++e) {
-        asq[f][e] += block[f][e];
-        block[f][e] = 0.0f;
+        float block = 0.0f;
+        for (int b = 0; b < n; ++b) block = fmaf(xs[b][f * kLanes + e], xs[b][f * kLanes + e], block);
+        asq[f][e] += block;
       }
     }
+#pragma omp simd
+    for (int e = 0; e < kLanes; ++e)
+      for (int b = 0; b < n; ++b) {
+        const double r = old[b][1][e];
+        amom[M::kP2][e] += static_cast<double>(old[b][0][e] * old[b][0][e]);
+        amom[M::kRms][e] += r;
+        amom[M::kRms2][e] += r * r;
+      }
+    for (int a = 0; a < K; ++a)
+#pragma omp simd
+      for (int e = 0; e < kLanes; ++e)
+        for (int b = 0; b < n; ++b) {
+          const double v = old[b][2 + a][e];
+          amom[M::kM + a][e] += v;
+          amom[M::kM2 + a][e] += v * v;
+        }
     blocked = 0;
   };
-  alignas(64) float x[F * kLanes];
   LaneInputs in{};
   const float* vary_factor = kRowVaries ? t.row_factor : t.col_factor;
   const float* fixed_factor = kRowVaries ? t.col_factor : t.row_factor;
@@ -732,9 +812,17 @@ void update_tile(const TensorArgs& t, const GroupDecays& d, const RunLayout& rl,
                   vary_factor[(entry0 + std::min(e, lanes - 1) * rl.stride) * K + a];
         }
       }
-      // Moments of the old state (lanes past the end excluded), then the moving averages.
-      if (lanes == kLanes) add_moments<K>(in, kLanes, amom);
-      else add_moments<K>(in, lanes, amom);
+      // The old state staged for its moments (lanes past the end zero), then the moving
+      // averages.
+      float (*const o)[kLanes] = old[blocked];
+#pragma omp simd
+      for (int e = 0; e < kLanes; ++e) {
+        o[0][e] = e < lanes ? in.p[e] : 0.0f;
+        o[1][e] = e < lanes ? in.rms[e] : 0.0f;
+      }
+      for (int a = 0; a < K; ++a)
+#pragma omp simd
+        for (int e = 0; e < kLanes; ++e) o[2 + a][e] = e < lanes ? in.m[a][e] : 0.0f;
       for (int a = 0; a < K; ++a) {
         const float mom = d.mom[a], mom_mix = d.mom_mix[a];
 #pragma omp simd
@@ -765,7 +853,8 @@ void update_tile(const TensorArgs& t, const GroupDecays& d, const RunLayout& rl,
           std::copy(vv, vv + K * lanes, vd + i0 * K);
         }
       }
-      // Features of the new state and their squares.
+      // Features of the new state, staged for their squares.
+      float* const x = xs[blocked];
       if constexpr (kRun) {
 #pragma omp simd
         for (int e = 0; e < kLanes; ++e)
@@ -778,19 +867,17 @@ void update_tile(const TensorArgs& t, const GroupDecays& d, const RunLayout& rl,
       if (lanes < kLanes)
         for (int f = 0; f < F; ++f)
           for (int e = lanes; e < kLanes; ++e) x[f * kLanes + e] = 0.0f;
-      for (int f = 0; f < kSkip0; ++f)
-#pragma omp simd
-        for (int e = 0; e < kLanes; ++e)
-          block[f][e] = fmaf(x[f * kLanes + e], x[f * kLanes + e], block[f][e]);
-      for (int f = kSkip1; f < F; ++f)
-#pragma omp simd
-        for (int e = 0; e < kLanes; ++e)
-          block[f][e] = fmaf(x[f * kLanes + e], x[f * kLanes + e], block[f][e]);
-      if (++blocked == kSquareBlock) flush();
+      if (++blocked == kSquareBlock) flush(std::integral_constant<int, kSquareBlock>());
     }
     i = seg_end;
   }
-  flush();
+  static_assert(kSquareBlock == 4, "the tail's cases below");
+  switch (blocked) {
+    case 1: flush(std::integral_constant<int, 1>()); break;
+    case 2: flush(std::integral_constant<int, 2>()); break;
+    case 3: flush(std::integral_constant<int, 3>()); break;
+    default: break;
+  }
   cpu::sum_lanes(amom, Moments<K>::kCount, mom);
   cpu::sum_lanes(asq, F, sq);
 }
