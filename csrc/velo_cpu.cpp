@@ -490,31 +490,46 @@ void apply_diag_range(const TensorArgs& t, const float* inv, const float* w,
   constexpr int kWeights = F * H + H + (L - 1) * (H * H + H) + H * 3 + 3;
   alignas(64) float wl[kWeights];
   for (int j = 0; j < kWeights; ++j) wl[j] = w[j];
-  alignas(64) float x[F * kLanes];
-  alignas(64) float out[kVeloOutputs * kLanes];
-  LaneInputs in{};
-  for (int64_t i0 = begin; i0 < end; i0 += kLanes) {
+  constexpr int kPair = 2;  // lane groups at a time through the MLP (as apply_run_tile)
+  alignas(64) float x[kPair][F * kLanes];
+  alignas(64) float out[kPair][kVeloOutputs * kLanes];
+  LaneInputs in[kPair]{};
+  auto prepare = [&](int g, int64_t i0) {
+    LaneInputs& li = in[g];
     const int lanes = static_cast<int>(std::min<int64_t>(kLanes, end - i0));
     if (lanes == kLanes) {
-      load_lanes<DT, K>(t.p, t.g, t.m, t.rms, t.grad_wd, t.grad_clip, i0, in);
-      cpu::deinterleave<K>(t.v_diag + i0 * K, in.vr);
+      load_lanes<DT, K>(t.p, t.g, t.m, t.rms, t.grad_wd, t.grad_clip, i0, li);
+      cpu::deinterleave<K>(t.v_diag + i0 * K, li.vr);
     } else {  // the last, partial lane group: lanes past the end repeat the last element
       for (int e = 0; e < kLanes; ++e) {
         const int64_t i = i0 + std::min(e, lanes - 1);
-        in.p[e] = load_value(t.p, DT, i);
-        in.g[e] = effective_grad(load_value(t.g, DT, i), in.p[e], t.grad_wd, t.grad_clip);
-        in.rms[e] = t.rms[i];
+        li.p[e] = load_value(t.p, DT, i);
+        li.g[e] = effective_grad(load_value(t.g, DT, i), li.p[e], t.grad_wd, t.grad_clip);
+        li.rms[e] = t.rms[i];
         for (int a = 0; a < K; ++a) {
-          in.m[a][e] = t.m[i * K + a];
-          in.vr[a][e] = t.v_diag[i * K + a];
+          li.m[a][e] = t.m[i * K + a];
+          li.vr[a][e] = t.v_diag[i * K + a];
         }
       }
     }
 #pragma omp simd
     for (int e = 0; e < kLanes; ++e)
-      velo_raw_features(lane_state<K, false>(in, e, false), K, x + e, kLanes);
-    velo_mlp_lanes<K, H, L, false>(x, inv, wl, nullptr, out);
-    write_step<DT>(out, in.p, sc, t.p, i0, lanes);
+      velo_raw_features(lane_state<K, false>(li, e, false), K, x[g] + e, kLanes);
+  };
+  auto finish = [&](int g, int64_t i0) {
+    const int lanes = static_cast<int>(std::min<int64_t>(kLanes, end - i0));
+    write_step<DT>(out[g], in[g].p, sc, t.p, i0, lanes);
+  };
+  int64_t i0 = begin;
+  for (; i0 + kPair * kLanes <= end; i0 += kPair * kLanes) {
+    for (int g = 0; g < kPair; ++g) prepare(g, i0 + g * kLanes);
+    velo_mlp_lanes<K, H, L, false, kPair>(x[0], inv, wl, nullptr, out[0]);
+    for (int g = 0; g < kPair; ++g) finish(g, i0 + g * kLanes);
+  }
+  for (; i0 < end; i0 += kLanes) {
+    prepare(0, i0);
+    velo_mlp_lanes<K, H, L, false>(x[0], inv, wl, nullptr, out[0]);
+    finish(0, i0);
   }
 }
 
