@@ -16,7 +16,7 @@ from converters.errors import CheckpointError
 from converters.upstream import MAPPINGS
 from lopt_port.weights import WeightsError
 
-_SUFFIX = {"safetensors": ".safetensors", "pt": ".pt", "upstream": "_upstream"}
+_SUFFIX = {"safetensors": ".safetensors", "pt": ".pt", "hf": "_hf", "upstream": "_upstream"}
 
 
 def _parse_set(items: Sequence[str]) -> dict[str, Any]:
@@ -96,10 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lopt-convert",
         description="Convert a learned_optimization checkpoint (folder with 'params' and "
                     "'config.gin', or a 'params' file) to PyTorch weights, or converted "
-                    "weights (.safetensors/.pt) to another format, upstream included.")
+                    "weights (.safetensors/.pt file, or a pretrained folder with config.json "
+                    "and model.safetensors) to another format, upstream included.")
     parser.add_argument("src", help="upstream checkpoint folder or file, or converted weights")
-    parser.add_argument("-o", "--output", help="output file (folder for --format upstream); "
-                        "default: named after SRC in the current folder")
+    parser.add_argument("-o", "--output", help="output file (folder for --format hf and "
+                        "upstream); default: named after SRC in the current folder")
     parser.add_argument("--format", choices=FORMATS, default="safetensors")
     parser.add_argument("--kind", choices=sorted(MAPPINGS),
                         help="optimizer kind, needed when SRC has no config.gin and the "

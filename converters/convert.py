@@ -18,15 +18,20 @@ from converters.atomic import atomic_target, write_files_atomic
 from converters.errors import CheckpointError
 from converters.upstream import MAPPINGS, UpstreamCheckpoint, load_upstream
 from lopt_port.weights import (
+    CONFIG_NAME,
     FORMAT_NAME,
     FORMAT_VERSION,
+    WEIGHTS_NAME,
     WeightsError,
+    is_pretrained_folder,
     load_weights,
+    metadata_to_config,
+    safetensors_bytes,
     state_dict_with_metadata,
 )
 
-Format = Literal["safetensors", "pt", "upstream"]
-FORMATS: tuple[str, ...] = ("safetensors", "pt", "upstream")
+Format = Literal["safetensors", "pt", "hf", "upstream"]
+FORMATS: tuple[str, ...] = ("safetensors", "pt", "hf", "upstream")
 WEIGHTS_SUFFIXES = (".safetensors", ".pt")
 
 
@@ -144,16 +149,30 @@ class Converted:
              overwrite: bool = False) -> list[str]:
         """Write the weights atomically; returns the written paths.
 
-        ``safetensors`` and ``pt`` write one file; ``upstream`` writes a folder with ``params``
-        and ``config.gin``. On any error no output file is left behind.
+        ``safetensors`` and ``pt`` write one file; ``hf`` a pretrained folder (``config.json``
+        and ``model.safetensors``, the Hugging Face convention); ``upstream`` a folder with
+        ``params`` and ``config.gin``. On any error no output file is left behind.
         """
         target = os.fspath(path)
-        if format == "safetensors":
-            from safetensors.torch import save_file
-            tensors = {k: v.contiguous() for k, v in self.state_dict.items()}
-            with atomic_target(target, overwrite) as tmp:
-                save_file(tensors, tmp, metadata=self.metadata)
-            return [target]
+        if format in ("safetensors", "hf"):
+            data = safetensors_bytes(self.state_dict, self.metadata)
+
+            def write_weights(p: str) -> None:
+                with open(p, "wb") as f:
+                    f.write(data)
+
+            if format == "safetensors":
+                with atomic_target(target, overwrite) as tmp:
+                    write_weights(tmp)
+                return [target]
+            config = json.dumps(metadata_to_config(self.metadata), indent=2)
+
+            def write_hf_config(p: str) -> None:
+                with open(p, "w", encoding="utf-8") as f:
+                    f.write(config + "\n")
+
+            return write_files_atomic(target, {CONFIG_NAME: write_hf_config,
+                                               WEIGHTS_NAME: write_weights}, overwrite)
         if format == "pt":
             buffer = io.BytesIO()
             torch.save(state_dict_with_metadata(self.state_dict, self.metadata), buffer)
@@ -237,11 +256,13 @@ def convert(path: str | os.PathLike, kind: str | None = None, *,
             upstream_defaults: bool = False, **hparams: Any) -> Converted:
     """Convert an upstream checkpoint (folder or ``params`` file) to PyTorch weights.
 
-    ``path`` may also be a converted ``.safetensors``/``.pt`` file, to change its format or
-    write it back to upstream. ``kind`` and ``hparams`` follow :func:`load_upstream`.
+    ``path`` may also be a converted ``.safetensors``/``.pt`` file or pretrained folder, to
+    change its format or write it back to upstream. ``kind`` and ``hparams`` follow
+    :func:`load_upstream`.
     """
     name = os.fspath(path)
-    if os.path.isfile(name) and name.endswith(WEIGHTS_SUFFIXES):
+    if (os.path.isfile(name) and name.endswith(WEIGHTS_SUFFIXES)) or (
+            os.path.isdir(name) and is_pretrained_folder(name)):
         return _from_weights(name, kind, upstream_defaults, hparams)
     return _from_upstream(load_upstream(name, kind, upstream_defaults=upstream_defaults,
                                         **hparams))

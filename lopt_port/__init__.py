@@ -1,5 +1,6 @@
 """lopt-port: learned optimizers from google/learned_optimization as torch.optim optimizers."""
 
+from lopt_port.pretrained import from_pretrained, load_pretrained
 from lopt_port.small_fc_lopt import SmallFCLOpt
 from lopt_port.velo import VeLO
 from lopt_port.weights import LoadedWeights, WeightsError, load_weights
@@ -7,4 +8,4 @@ from lopt_port.weights import LoadedWeights, WeightsError, load_weights
 __version__ = "0.1.0"
 
 __all__ = ["LoadedWeights", "SmallFCLOpt", "VeLO", "WeightsError", "__version__",
-           "load_weights"]
+           "from_pretrained", "load_pretrained", "load_weights"]

@@ -22,12 +22,22 @@ upstream_config_gin    the upstream ``config.gin`` text, verbatim
 ``.safetensors`` files carry it as the safetensors header metadata; ``.pt`` files are an
 ``OrderedDict`` of tensors whose ``_metadata`` attribute holds the same dict, so both load
 with ``torch.load(weights_only=True)`` semantics and no pickle of arbitrary objects.
+
+A *pretrained folder* (the Hugging Face convention) holds ``config.json``, the same metadata
+as one JSON object with ``hparams`` as a nested object rather than a string, and
+``model.safetensors``, the tensors (its header carries the metadata too, so the file alone
+also loads). ``config.json`` is what the folder's metadata is read from.
+
+Safetensors files are written by :func:`safetensors_bytes`, deterministically (the
+``safetensors`` package orders header keys by a randomly seeded hash map, so the same weights
+would give different bytes and checksums from one save to the next).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -38,6 +48,8 @@ import torch
 FORMAT_NAME = "lopt-port-weights"
 FORMAT_VERSION = "1"
 SUPPORTED_FORMAT_VERSIONS = (FORMAT_VERSION,)
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
 
 
 class WeightsError(ValueError):
@@ -73,6 +85,92 @@ def _parse_metadata(meta: Mapping[str, str], origin: str) -> tuple[str | None, d
     return meta.get("kind"), hparams
 
 
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL",
+}
+
+
+def safetensors_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
+    """A safetensors file, byte for byte determined by its inputs.
+
+    Layout (the safetensors format): the header length as a little-endian u64, the JSON header
+    (``__metadata__`` first, in the mapping's order, then the tensors sorted by name, each with
+    ``dtype``, ``shape`` and ``data_offsets``; compact separators; space-padded to a multiple of
+    8 bytes), then the tensors' little-endian data in the same order.
+    """
+    if sys.byteorder != "little":
+        raise RuntimeError("safetensors_bytes writes the host's byte order, which must be "
+                           "little-endian")
+    bad = [k for k, v in metadata.items() if not (isinstance(k, str) and isinstance(v, str))]
+    if bad:
+        raise TypeError(f"safetensors metadata must map str to str: {bad[:5]}")
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    chunks: list[bytes] = []
+    offset = 0
+    for name in sorted(tensors):
+        t = tensors[name]
+        if t.dtype not in _SAFETENSORS_DTYPES:
+            raise TypeError(f"tensor {name!r}: dtype {t.dtype} has no safetensors code")
+        data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + b"".join(chunks)
+
+
+def is_pretrained_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder holding ``config.json`` (a pretrained folder)."""
+    return os.path.isfile(os.path.join(os.fspath(path), CONFIG_NAME))
+
+
+def metadata_to_config(metadata: Mapping[str, str]) -> dict[str, Any]:
+    """The ``config.json`` object of a pretrained folder: the metadata, ``hparams`` parsed."""
+    config: dict[str, Any] = dict(metadata)
+    if "hparams" in config:
+        config["hparams"] = json.loads(config["hparams"])
+    return config
+
+
+def config_to_metadata(config: Any, origin: str) -> dict[str, str]:
+    """The string metadata of a ``config.json`` object (``hparams`` re-serialized with sorted
+    keys, as the converters write it); inverse of :func:`metadata_to_config`."""
+    if not isinstance(config, dict):
+        raise WeightsError(f"{origin}: expected a JSON object")
+    meta: dict[str, str] = {}
+    for key, value in config.items():
+        if key == "hparams":
+            if not isinstance(value, dict):
+                raise WeightsError(f"{origin}: 'hparams' must be a JSON object")
+            meta[key] = json.dumps(value, sort_keys=True)
+        elif isinstance(value, str):
+            meta[key] = value
+        else:
+            raise WeightsError(f"{origin}: {key!r} must be a string, found "
+                               f"{type(value).__name__}")
+    return meta
+
+
+def _load_folder(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    config_path = os.path.join(path, CONFIG_NAME)
+    weights_path = os.path.join(path, WEIGHTS_NAME)
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WeightsError(f"{config_path}: not a readable JSON file ({e})") from None
+    meta = config_to_metadata(config, config_path)
+    if not os.path.isfile(weights_path):
+        raise WeightsError(f"{path}: a pretrained folder needs {WEIGHTS_NAME} beside "
+                           f"{CONFIG_NAME}")
+    tensors, _ = _load_file(weights_path)
+    return tensors, meta
+
+
 def _load_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if not os.path.isfile(path):
         hint = (" (an upstream checkpoint folder? convert it first: lopt-convert "
@@ -100,7 +198,8 @@ def _load_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 def load_weights(source: str | os.PathLike | Mapping[str, torch.Tensor] | LoadedWeights
                  ) -> LoadedWeights:
-    """Load converted weights from a ``.safetensors``/``.pt`` file or take a state dict.
+    """Load converted weights from a ``.safetensors``/``.pt`` file or a pretrained folder
+    (``config.json`` + ``model.safetensors``), or take a state dict.
 
     A plain state dict carries no metadata unless it has a ``_metadata`` attribute written
     by lopt-port; its kind and hyperparameters then come from the caller.
@@ -109,8 +208,8 @@ def load_weights(source: str | os.PathLike | Mapping[str, torch.Tensor] | Loaded
         return source
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
-        tensors, meta = _load_file(path)
-        origin = path
+        tensors, meta = _load_folder(path) if is_pretrained_folder(path) else _load_file(path)
+        origin = os.path.join(path, CONFIG_NAME) if is_pretrained_folder(path) else path
     elif isinstance(source, Mapping):
         bad = [k for k, v in source.items() if not isinstance(v, torch.Tensor)]
         if bad:

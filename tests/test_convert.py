@@ -200,14 +200,17 @@ def test_unknown_root_layout(tmp_path):
 def test_failed_writes_leave_nothing(tmp_path, monkeypatch):
     c = converters.convert(checkpoint_dir("small_fc_h32_sm0p01"))
 
-    def broken_save(tensors, path, metadata=None):
-        with open(path, "wb") as f:
-            f.write(b"partial")
+    def disk_full(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("safetensors.torch.save_file", broken_save)
-    with pytest.raises(OSError):
-        c.save(tmp_path / "w.safetensors")
+    # The files are written in full under temporary names; the final rename fails.
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", disk_full)
+        m.setattr(os, "rename", disk_full)
+        with pytest.raises(OSError, match="disk full"):
+            c.save(tmp_path / "w.safetensors")
+        with pytest.raises(OSError, match="disk full"):
+            c.save(tmp_path / "hf", "hf")
     monkeypatch.setattr(type(c), "upstream_config_text", lambda self: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         c.save(tmp_path / "up", "upstream")
