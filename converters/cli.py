@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ast
 import hashlib
+import json
 import os
 import sys
 import traceback
@@ -13,6 +14,7 @@ from typing import Any
 
 from converters.convert import FORMATS, WEIGHTS_SUFFIXES, Converted, convert
 from converters.errors import CheckpointError
+from converters.state import migrate_state
 from converters.upstream import MAPPINGS
 from lopt_port.weights import WeightsError
 
@@ -113,15 +115,49 @@ def build_parser() -> argparse.ArgumentParser:
                              "cannot tell with upstream's constructor defaults; a tuple-rooted "
                              "VeLO 'no_config' file first takes upstream's loader choices "
                              "(use_bugged_next_lstm_state=True, use_bugged_loss_features=True)")
+    parser.add_argument("--state", metavar="NAMES_JSON",
+                        help="SRC is an upstream optimizer state (flax msgpack, as written by "
+                             "checkpoints.save_state); migrate it to lopt-port's optimizer "
+                             "state, written as a torch file (default: <SRC>_state.pt). "
+                             "NAMES_JSON maps each torch parameter name to its upstream "
+                             "parameter: a key path 'a > b', a list of keys, or {\"path\": ..., "
+                             "\"permute\": [axes]}")
     parser.add_argument("--force", action="store_true", help="replace an existing output")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
+
+
+def _migrate(args: argparse.Namespace) -> str:
+    """``--state``: migrate, write, and the summary to print."""
+    try:
+        with open(args.state, encoding="utf-8") as f:
+            names = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read the names mapping ({e})", file=args.state) from None
+    if not isinstance(names, dict):
+        raise CheckpointError("the names mapping must be a JSON object", file=args.state)
+    migrated = migrate_state(args.src, names, kind=args.kind)
+    out = args.output or os.path.basename(os.path.abspath(args.src)) + "_state.pt"
+    migrated.save(out, overwrite=args.force)
+    lines = [f"source    {args.src}", f"kind      {migrated.kind}",
+             f"iteration {migrated.iteration} (updates applied upstream)"]
+    for name in sorted(migrated.state):
+        st = migrated.state[name]
+        shape = tuple(migrated.params[name].shape) if name in migrated.params else "?"
+        lines.append(f"  {name:<30} {shape!s:<16} factored_dims={st['factored_dims']}")
+    if migrated.global_state:
+        lines.append(f"global    num_steps={migrated.global_state['num_steps']}")
+    lines.append(f"wrote     {out}  sha256 {_sha256(out)}")
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns 0 on success, 2 on bad input, 1 on an internal error."""
     args = build_parser().parse_args(argv)
     try:
+        if args.state is not None:
+            print(_migrate(args))
+            return 0
         hparams = _parse_set(args.set)
         converted = convert(args.src, args.kind, upstream_defaults=args.upstream_defaults,
                             **hparams)
