@@ -24,7 +24,7 @@ gradient changed sign), where one rounding more is a large relative error.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -37,6 +37,7 @@ from lopt_port.constants import (
     ROW_COL_MEAN_EPS,
     SAFE_RSQRT_FLOOR,
 )
+from lopt_port.sharding import Mean, run_local
 
 TieBreak = Literal["numpy", "stable"]
 
@@ -113,6 +114,15 @@ def update_factored(state: dict[str, torch.Tensor], g: torch.Tensor, decays: tor
 
     ``g`` has the tensor's shape (rank >= 1); the state tensors carry the trailing decay axis.
     """
+    return run_local(update_factored_rounds(state, g, decays, dims))
+
+
+def update_factored_rounds(state: dict[str, torch.Tensor], g: torch.Tensor,
+                           decays: torch.Tensor, dims: tuple[int, int] | None,
+                           rows: int | None = None
+                           ) -> Generator[list[Mean], list[torch.Tensor], FactoredResult]:
+    """:func:`update_factored` as rounds of reductions (:mod:`lopt_port.sharding`): ``g`` and
+    the state may be this rank's rows of tensors whose axis 0 has ``rows`` elements in all."""
     c = decays.clamp(0.0, 1.0)
     mix = 1.0 - c
     gs = g * g + FACTORED_GRAD_SQ_EPS
@@ -123,10 +133,13 @@ def update_factored(state: dict[str, torch.Tensor], g: torch.Tensor, decays: tor
         return FactoredResult(fac_g, None, None)
     d1, d0 = dims
     v_row, v_col = state["v_row"], state["v_col"]
-    ema_(v_row, c, mix * gs.mean(dim=d0).unsqueeze(-1))
-    ema_(v_col, c, mix * gs.mean(dim=d1).unsqueeze(-1))
+    row_mean, col_mean = yield [Mean(gs, (d0,), rows=rows), Mean(gs, (d1,), rows=rows)]
+    ema_(v_row, c, mix * row_mean.unsqueeze(-1))
+    ema_(v_col, c, mix * col_mean.unsqueeze(-1))
     reduced_d1 = d1 - 1 if d1 > d0 else d1
-    row_col_mean = v_row.mean(dim=reduced_d1, keepdim=True)
+    # v_row lost axis d0: its axis 0 is the tensor's axis 0 (split over ranks) unless d0 == 0.
+    (row_col_mean,) = yield [Mean(v_row, (reduced_d1,), keepdim=True,
+                                  rows=rows if d0 != 0 else None)]
     row_factor = safe_rsqrt(v_row / (row_col_mean + ROW_COL_MEAN_EPS))
     col_factor = safe_rsqrt(v_col)
     fac_g = g.unsqueeze(-1) * row_factor.unsqueeze(d0) * col_factor.unsqueeze(d1)

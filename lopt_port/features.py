@@ -9,14 +9,17 @@ import torch
 from lopt_port.constants import NORMALIZER_EPS, TIME_FEATURE_TIMESCALES
 
 
-def second_moment_normalize(x: torch.Tensor) -> torch.Tensor:
+def second_moment_normalize(x: torch.Tensor, mean_sq: torch.Tensor | None = None
+                            ) -> torch.Tensor:
     """``x * rsqrt(1e-5 + mean(x^2))`` per feature column (last axis), mean over all other axes.
 
     The mean runs over every element of the tensor (all leading axes), never over the feature
-    axis.
+    axis. ``mean_sq`` (keepdim shape) supplies that mean when it was completed elsewhere (the
+    other shards of a sharded tensor).
     """
-    dims = tuple(range(x.dim() - 1))
-    return x * torch.rsqrt(NORMALIZER_EPS + torch.mean(x * x, dim=dims, keepdim=True))
+    if mean_sq is None:
+        mean_sq = torch.mean(x * x, dim=tuple(range(x.dim() - 1)), keepdim=True)
+    return x * torch.rsqrt(NORMALIZER_EPS + mean_sq)
 
 
 def timescales(device: torch.device | str) -> torch.Tensor:

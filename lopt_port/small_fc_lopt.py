@@ -37,6 +37,7 @@ from lopt_port.accumulators import (
     factored_state_shapes,
     learned_decays,
     update_factored,
+    update_factored_rounds,
     update_momentum,
     update_rms,
 )
@@ -47,6 +48,7 @@ from lopt_port.constants import (
     ROW_COL_FEATURE_EPS,
 )
 from lopt_port.features import mlp_forward, second_moment_normalize, time_features, timescales
+from lopt_port.sharding import Mean, Rounds, local, run_rounds, shard_spec, state_zeros
 from lopt_port.weights import LoadedWeights, WeightsError, load_weights
 
 _STATE_TENSORS = ("momentum", "rms", "v_row", "v_col", "v_diag")
@@ -155,13 +157,14 @@ class SmallFCLOpt(torch.optim.Optimizer):
 
     def _init_state(self, p: torch.Tensor, state: dict[str, Any]) -> None:
         dims = factored_dims(p.shape, self.tie_break)
-        zeros = {"dtype": torch.float32, "device": p.device}
         state["step"] = torch.zeros((), dtype=torch.float32)
-        state["momentum"] = torch.zeros((*p.shape, len(self._decays["momentum"])), **zeros)
-        state["rms"] = torch.zeros((*p.shape, len(self._decays["rms"])), **zeros)
+        state["momentum"] = state_zeros(p, (*p.shape, len(self._decays["momentum"])))
+        state["rms"] = state_zeros(p, (*p.shape, len(self._decays["rms"])))
         k = len(self._decays["adafactor"])
         for name, fshape in factored_state_shapes(p.shape, dims, k).items():
-            state[name] = torch.zeros(fshape, **zeros)
+            # v_row lost axis d0, v_col axis d1: split like p unless that was axis 0
+            lost = None if dims is None else dims[1] if name == "v_row" else dims[0]
+            state[name] = state_zeros(p, fshape, split=lost != 0)
         state["factored_dims"] = dims if dims is not None else ()
 
     @contextlib.contextmanager
@@ -192,6 +195,7 @@ class SmallFCLOpt(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             fused_params: dict[torch.device, list[torch.Tensor]] = {}
+            eager = []
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -203,7 +207,10 @@ class SmallFCLOpt(torch.optim.Optimizer):
                 if p.numel() and self._takes_fused_path(p):
                     fused_params.setdefault(p.device, []).append(p)
                 else:
-                    self._update(p, state, group["lr"])
+                    eager.append(p)
+            # Sharded (FSDP2) parameters complete their reductions in a few batched rounds.
+            run_rounds([(self._update_rounds(p, self.state[p], group["lr"]), shard_spec(p))
+                        for p in eager])
             for device, params in fused_params.items():
                 cpu_consts, _ = self._on_device(torch.device("cpu"))
                 _, layers = self._on_device(device)
@@ -227,35 +234,47 @@ class SmallFCLOpt(torch.optim.Optimizer):
             warnings.warn(f"SmallFCLOpt: using the eager path: {reason}", stacklevel=5)
         return False
 
-    def _update(self, p: torch.Tensor, state: dict[str, Any], lr: float) -> None:
+    def _update_rounds(self, p: torch.Tensor, state: dict[str, Any], lr: float) -> Rounds:
+        """One parameter's update, yielding its whole-tensor reductions (a sharded parameter's
+        are completed over the other ranks; see :mod:`lopt_port.sharding`)."""
         if p.numel() == 0:
             # Nothing to update. Upstream would fill the non-empty factored statistic of a
             # shape like (0, 5) with NaN (a mean over zero elements); the state stays zero.
             state["step"] = state["step"] + 1
             return
+        spec = shard_spec(p)
         decays, layers = self._on_device(p.device)
+        p_local = local(p)
         # Upstream treats a scalar parameter as shape (1,) with all its state; views keep the
         # in-place accumulator updates pointed at the stored state.
-        shape = tuple(p.shape) or (1,)
-        g = p.grad.to(torch.float32).reshape(shape)
+        shape = tuple(p_local.shape) or (1,)
+        g = local(p.grad).to(torch.float32).reshape(shape)
         per_element = ("momentum", "rms", "v_diag")
-        acc = {k: state[k].view(*shape, state[k].shape[-1]) if k in per_element else state[k]
-               for k in _STATE_TENSORS if k in state}
+        acc = {k: local(state[k]).view(*shape, state[k].shape[-1]) if k in per_element
+               else local(state[k]) for k in _STATE_TENSORS if k in state}
         dims = state["factored_dims"] or None
         update_momentum(acc["momentum"], g, decays["momentum"])
         update_rms(acc["rms"], g, decays["rms"])
-        fac = update_factored(acc, g, decays["adafactor"], dims)
+        if spec is None:
+            fac = update_factored(acc, g, decays["adafactor"], dims)
+        else:
+            fac = yield from update_factored_rounds(acc, g, decays["adafactor"], dims,
+                                                    rows=spec.global_shape[0])
         # ``step`` lives on the CPU (torch.optim's convention): reading it is no device sync.
         tfeat = time_features(float(state["step"]), decays["timescales"])
         state["step"] = state["step"] + 1
-        p32 = p.to(torch.float32).reshape(shape)
+        p32 = p_local.to(torch.float32).reshape(shape)
         raw = self._raw_features(p32, g, acc, fac, dims)
-        normalized = second_moment_normalize(raw.reshape(-1, raw.shape[-1]))
+        flat = raw.reshape(-1, raw.shape[-1])
+        mean_sq = None
+        if spec is not None:
+            (mean_sq,) = yield [Mean(flat * flat, (0,), keepdim=True, rows=p.numel())]
+        normalized = second_moment_normalize(flat, mean_sq)
         record = {} if self._capture is not None else None
         direction, magnitude = self._mlp(normalized, tfeat, layers, record)
         step = direction * torch.exp(magnitude * self.hparams["exp_mult"])
-        step = (step * self.hparams["step_mult"] * lr).reshape(p.shape)
-        p.copy_(p32.reshape(p.shape) - step)
+        step = (step * self.hparams["step_mult"] * lr).reshape(p_local.shape)
+        p_local.copy_(p32.reshape(p_local.shape) - step)
         if record is not None:
             record["fac_g"] = fac.fac_g.reshape(*p.shape, -1)
             record["features_raw"] = raw
@@ -298,7 +317,7 @@ class SmallFCLOpt(torch.optim.Optimizer):
         outs, pres = [], []
         # Meta tensors hold no data, so there is no memory to bound: one chunk.
         rows = max(x.shape[0], 1) if x.device.type == "meta" else MLP_CHUNK_ROWS
-        for start in range(0, x.shape[0], rows):
+        for start in range(0, max(x.shape[0], 1), rows):  # an empty shard: one empty chunk
             chunk = x[start:start + rows]
             inp = torch.cat([chunk, tfeat.expand(chunk.shape[0], -1)], dim=-1)
             rec: dict[str, torch.Tensor] | None = {} if record is not None else None

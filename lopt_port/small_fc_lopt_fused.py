@@ -16,6 +16,7 @@ import torch
 
 from lopt_port import extension
 from lopt_port.features import time_features
+from lopt_port.sharding import is_dtensor
 
 MAX_DECAYS = 4
 MAX_HIDDEN = 64
@@ -59,6 +60,9 @@ def param_unsupported_reason(p: torch.Tensor) -> str | None:
 
 def layout_unsupported_reason(p: torch.Tensor) -> str | None:
     """The device-independent checks every fused kernel makes: dtype, layout, rank."""
+    if is_dtensor(p):
+        return ("the parameter is a DTensor (FSDP2): sharded parameters take the eager path, "
+                "whose whole-tensor reductions run as batched collectives")
     if p.dtype not in FUSED_DTYPES:
         return f"the fused kernels take float32, bfloat16 or float16 parameters (got {p.dtype})"
     if not p.is_contiguous():
