@@ -17,7 +17,6 @@ sums travel in float64; the result is cast back to the request's dtype.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -154,16 +153,20 @@ def run_local(gen: Generator[list[Request], list[torch.Tensor], Any]) -> Any:
         return done.value
 
 
-def run_rounds(tasks: Sequence[tuple[Rounds, ShardSpec | None]]) -> None:
-    """Drive every generator to its end, resolving each round's requests together."""
-    live: list[tuple[Rounds, ShardSpec | None, list[Request]]] = []
-    for gen, spec in tasks:
-        with contextlib.suppress(StopIteration):
-            live.append((gen, spec, next(gen)))
+def run_rounds(tasks: Sequence[tuple[Rounds, ShardSpec | None]]) -> list[Any]:
+    """Drive every generator to its end, resolving each round's requests together; returns
+    the generators' return values in order."""
+    values: list[Any] = [None] * len(tasks)
+    live: list[tuple[int, Rounds, ShardSpec | None, list[Request]]] = []
+    for index, (gen, spec) in enumerate(tasks):
+        try:
+            live.append((index, gen, spec, next(gen)))
+        except StopIteration as done:
+            values[index] = done.value
     while live:
         results: list[list[torch.Tensor | None]] = []
         pending: dict[Any, list[tuple[int, int, torch.Tensor, float, torch.dtype]]] = {}
-        for t, (_, spec, requests) in enumerate(live):
+        for t, (_, _, spec, requests) in enumerate(live):
             row: list[torch.Tensor | None] = []
             for r, req in enumerate(requests):
                 part = _partial(req, spec)
@@ -179,7 +182,10 @@ def run_rounds(tasks: Sequence[tuple[Rounds, ShardSpec | None]]) -> None:
             for (t, r, _, count, dtype), total in zip(items, sums, strict=True):
                 results[t][r] = (total / count).to(dtype)
         nxt = []
-        for (gen, spec, _), row in zip(live, results, strict=True):
-            with contextlib.suppress(StopIteration):
-                nxt.append((gen, spec, gen.send(row)))
+        for (index, gen, spec, _), row in zip(live, results, strict=True):
+            try:
+                nxt.append((index, gen, spec, gen.send(row)))
+            except StopIteration as done:
+                values[index] = done.value
         live = nxt
+    return values

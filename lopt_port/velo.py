@@ -42,6 +42,7 @@ from lopt_port.accumulators import (
     factored_dims,
     factored_state_shapes,
     update_factored,
+    update_factored_rounds,
     update_momentum,
     update_rms,
 )
@@ -64,6 +65,16 @@ from lopt_port.constants import (
     VELO_MAX_TRAINING_STEPS,
     VELO_NORM_MULT_FLOOR,
     VELO_PARAM_SCALE_EPS,
+)
+from lopt_port.sharding import (
+    Mean,
+    Rounds,
+    Total,
+    local,
+    run_local,
+    run_rounds,
+    shard_spec,
+    state_zeros,
 )
 from lopt_port.weights import LoadedWeights, WeightsError, load_weights
 
@@ -100,9 +111,11 @@ def clip_log_abs(v: torch.Tensor) -> torch.Tensor:
     return torch.clamp(mag, -VELO_LOG_ABS_CLIP, VELO_LOG_ABS_CLIP) * 0.5
 
 
-def _mean_over(x: torch.Tensor, axes: tuple[int, ...], keepdim: bool = False) -> torch.Tensor:
-    """Mean over ``axes``; no axes is the identity (``torch.mean(dim=())`` reduces all)."""
-    return x.mean(dim=axes, keepdim=keepdim) if axes else x
+def _mean_square_rounds(p32: torch.Tensor, numel: int) -> Rounds:
+    """``mean(p^2)`` in float64 over the whole tensor (``p32``: this rank's rows); prefab
+    weight decay's loss term."""
+    (total,) = yield [Total(torch.sum(torch.square(p32.double())))]
+    return (total / numel).float()
 
 
 class VeLO(torch.optim.Optimizer):
@@ -229,16 +242,17 @@ class VeLO(torch.optim.Optimizer):
         """The state a parameter starts with: zero accumulators and the LSTM's initial state."""
         shape = tuple(p.shape)
         dims = factored_dims(shape, self.tie_break)
-        zeros = {"dtype": torch.float32, "device": p.device}
         h = self.hparams
         state: dict[str, Any] = {
-            "momentum": torch.zeros((*shape, len(h["initial_momentum_decays"])), **zeros),
-            "rms": torch.zeros((*shape, len(h["initial_rms_decays"])), **zeros),
+            "momentum": state_zeros(p, (*shape, len(h["initial_momentum_decays"]))),
+            "rms": state_zeros(p, (*shape, len(h["initial_rms_decays"]))),
             "factored_dims": tuple(dims) if dims else (),
         }
         k = len(h["initial_adafactor_decays"])
         for name, fshape in factored_state_shapes(shape, dims, k).items():
-            state[name] = torch.zeros(fshape, **zeros)
+            # v_row lost axis d0, v_col axis d1: split like p unless that was axis 0
+            lost = None if dims is None else dims[1] if name == "v_row" else dims[0]
+            state[name] = state_zeros(p, fshape, split=lost != 0)
         state["lstm_hidden"] = self._theta["lstm_init_state.hidden"].reshape(-1).to(p.device)
         state["lstm_cell"] = self._theta["lstm_init_state.cell"].reshape(-1).to(p.device)
         return state
@@ -310,26 +324,34 @@ class VeLO(torch.optim.Optimizer):
             self._fused_step(entries, states, loss_t, glob, consts)
             glob["iteration"] = glob["iteration"] + 1
             return returned
-        grads, wd_n, mean_p2 = [], [], []
-        for p, group in entries:
-            g = p.grad.to(torch.float32)
+        # Sharded (FSDP2) parameters work on their local rows; whole-tensor reductions run as
+        # a few batched rounds of collectives (lopt_port.sharding).
+        specs = [shard_spec(p) for p, _ in entries]
+        grads, wd_n, wd_rounds = [], [], []
+        for (p, group), spec in zip(entries, specs, strict=True):
+            g = local(p.grad).to(torch.float32)
             wd = group["weight_decay"]
             if wd and not self.decoupled_weight_decay:
-                p32 = p.to(torch.float32)
+                p32 = local(p).to(torch.float32)
                 g = g + wd * p32
                 wd_n.append(wd * p.numel())
-                mean_p2.append((torch.sum(torch.square(p32.double())) / p.numel()).float())
+                wd_rounds.append((_mean_square_rounds(p32, p.numel()), spec))
             grads.append(torch.clamp(g, -VELO_GRAD_CLIP, VELO_GRAD_CLIP))
         if wd_n:
-            loss_t = loss_t + weight_decay_loss(wd_n, torch.stack(mean_p2))
+            loss_t = loss_t + weight_decay_loss(wd_n, torch.stack(run_rounds(wd_rounds)))
         iteration = int(glob["iteration"])
         loss_features = self._advance_loss_buffer(glob, loss_t, iteration)
         fraction = float(np.float32(iteration) / np.float32(self.num_steps))
         frac_feat = torch.tanh((torch.full_like(consts["fraction_offsets"], fraction)
                                 - consts["fraction_offsets"]) * VELO_FRACTION_SHARPNESS)
+        sharded = [i for i, spec in enumerate(specs) if spec is not None]
+        from_shards = dict(zip(sharded, run_rounds([
+            (VeLO._lstm_feature_rounds(entries[i][0], states[i], frac_feat, loss_features),
+             specs[i]) for i in sharded]), strict=True))
         lstm_in = torch.stack([
-            self._lstm_features(p, s, frac_feat, loss_features)
-            for (p, _), s in zip(entries, states, strict=True)])
+            from_shards[i][0] if i in from_shards
+            else self._lstm_features(p, s, frac_feat, loss_features)
+            for i, ((p, _), s) in enumerate(zip(entries, states, strict=True))])
         h_prev = torch.stack([s["lstm_hidden"].to(device) for s in states])
         c_prev = torch.stack([s["lstm_cell"].to(device) for s in states])
         controls, lr_mult, h_new, c_new = self._rnn(lstm_in, h_prev, c_prev, consts["theta"])
@@ -342,8 +364,10 @@ class VeLO(torch.optim.Optimizer):
                 "lr_mult": lr_mult.clone(),
                 "lstm_state_in": {"hidden": h_prev.clone(), "cell": c_prev.clone()},
                 "lstm_state_out": {"hidden": h_new.clone(), "cell": c_new.clone()}})
-        for i, ((p, group), s, g) in enumerate(zip(entries, states, grads, strict=True)):
-            self._update(p, s, g, {k: v[i] for k, v in ff.items()}, lr_mult[i], group)
+        run_rounds([
+            (self._update_rounds(p, s, g, {k: v[i] for k, v in ff.items()}, lr_mult[i], group,
+                                 from_shards[i][1] if i in from_shards else None), specs[i])
+            for i, ((p, group), s, g) in enumerate(zip(entries, states, grads, strict=True))])
         glob["iteration"] = glob["iteration"] + 1
         return returned
 
@@ -452,21 +476,36 @@ class VeLO(torch.optim.Optimizer):
     def _lstm_features(p: torch.Tensor, state: dict[str, Any], frac_feat: torch.Tensor,
                        loss_features: torch.Tensor) -> torch.Tensor:
         """The 30 per-tensor LSTM inputs from ``p`` and the old momentum and rms."""
-        p32 = p.to(torch.float32)
-        norm = torch.rsqrt(torch.clamp_min(torch.mean(p32 * p32), VELO_NORM_MULT_FLOOR))
-        m = state["momentum"] * norm
-        rms = state["rms"] * norm
+        features, _ = run_local(VeLO._lstm_feature_rounds(p, state, frac_feat, loss_features))
+        return features
+
+    @staticmethod
+    def _lstm_feature_rounds(p: torch.Tensor, state: dict[str, Any], frac_feat: torch.Tensor,
+                             loss_features: torch.Tensor) -> Rounds:
+        """:meth:`_lstm_features` as rounds of reductions (:mod:`lopt_port.sharding`); returns
+        ``(features, mean(p^2))``."""
+        spec = shard_spec(p)
+        rows = spec.global_shape[0] if spec is not None else None
+        p32 = local(p).to(torch.float32)
+        (mean_p2,) = yield [Mean(p32 * p32, rows=rows)]
+        norm = torch.rsqrt(torch.clamp_min(mean_p2, VELO_NORM_MULT_FLOOR))
+        m = local(state["momentum"]) * norm
+        rms = local(state["rms"]) * norm
         axes = tuple(range(p.dim()))
-        mean_m = _mean_over(m, axes, keepdim=True)
-        var_m = _mean_over(torch.square(m - mean_m), axes)
-        mean_rms = _mean_over(rms, axes, keepdim=True).reshape(-1)
-        var_rms = _mean_over(torch.square(rms - mean_m), axes)
+        mean_m, mean_rms = m, rms  # a scalar parameter: nothing to average
+        if axes:
+            mean_m, mean_rms = yield [Mean(m, axes, keepdim=True, rows=rows),
+                                      Mean(rms, axes, keepdim=True, rows=rows)]
+        mean_rms = mean_rms.reshape(-1)
+        var_m, var_rms = torch.square(m - mean_m), torch.square(rms - mean_m)
+        if axes:
+            var_m, var_rms = yield [Mean(var_m, axes, rows=rows), Mean(var_rms, axes, rows=rows)]
         rank = sum(1 for s in p.shape if s > 1)
         one_hot = torch.zeros(5, dtype=torch.float32, device=m.device)
         if rank < 5:
             one_hot[rank] = 1.0
         return torch.cat([frac_feat, loss_features.to(m.device), clip_log_abs(mean_rms),
-                          one_hot, clip_log_abs(var_m), clip_log_abs(var_rms)])
+                          one_hot, clip_log_abs(var_m), clip_log_abs(var_rms)]), mean_p2
 
     # --------------------------------------------------------------------- per-tensor net
     def _rnn(self, x: torch.Tensor, h_prev: torch.Tensor, c_prev: torch.Tensor,
@@ -503,31 +542,43 @@ class VeLO(torch.optim.Optimizer):
         return out
 
     # -------------------------------------------------------------------- per-parameter
-    def _update(self, p: torch.Tensor, state: dict[str, Any], g: torch.Tensor,
-                ff: Mapping[str, torch.Tensor], lr_mult: torch.Tensor,
-                group: Mapping[str, Any]) -> None:
+    def _update_rounds(self, p: torch.Tensor, state: dict[str, Any], g: torch.Tensor,
+                       ff: Mapping[str, torch.Tensor], lr_mult: torch.Tensor,
+                       group: Mapping[str, Any], mean_p2: torch.Tensor | None) -> Rounds:
+        """One parameter's update, yielding its whole-tensor reductions (completed over the
+        other ranks for a sharded parameter, whose ``mean_p2`` the LSTM features computed)."""
+        spec = shard_spec(p)
+        p_local = local(p)
         consts = self._on_device(p.device)
-        shape = tuple(p.shape) or (1,)
+        shape = tuple(p_local.shape) or (1,)
         g = g.reshape(shape)
-        acc = {k: state[k].view(*shape, state[k].shape[-1]) if k in _PER_ELEMENT else state[k]
+        acc = {k: local(state[k]).view(*shape, state[k].shape[-1]) if k in _PER_ELEMENT
+               else local(state[k])
                for k in ("momentum", "rms", "v_row", "v_col", "v_diag") if k in state}
         dims = tuple(state["factored_dims"]) or None
         update_momentum(acc["momentum"], g, consts["momentum"])
         update_rms(acc["rms"], g, consts["rms"])
-        fac = update_factored(acc, g, consts["adafactor"], dims)
-        p32 = p.to(torch.float32).reshape(shape)
+        if spec is None:
+            fac = update_factored(acc, g, consts["adafactor"], dims)
+        else:
+            fac = yield from update_factored_rounds(acc, g, consts["adafactor"], dims,
+                                                    rows=spec.global_shape[0])
+        p32 = p_local.to(torch.float32).reshape(shape)
         record: dict[str, Any] | None = {} if self._capture is not None else None
-        out = self._mlp(p32, g, acc, fac, dims, ff, record)
+        out = yield from self._mlp_rounds(p32, g, acc, fac, dims, ff, record,
+                                          p.numel() if spec is not None else None)
         h = self.hparams
-        param_scale = torch.sqrt(torch.mean(p32 * p32) + VELO_PARAM_SCALE_EPS)
+        if mean_p2 is None:
+            mean_p2 = torch.mean(p32 * p32)
+        param_scale = torch.sqrt(mean_p2 + VELO_PARAM_SCALE_EPS)
         magnitude = torch.exp(out[..., 1] * h["exp_mult"])
         step = out[..., 0] * (param_scale * magnitude) * h["step_mult"]
-        step = (lr_mult.to(p.device) * step).reshape(p.shape)
+        step = (lr_mult.to(p.device) * step).reshape(p_local.shape)
         lr, wd = group["lr"], group["weight_decay"]
-        new = p32.reshape(p.shape)
+        new = p32.reshape(p_local.shape)
         if wd and self.decoupled_weight_decay:
             new = new * (1.0 - lr * wd)
-        p.copy_(new - lr * step)
+        p_local.copy_(new - lr * step)
         if record is not None:
             record.update({"ff_params": dict(ff), "g_clipped": g.clone(),
                            "fac_g": fac.fac_g.clone(), "param_scale": param_scale,
@@ -557,20 +608,23 @@ class VeLO(torch.optim.Optimizer):
                 g_.unsqueeze(-1) * rsqrt, row, col, torch.rsqrt(row + ROW_COL_FEATURE_EPS),
                 torch.rsqrt(col + ROW_COL_FEATURE_EPS), mom_mult]
 
-    def _mlp(self, p32: torch.Tensor, g: torch.Tensor, acc: Mapping[str, Any],
-             fac: FactoredResult, dims: tuple[int, int] | None, ff: Mapping[str, torch.Tensor],
-             record: dict[str, Any] | None) -> torch.Tensor:
-        """Normalized features through the per-tensor MLP; ``(*S, 3)`` outputs.
+    def _mlp_rounds(self, p32: torch.Tensor, g: torch.Tensor, acc: Mapping[str, Any],
+                    fac: FactoredResult, dims: tuple[int, int] | None,
+                    ff: Mapping[str, torch.Tensor], record: dict[str, Any] | None,
+                    numel: int | None) -> Rounds:
+        """Normalized features through the per-tensor MLP; returns the ``(*S, 3)`` outputs.
 
         Two passes over chunks of the leading axis bound the memory: per-column sums of
-        squares, then features, normalization and the MLP.
+        squares, then features, normalization and the MLP. ``numel``: the whole tensor's size
+        when ``p32`` holds only this rank's rows (the sums are then completed over the ranks).
         """
         n0 = p32.shape[0]
-        per_row = max(1, p32[0].numel())
+        per_row = max(1, p32[0].numel()) if n0 else 1
         step = n0 if p32.device.type == "meta" else max(1, VELO_CHUNK_ELEMENTS // per_row)
-        chunks = [slice(a, min(n0, a + step)) for a in range(0, n0, step)]
-        n = p32.numel()
-        if len(chunks) == 1:
+        # An empty shard still takes part in the reductions: one empty chunk.
+        chunks = [slice(a, min(n0, a + step)) for a in range(0, n0, step)] or [slice(0, 0)]
+        n = p32.numel() if numel is None else numel
+        if len(chunks) == 1 and numel is None:
             groups = self._feature_groups(p32, g, acc, fac, dims, chunks[0])
             raw = torch.cat(groups, dim=-1)
             mean_sq = torch.mean((raw * raw).reshape(-1, raw.shape[-1]), dim=0)
@@ -580,6 +634,8 @@ class VeLO(torch.optim.Optimizer):
                 raw = torch.cat(self._feature_groups(p32, g, acc, fac, dims, rows), dim=-1)
                 s = torch.sum((raw * raw).reshape(-1, raw.shape[-1]), dim=0, dtype=torch.float64)
                 sums = s if sums is None else sums + s
+            if numel is not None:
+                (sums,) = yield [Total(sums)]
             mean_sq = (sums / n).to(torch.float32)
         inv = torch.rsqrt(NORMALIZER_EPS + mean_sq)
         widths = [ff[f"w0__{j}"].shape[0] for j in range(N_GROUPS)]

@@ -11,8 +11,9 @@ from tests.conftest import checkpoint_dir
 
 # Rounds of batched all_reduce per step, whatever the number of tensors:
 # small_fc_lopt: factored row/column means, the row-column mean of v_row, the feature sums
-# of squares.
-EXPECTED_COLLECTIVES = {"small_fc_lopt": 3}
+# of squares; VeLO: mean p^2, the old momentum and rms means, their variances (the LSTM
+# inputs), then the same three as small_fc_lopt.
+EXPECTED_COLLECTIVES = {"small_fc_lopt": 3, "velo": 6}
 CHECKPOINTS = {"small_fc_lopt": "small_fc_h32_sm0p01", "velo": "velo_small"}
 
 
