@@ -1,5 +1,6 @@
 """One rank of the FSDP2 test (tests/test_fsdp.py): a small model under ``fully_shard`` trained
-with a learned optimizer beside a single-process copy of itself, compared after every step."""
+with a learned optimizer beside a single-process copy of itself, compared after every step;
+halfway, the sharded optimizer is rebuilt from its own state dict."""
 
 from __future__ import annotations
 
@@ -72,7 +73,11 @@ def run(rank: int, world: int, init_file: str, kind: str, weights: str, out: str
 
         gen = torch.Generator().manual_seed(1)
         worst, per_step = 0.0, []
-        for _ in range(STEPS):
+        for step in range(STEPS):
+            if step == STEPS // 2:  # resume: a new optimizer from the sharded state dict
+                saved = opt.state_dict()
+                opt = _optimizer(kind, model.parameters(), weights)
+                opt.load_state_dict(saved)
             tokens = torch.randint(0, 11, (16,), generator=gen)
             target = torch.randn(16, 5, generator=gen)
             for m, o in ((model, opt), (reference, ref_opt)):
