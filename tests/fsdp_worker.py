@@ -1,6 +1,7 @@
 """One rank of the FSDP2 test (tests/test_fsdp.py): a small model under ``fully_shard`` trained
 with a learned optimizer beside a single-process copy of itself, compared after every step;
-halfway, the sharded optimizer is rebuilt from its own state dict."""
+one more parameter is a replicated DTensor; halfway, the sharded optimizer is rebuilt from
+its own state dict."""
 
 from __future__ import annotations
 
@@ -51,6 +52,7 @@ def _step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
 def run(rank: int, world: int, init_file: str, kind: str, weights: str, out: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Replicate, distribute_tensor
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world)
@@ -62,8 +64,14 @@ def run(rank: int, world: int, init_file: str, kind: str, weights: str, out: str
         for module in (model.emb, model.fc1, model.fc2):
             fully_shard(module, mesh=mesh)
         fully_shard(model, mesh=mesh)
-        opt = _optimizer(kind, model.parameters(), weights)
-        ref_opt = _optimizer(kind, reference.parameters(), weights)
+        # Beside the sharded model, one parameter every rank holds whole (DTensor Replicate).
+        whole = torch.randn(4, 3)
+        replicated = nn.Parameter(distribute_tensor(whole.clone(), mesh, [Replicate()]))
+        plain = nn.Parameter(whole.clone())
+        named = [*model.named_parameters(), ("replicated", replicated)]
+        ref_params = [*reference.parameters(), plain]
+        opt = _optimizer(kind, [p for _, p in named], weights)
+        ref_opt = _optimizer(kind, ref_params, weights)
         calls = []
         all_reduce = dist.all_reduce
 
@@ -76,7 +84,7 @@ def run(rank: int, world: int, init_file: str, kind: str, weights: str, out: str
         for step in range(STEPS):
             if step == STEPS // 2:  # resume: a new optimizer from the sharded state dict
                 saved = opt.state_dict()
-                opt = _optimizer(kind, model.parameters(), weights)
+                opt = _optimizer(kind, [p for _, p in named], weights)
                 opt.load_state_dict(saved)
             tokens = torch.randint(0, 11, (16,), generator=gen)
             target = torch.randn(16, 5, generator=gen)
@@ -84,6 +92,11 @@ def run(rank: int, world: int, init_file: str, kind: str, weights: str, out: str
                 o.zero_grad()
                 loss = torch.mean((m(tokens) - target) ** 2)
                 loss.backward()
+                grad = torch.randn(4, 3, generator=torch.Generator().manual_seed(step))
+                if o is opt:
+                    replicated.grad = distribute_tensor(grad, mesh, [Replicate()])
+                else:
+                    plain.grad = grad
                 if o is opt:
                     calls.clear()
                     dist.all_reduce = counting
@@ -94,8 +107,7 @@ def run(rank: int, world: int, init_file: str, kind: str, weights: str, out: str
                     per_step.append(len(calls))
                 else:
                     _step(o, loss)
-            for (name, p), q in zip(model.named_parameters(), reference.parameters(),
-                                    strict=True):
+            for (name, p), q in zip(named, ref_params, strict=True):
                 full = p.full_tensor().detach()
                 err = float((full - q.detach()).abs().max() / q.detach().abs().max())
                 worst = max(worst, err)
