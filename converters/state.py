@@ -117,10 +117,10 @@ class MigratedState:
                 raise CheckpointError(f"parameter {name!r}: the migrated state is for shape "
                                       f"{tuple(self.params[name].shape)}, the parameter has "
                                       f"{tuple(p.shape)}")
-            out[index] = self.state[name]
-        if self.global_state:
+            out[index] = dict(self.state[name])
+        if self.global_state:  # VeLO keeps it in its first parameter's state
             from lopt_port.velo import GLOBAL_STATE
-            out[GLOBAL_STATE] = self.global_state
+            out[ids[0]][GLOBAL_STATE] = self.global_state
         return {"state": out, "param_groups": saved["param_groups"]}
 
     @torch.no_grad()

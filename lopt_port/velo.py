@@ -210,6 +210,8 @@ class VeLO(torch.optim.Optimizer):
             [*self.hparams["initial_momentum_decays"], *self.hparams["initial_rms_decays"],
              *self.hparams["initial_adafactor_decays"]], dtype=torch.float32)
         super().__init__(params, {"lr": float(lr), "weight_decay": float(weight_decay)})
+        # The step-wide state lives in the first parameter's state (see global_state).
+        self._anchor = self.param_groups[0]["params"][0]
 
     # ------------------------------------------------------------------ weights on a device
     def _on_device(self, device: torch.device) -> dict[str, Any]:
@@ -253,22 +255,36 @@ class VeLO(torch.optim.Optimizer):
             # v_row lost axis d0, v_col axis d1: split like p unless that was axis 0
             lost = None if dims is None else dims[1] if name == "v_row" else dims[0]
             state[name] = state_zeros(p, fshape, split=lost != 0)
-        state["lstm_hidden"] = self._theta["lstm_init_state.hidden"].reshape(-1).to(p.device)
-        state["lstm_cell"] = self._theta["lstm_init_state.cell"].reshape(-1).to(p.device)
+        # Copies: each parameter owns its LSTM state (in-place loaders such as
+        # torch.distributed.checkpoint write into it), and theta stays untouched.
+        state["lstm_hidden"] = self._theta["lstm_init_state.hidden"].reshape(-1).to(
+            p.device, copy=True)
+        state["lstm_cell"] = self._theta["lstm_init_state.cell"].reshape(-1).to(
+            p.device, copy=True)
         return state
 
-    def _global_state(self, device: torch.device) -> dict[str, Any]:
-        st = self.state[GLOBAL_STATE]
-        if not st:
-            st["iteration"] = torch.zeros((), dtype=torch.int64)
-            st["num_steps"] = self.num_steps
-            st["loss_means"] = torch.zeros(VELO_LOSS_BUFFER_SIZE, dtype=torch.float32,
-                                           device=device)
-            st["loss_running_min"] = torch.full((VELO_LOSS_BUFFER_SIZE,),
-                                                VELO_LOSS_RUNNING_MIN_INIT,
-                                                dtype=torch.float32, device=device)
-            st["loss_decays"] = self._loss_decays.to(device)
-        return st
+    @property
+    def global_state(self) -> dict[str, Any]:
+        """The step-wide state: ``iteration``, ``num_steps`` and the loss buffer
+        (``loss_means``, ``loss_running_min``, ``loss_decays``).
+
+        It is kept under the key ``"velo"`` in the state of the optimizer's first parameter,
+        so that every key of :meth:`state_dict`'s ``state`` is a parameter (what
+        ``torch.distributed.checkpoint`` needs).
+        """
+        st = self.state[self._anchor]
+        if GLOBAL_STATE not in st:
+            device = self._anchor.device
+            st[GLOBAL_STATE] = {
+                "iteration": torch.zeros((), dtype=torch.int64),
+                "num_steps": self.num_steps,
+                "loss_means": torch.zeros(VELO_LOSS_BUFFER_SIZE, dtype=torch.float32,
+                                          device=device),
+                "loss_running_min": torch.full((VELO_LOSS_BUFFER_SIZE,),
+                                               VELO_LOSS_RUNNING_MIN_INIT, dtype=torch.float32,
+                                               device=device),
+                "loss_decays": self._loss_decays.to(device)}
+        return st[GLOBAL_STATE]
 
     @contextmanager
     def capture_intermediates(self) -> Iterator[dict[str, Any]]:
@@ -305,11 +321,19 @@ class VeLO(torch.optim.Optimizer):
         if not entries:
             return returned
         if loss is None:
+            if all(float(g["lr"]) == 0.0 for g in self.param_groups):
+                # torch.distributed.checkpoint initializes an optimizer's state with a step of
+                # zero gradients at lr 0 and no loss: create the state, change nothing.
+                for p, _ in entries:
+                    if "momentum" not in self.state[p]:
+                        self.state[p].update(self.initial_state(p))
+                self.global_state  # noqa: B018 (creates it)
+                return returned
             raise RuntimeError("VeLO needs the training loss: call step(loss=loss) or pass a "
                                "closure that returns it")
         device = entries[0][0].device
         consts = self._on_device(device)
-        glob = self._global_state(device)
+        glob = self.global_state
         if glob["num_steps"] != self.num_steps:
             raise RuntimeError(f"the loaded state was trained with num_steps="
                                f"{glob['num_steps']}, this optimizer has {self.num_steps}")
@@ -317,7 +341,7 @@ class VeLO(torch.optim.Optimizer):
         states = []
         for p, _ in entries:
             state = self.state[p]
-            if not state:
+            if "momentum" not in state:
                 state.update(self.initial_state(p))
             states.append(state)
         if self._takes_fused_path([p for p, _ in entries]):
@@ -681,15 +705,23 @@ class VeLO(torch.optim.Optimizer):
         if len(params) != len(saved_ids):
             raise ValueError(f"state dict has {len(saved_ids)} parameters, the optimizer "
                              f"{len(params)}")
-        restored: dict[Any, Any] = {
-            p: self._restore_param_state(saved_state[pid], p, index)
-            for index, (pid, p) in enumerate(zip(saved_ids, params, strict=True))
-            if pid in saved_state}
-        if GLOBAL_STATE in saved_state:
-            device = params[0].device if params else torch.device("cpu")
-            restored[GLOBAL_STATE] = self._restore_global(saved_state[GLOBAL_STATE], device)
+        # The global state sits in one parameter's entry (state dicts of earlier lopt-port
+        # commits kept it under its own top-level key; they load too).
+        saved_global = saved_state.get(GLOBAL_STATE)
+        restored: dict[Any, Any] = {}
+        for index, (pid, p) in enumerate(zip(saved_ids, params, strict=True)):
+            if pid not in saved_state:
+                continue
+            entry = dict(saved_state[pid])
+            if GLOBAL_STATE in entry:
+                saved_global = entry.pop(GLOBAL_STATE)
+            restored[p] = self._restore_param_state(entry, p, index) if entry else {}
+        glob = (self._restore_global(saved_global, self._anchor.device)
+                if saved_global is not None else None)
         super().load_state_dict({**state_dict, "state": {}})
         self.state.update(restored)
+        if glob is not None:
+            self.state[self._anchor][GLOBAL_STATE] = glob
 
     def _restore_global(self, saved: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
         keys = {"iteration", "num_steps", "loss_means", "loss_running_min", "loss_decays"}

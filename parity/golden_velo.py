@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lopt_port.velo import GLOBAL_STATE, VeLO
+from lopt_port.velo import VeLO
 from lopt_port.weights import LoadedWeights
 from parity.errors import relative, relative_per_column
 from parity.golden import GoldenCase, StepReport
@@ -91,7 +91,8 @@ def load_velo_state(opt: VeLO, params: Mapping[str, torch.Tensor], leaf: Leaf) -
     glob = {ours: _f32(leaf(up)) for up, ours in VELO_GLOBAL_MAP.items()}
     glob["iteration"] = torch.tensor(int(leaf("iteration")), dtype=torch.int64)
     glob["num_steps"] = int(leaf("num_steps"))
-    opt.state[GLOBAL_STATE] = glob
+    opt.global_state.clear()
+    opt.global_state.update(glob)
 
 
 def velo_state_errors(opt: VeLO, params: Mapping[str, torch.Tensor],
@@ -107,7 +108,7 @@ def velo_state_errors(opt: VeLO, params: Mapping[str, torch.Tensor],
         for ours, up in (("lstm_hidden", "hidden"), ("lstm_cell", "cell")):
             errors[f"{name}/{ours}"] = relative(state[ours].cpu().numpy(),
                                                 leaf(f"lstm_hidden_state/{up}")[row])
-    glob = opt.state[GLOBAL_STATE]
+    glob = opt.global_state
     for up, ours in VELO_GLOBAL_MAP.items():
         errors[ours] = relative(glob[ours].cpu().numpy(), leaf(up))
     errors["iteration"] = abs(int(glob["iteration"]) - int(leaf("iteration")))

@@ -1,7 +1,7 @@
 """One rank of the FSDP2 test (tests/test_fsdp.py): a small model under ``fully_shard`` trained
 with a learned optimizer beside a single-process copy of itself, compared after every step;
 one more parameter is a replicated DTensor; halfway, the sharded optimizer is rebuilt from
-its own state dict."""
+its own state dict; at the end its state goes through torch.distributed.checkpoint."""
 
 from __future__ import annotations
 
@@ -68,8 +68,10 @@ def run(rank: int, world: int, init_file: str, kind: str, weights: str, out: str
         whole = torch.randn(4, 3)
         replicated = nn.Parameter(distribute_tensor(whole.clone(), mesh, [Replicate()]))
         plain = nn.Parameter(whole.clone())
-        named = [*model.named_parameters(), ("replicated", replicated)]
-        ref_params = [*reference.parameters(), plain]
+        model.register_parameter("replicated", replicated)  # not sharded: fully_shard is done
+        reference.register_parameter("replicated", plain)
+        named = list(model.named_parameters())
+        ref_params = list(reference.parameters())
         opt = _optimizer(kind, [p for _, p in named], weights)
         ref_opt = _optimizer(kind, ref_params, weights)
         calls = []
@@ -112,6 +114,28 @@ def run(rank: int, world: int, init_file: str, kind: str, weights: str, out: str
                 err = float((full - q.detach()).abs().max() / q.detach().abs().max())
                 worst = max(worst, err)
                 assert err <= 1e-6, (kind, name, err)
+        # torch.distributed.checkpoint: save the sharded optimizer state, load it into a new
+        # optimizer (whose state DCP first initializes with a zero-gradient, lr-0 step).
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (
+            get_optimizer_state_dict,
+            set_optimizer_state_dict,
+        )
+        folder = os.path.join(os.path.dirname(out), "dcp")
+        dcp.save({"optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=folder)
+        model.zero_grad(set_to_none=True)
+        replicated.grad = None
+        fresh = _optimizer(kind, [p for _, p in named], weights)
+        target = {"optim": get_optimizer_state_dict(model, fresh)}
+        dcp.load(target, checkpoint_id=folder)
+        set_optimizer_state_dict(model, fresh, target["optim"])
+        for p in (p for _, p in named if p.requires_grad):
+            for key, value in opt.state[p].items():
+                loaded = fresh.state[p][key]
+                if isinstance(value, torch.Tensor):
+                    assert torch.equal(value.full_tensor() if hasattr(value, "full_tensor")
+                                       else value, loaded.full_tensor()
+                                       if hasattr(loaded, "full_tensor") else loaded), key
         if rank == 0:
             with open(out, "w") as f:
                 json.dump({"worst": worst, "collectives": per_step}, f)

@@ -127,6 +127,15 @@ def test_loss_is_required_and_accepted_as_tensor_float_or_closure(weights):
         opt.step()
     with pytest.raises(ValueError, match="scalar"):
         opt.step(loss=torch.ones(2))
+    # Every lr at 0 and no loss (torch.distributed.checkpoint's state initialization): the
+    # state is created, nothing else changes.
+    before = [p.clone() for p in params]
+    opt.param_groups[0]["lr"] = 0.0
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, params, strict=True))
+    assert all("momentum" in opt.state[p] for p in params)
+    assert int(opt.global_state["iteration"]) == 0
+    assert not opt.state[params[0]]["momentum"].any()
 
 
 def test_prefab_weight_decay_is_gradient_and_loss_terms(weights):
@@ -181,7 +190,7 @@ def test_resume_needs_the_same_horizon(weights):
     other = VeLO(params, weights, num_steps=30)
     with pytest.raises(ValueError, match="num_steps=20"):
         other.load_state_dict(opt.state_dict())
-    assert not other.state
+    assert not other.state  # untouched
 
 
 def test_lstm_sees_only_tensors_with_gradients(weights):
@@ -222,7 +231,10 @@ def test_global_state_is_loss_buffer_and_iteration(weights):
     for t in range(3):
         _set_grads(params, t)
         opt.step(loss=5.0)
-    glob = opt.state_dict()["state"][GLOBAL_STATE]
+    # kept in the first parameter's entry: every state key is a parameter
+    assert set(opt.state_dict()["state"]) == set(range(len(params)))
+    glob = opt.state_dict()["state"][0][GLOBAL_STATE]
+    assert glob is not None and glob == opt.global_state
     assert int(glob["iteration"]) == 3 and glob["iteration"].device.type == "cpu"
     assert glob["num_steps"] == 20
     # a constant loss: every bias-corrected average equals that loss after 3 steps, up to the
@@ -279,14 +291,17 @@ def _np(t):
     return t.detach().float().cpu().numpy()
 
 
+def _clone_dict(d):
+    return {n: (_clone_dict(v) if isinstance(v, dict) else
+                v.clone() if isinstance(v, torch.Tensor) else v) for n, v in d.items()}
+
+
 def _copy_state(src, dst, mapping):
     for a, b in mapping:
         if a in src.state:
-            dst.state[b] = {n: (v.clone() if isinstance(v, torch.Tensor) else v)
-                            for n, v in src.state[a].items()}
-    if GLOBAL_STATE in src.state:
-        dst.state[GLOBAL_STATE] = {n: (v.clone() if isinstance(v, torch.Tensor) else v)
-                                   for n, v in src.state[GLOBAL_STATE].items()}
+            dst.state[b] = _clone_dict(src.state[a])
+    dst.global_state.clear()
+    dst.global_state.update(_clone_dict(src.global_state))
 
 
 def _fused_lockstep(weights, task, dtype=torch.float32, device="cpu"):
