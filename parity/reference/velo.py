@@ -246,6 +246,16 @@ def rnn_forward(rnn_params: Mapping[str, Any], x: jnp.ndarray,
     ``[i, g, f, o]``, forget bias +1) and the two linear heads. Upstream's first mixing layer
     ``linear`` is overwritten before use; it is not computed here.
     """
+    hidden, new_state = lstm_forward(rnn_params, x, lstm_state)
+    controls = _linear(hidden, rnn_params["rnn_to_controls"])
+    lr_mult = jnp.squeeze(_linear(hidden, rnn_params["step_size"]), -1)
+    return controls, lr_mult, new_state
+
+
+def lstm_forward(rnn_params: Mapping[str, Any], x: jnp.ndarray,
+                 lstm_state: Mapping[str, jnp.ndarray]
+                 ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+    """The mixing layers and the Haiku LSTM of ``_rnn_forward``: ``(hidden, {hidden, cell})``."""
     v = jnp.max(jax.nn.relu(_linear(x, rnn_params["linear_1"])), axis=0, keepdims=True)
     x = _linear(x, rnn_params["linear_2"]) + v
     gated = _linear(jnp.concatenate([x, lstm_state["hidden"]], axis=-1),
@@ -253,9 +263,7 @@ def rnn_forward(rnn_params: Mapping[str, Any], x: jnp.ndarray,
     i, g, f, o = jnp.split(gated, 4, axis=-1)
     cell = jax.nn.sigmoid(f + 1) * lstm_state["cell"] + jax.nn.sigmoid(i) * jnp.tanh(g)
     hidden = jax.nn.sigmoid(o) * jnp.tanh(cell)
-    controls = _linear(hidden, rnn_params["rnn_to_controls"])
-    lr_mult = jnp.squeeze(_linear(hidden, rnn_params["step_size"]), -1)
-    return controls, lr_mult, {"hidden": hidden, "cell": cell}
+    return hidden, {"hidden": hidden, "cell": cell}
 
 
 def interpolate(bank: Mapping[str, jnp.ndarray], control: jnp.ndarray) -> dict[str, jnp.ndarray]:
