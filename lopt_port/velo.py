@@ -51,7 +51,6 @@ from lopt_port.constants import (
     RMS_FEATURE_EPS,
     ROW_COL_FEATURE_EPS,
     VELO_CHUNK_ELEMENTS,
-    VELO_FF_MULT,
     VELO_FRACTION_SHARPNESS,
     VELO_FRACTION_TIMESCALES,
     VELO_GRAD_CLIP,
@@ -458,7 +457,7 @@ class VeLO(torch.optim.Optimizer):
         c_prev = torch.stack([s["lstm_cell"] for s in states])
         controls, lr_mult, h_new, c_new = self._rnn(lstm_in, h_prev, c_prev, consts["theta"])
         self._carry_lstm_state(states, h_new, c_new)
-        weights = self._mixed(controls, consts)
+        weights = self._mixed(controls, consts, self.hparams["ff_mult"])
         param_scale = torch.sqrt(mean_p2 + VELO_PARAM_SCALE_EPS)
         lr = [float(g["lr"]) for g in groups]
         decay = [1.0 - g["lr"] * g["weight_decay"] if not prefab else 1.0 for g in groups]
@@ -547,17 +546,19 @@ class VeLO(torch.optim.Optimizer):
         return controls, lr_mult, h, c
 
     @staticmethod
-    def _mixed(controls: torch.Tensor, consts: Mapping[str, Any]) -> torch.Tensor:
-        """Every tensor's MLP weights, ``ff_mult * mean_k(controls[i, k] * bank[k])``, as one
-        batched product over the flattened bank: ``[tensors, weights]``, leaves in the
-        order ``w0__0`` .. ``w0__13``, ``b0``, ``w1``, ``b1``, ... each flattened row-major."""
+    def _mixed(controls: torch.Tensor, consts: Mapping[str, Any],
+               ff_mult: float) -> torch.Tensor:
+        """Every tensor's MLP weights, ``ff_mult * mean_k(controls[i, k] * bank[k])`` (upstream:
+        ``ff_mult`` = 100), as one batched product over the flattened bank:
+        ``[tensors, weights]``, leaves in the order ``w0__0`` .. ``w0__13``, ``b0``, ``w1``,
+        ``b1``, ... each flattened row-major."""
         flat = consts["bank_flat"]
-        return VELO_FF_MULT * torch.mean(controls[:, :, None] * flat[None], dim=1)
+        return ff_mult * torch.mean(controls[:, :, None] * flat[None], dim=1)
 
     def _interpolate(self, controls: torch.Tensor,
                      consts: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """:meth:`_mixed`, split into each tensor's named leaves."""
-        mixed = self._mixed(controls, consts)
+        mixed = self._mixed(controls, consts, self.hparams["ff_mult"])
         out, start = {}, 0
         for name, leaf in _named_bank_leaves(consts["bank"]):
             size = leaf[0].numel()

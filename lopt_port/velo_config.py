@@ -49,6 +49,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from lopt_port.constants import VELO_FF_MULT
+
 KIND = "velo"
 UPSTREAM_CLASS = "HyperV2"
 
@@ -93,6 +95,12 @@ UPSTREAM_DEFAULTS: dict[str, Any] = {
     "clip_param_scale_amount": None,
 }
 
+#: Arguments of the Celo authors' ``HyperV2`` (``celo/optimizers/velo.py``) that upstream's
+#: lacks: ``ff_mult`` multiplies the interpolated per-parameter MLP weights,
+#: ``ff_mult * mean_k(controls_k * bank_k)``. Upstream hard-codes 100 (``100 * mean_k(...)``,
+#: the same product); the Celo authors' ``velo_s`` and ``velo`` were meta-trained with 1.
+EXTENSION_DEFAULTS: dict[str, Any] = {"ff_mult": VELO_FF_MULT}
+
 #: The choices of upstream's loader for tuple-rooted ``no_config`` checkpoints
 #: (``pretrained_optimizers.py``) that the weights cannot tell; its H=512 and K=256 are
 #: read off the weights.
@@ -121,7 +129,7 @@ NOT_INFERABLE = ("exp_mult", "step_mult", "initial_momentum_decays", "initial_rm
                  "use_bugged_next_lstm_state")
 
 _INTS = {"lstm_hidden_size": 1, "ff_hidden_size": 1, "param_inits": 1, "ff_hidden_layers": 0}
-_FLOATS = ("exp_mult", "step_mult", "reparam_decay", "rnn_state_decay")
+_FLOATS = ("exp_mult", "step_mult", "reparam_decay", "rnn_state_decay", "ff_mult")
 _DECAYS = ("initial_momentum_decays", "initial_rms_decays", "initial_adafactor_decays")
 
 #: ``tanh`` embeddings of the fraction of training done, loss features, rank one-hot.
@@ -163,11 +171,11 @@ def _check_value(key: str, value: Any) -> Any:
 
 
 def _check_known(hparams: Mapping[str, Any]) -> None:
-    unknown = sorted(set(hparams) - set(UPSTREAM_DEFAULTS))
+    unknown = sorted(set(hparams) - set(UPSTREAM_DEFAULTS) - set(EXTENSION_DEFAULTS))
     if unknown:
         raise ValueError(f"unknown velo hyperparameters: {', '.join(unknown)} "
                          f"(known: the {UPSTREAM_CLASS} constructor arguments, "
-                         f"{', '.join(UPSTREAM_DEFAULTS)})")
+                         f"{', '.join(UPSTREAM_DEFAULTS)}, and {', '.join(EXTENSION_DEFAULTS)})")
 
 
 def decay_counts(hparams: Mapping[str, Any]) -> tuple[int, int, int]:
@@ -187,6 +195,7 @@ def normalize_hparams(hparams: Mapping[str, Any]) -> dict[str, Any]:
     if missing:
         raise ValueError(f"missing velo hyperparameters: {', '.join(missing)}")
     out = {k: _check_value(k, hparams[k]) for k in UPSTREAM_DEFAULTS}
+    out.update({k: _check_value(k, hparams.get(k, v)) for k, v in EXTENSION_DEFAULTS.items()})
     m, r, a = decay_counts(out)
     if r not in (1, m) or a not in (1, m):
         raise ValueError(f"decay counts M={m}, R={r}, A={a} do not broadcast: upstream needs "
@@ -290,7 +299,7 @@ def resolve_hparams(given: Mapping[str, Any], shapes: Mapping[str, tuple[int, ..
             + ", ".join(f"{k}={UPSTREAM_DEFAULTS[k]!r}" for k in missing)
             + "; upstream's loader for tuple-rooted no-config checkpoints uses "
             + ", ".join(f"{k}={v!r}" for k, v in NO_CONFIG_DEFAULTS.items()) + ")")
-    for key, value in UPSTREAM_DEFAULTS.items():
+    for key, value in {**UPSTREAM_DEFAULTS, **EXTENSION_DEFAULTS}.items():
         merged.setdefault(key, value)
     hparams = normalize_hparams(merged)
     _infer(dict(hparams), shapes)  # decay counts taken from the defaults must fit, too

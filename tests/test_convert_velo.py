@@ -100,7 +100,8 @@ def test_hparams_from_config_gin():
     hp = ckpt.hparams
     assert ckpt.kind == "velo" and ckpt.gen_id == "da805cbfb99a9a1631040f317fea6561"
     assert ckpt.step == 7 and ckpt.reencodes_exactly
-    assert list(hp) == list(velo_config.UPSTREAM_DEFAULTS)
+    assert list(hp) == [*velo_config.UPSTREAM_DEFAULTS, *velo_config.EXTENSION_DEFAULTS]
+    assert hp["ff_mult"] == 100.0  # upstream's hard-coded interpolation multiplier
     assert hp["lstm_hidden_size"] == 32 and hp["param_inits"] == 8
     assert hp["ff_hidden_size"] == 4 and hp["ff_hidden_layers"] == 2
     assert hp["use_bugged_loss_features"] is False

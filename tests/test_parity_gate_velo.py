@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import converters
 from lopt_port import VeLO
 from lopt_port import velo as torch_side
 from parity import harness
@@ -95,3 +96,14 @@ def _loaded():
     import converters
     c = converters.convert(SRC)
     return c.kind, c.hparams, c.state_dict, c.metadata
+
+
+@pytest.mark.parametrize("impl", ["eager", "fused"])
+def test_ff_mult_passes_the_gate(tmp_path, task, impl):
+    """ff_mult=1 (the Celo authors' velo_s convention) on both sides of the gate."""
+    path = str(tmp_path / "velo_ff1.safetensors")
+    converters.convert(SRC, ff_mult=1.0).save(path)
+    sides = harness.build_sides(path, impl=impl)
+    assert sides.info["hparams"]["ff_mult"] == 1.0
+    _, violations = _violations(sides, task)
+    assert violations == []

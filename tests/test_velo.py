@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import converters
-from lopt_port import VeLO
+from lopt_port import VeLO, WeightsError
 from lopt_port.velo import GLOBAL_STATE, loss_buffer_decays
 from lopt_port.weights import LoadedWeights
 from parity.errors import relative
@@ -519,3 +519,21 @@ def test_fused_param_groups_match_eager(weights, decoupled, device):
     for p, q in zip(*runs, strict=True):
         # three steps, each within the fused-vs-eager bound
         assert relative(_np(q), _np(p)) <= 3 * FUSED_PARAMS_TOL
+
+
+def test_ff_mult_scales_the_interpolated_weights(weights):
+    """The Celo authors' HyperV2 argument: ``ff_mult * mean_k(...)``, upstream's 100 by
+    default; the product is the same one, so 100 * (weights at ff_mult=1) is bit-identical."""
+    assert VeLO(_model_params(), weights, num_steps=20).hparams["ff_mult"] == 100.0
+    ff = {}
+    for mult in (100.0, 1.0):
+        params = _model_params()
+        _set_grads(params, 0)
+        opt = VeLO(params, weights, num_steps=20, hparams={"ff_mult": mult}, fused=False)
+        with opt.capture_intermediates() as cap:
+            opt.step(loss=1.0)
+        ff[mult] = cap["tensors"][params[0]]["ff_params"]
+    for name, value in ff[1.0].items():
+        assert torch.equal(ff[100.0][name], 100.0 * value), name
+    with pytest.raises(WeightsError, match="ff_mult must be a float"):
+        VeLO(_model_params(), weights, num_steps=20, hparams={"ff_mult": "x"})

@@ -94,6 +94,7 @@ HPARAM_DEFAULTS: dict[str, Any] = {
     "reparam_decay": 10.0, "rnn_state_decay": 0.0,
     "summarize_each_layer": False, "summarize_all_control": False,
     "clip_param_scale_amount": None,
+    "ff_mult": 100.0,  # the Celo authors' HyperV2 argument; upstream hard-codes 100
 }
 
 #: Centres of the ``fraction_left`` embedding ``tanh((t/N - c) * 10)``.
@@ -128,7 +129,7 @@ def normalize_hparams(hparams: Mapping[str, Any]) -> dict[str, Any]:
         hp[key] = tuple(float(d) for d in hp[key])
     for key in ("lstm_hidden_size", "ff_hidden_size", "ff_hidden_layers", "param_inits"):
         hp[key] = int(hp[key])
-    for key in ("exp_mult", "step_mult", "rnn_state_decay"):
+    for key in ("exp_mult", "step_mult", "rnn_state_decay", "ff_mult"):
         hp[key] = float(hp[key])
     return hp
 
@@ -266,9 +267,11 @@ def lstm_forward(rnn_params: Mapping[str, Any], x: jnp.ndarray,
     return hidden, {"hidden": hidden, "cell": cell}
 
 
-def interpolate(bank: Mapping[str, jnp.ndarray], control: jnp.ndarray) -> dict[str, jnp.ndarray]:
-    """``100 * mean_k(control[k] * leaf[k])`` for every leaf of the ``(K, ...)`` MLP bank."""
-    return {name: 100.0 * jnp.mean(leaf * control.reshape((-1,) + (1,) * (leaf.ndim - 1)),
+def interpolate(bank: Mapping[str, jnp.ndarray], control: jnp.ndarray,
+                ff_mult: float = 100.0) -> dict[str, jnp.ndarray]:
+    """``ff_mult * mean_k(control[k] * leaf[k])`` for every leaf of the ``(K, ...)`` MLP bank
+    (upstream hard-codes ``ff_mult`` = 100; the Celo authors' HyperV2 exposes it)."""
+    return {name: ff_mult * jnp.mean(leaf * control.reshape((-1,) + (1,) * (leaf.ndim - 1)),
                                    axis=0)
             for name, leaf in bank.items()}
 
@@ -286,6 +289,7 @@ class _StepConfig:
     use_bugged_next_lstm_state: bool
     rnn_state_decay: float
     bug: str | None
+    ff_mult: float
 
 
 def _ff_mod(cfg: _StepConfig, w: Mapping[str, jnp.ndarray], lr_mult, p, g, m, rms, fac_g,
@@ -371,7 +375,7 @@ def _step(cfg: _StepConfig, theta, state, params, grads, loss):
 
     new_params, tensors = {}, {}
     for i, n in enumerate(names):
-        w = interpolate(theta["ff_mod_stack"]["~"], controls[i])
+        w = interpolate(theta["ff_mod_stack"]["~"], controls[i], cfg.ff_mult)
         new_p, record = _ff_mod(cfg, w, lr_mult[i], p[n], g[n], new_m[n], new_rms[n],
                                 fac_g[n], new_fac["v_row"][n], new_fac["v_col"][n],
                                 new_fac["v_diag"][n], factors[n])
@@ -418,7 +422,8 @@ class VeLOReference:
         self._config = _StepConfig(
             hp["initial_momentum_decays"], hp["initial_rms_decays"],
             hp["initial_adafactor_decays"], hp["ff_hidden_layers"], hp["exp_mult"],
-            hp["step_mult"], bool(hp["use_bugged_next_lstm_state"]), hp["rnn_state_decay"], _bug)
+            hp["step_mult"], bool(hp["use_bugged_next_lstm_state"]), hp["rnn_state_decay"], _bug,
+            hp["ff_mult"])
         self._jit_init = jax.jit(self._init)
         # theta is closed over, so XLA sees constant weights, as upstream's jitted update does
         # (its opt_fn closes over theta); weights passed as arguments round differently.
