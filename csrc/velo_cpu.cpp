@@ -328,6 +328,29 @@ void side_table(const float* __restrict v, const float* __restrict factor, int64
   }
 }
 
+// Lane groups at positions begin, begin + kLanes, ... < end through the MLP, kPair at a time
+// (velo_mlp_lanes with G = kPair: their dependency chains interleave), the rest one by one.
+// prepare(g, i) loads the group at position i into slot g (features x + g * F * kLanes,
+// sides[g]); finish(g, i) writes its step from out + g * 3 * kLanes.
+constexpr int kPair = 2;
+
+template <int K, int H, int L, bool Sides, typename Prepare, typename Finish>
+void mlp_lane_groups(int64_t begin, int64_t end, const float* x, const float* inv,
+                     const float* w, const LaneSides* sides, float* out, Prepare&& prepare,
+                     Finish&& finish) {
+  int64_t i = begin;
+  for (; i + kPair * kLanes <= end; i += kPair * kLanes) {
+    for (int g = 0; g < kPair; ++g) prepare(g, i + g * kLanes);
+    velo_mlp_lanes<K, H, L, Sides, kPair>(x, inv, w, sides, out);
+    for (int g = 0; g < kPair; ++g) finish(g, i + g * kLanes);
+  }
+  for (; i < end; i += kLanes) {
+    prepare(0, i);
+    velo_mlp_lanes<K, H, L, Sides>(x, inv, w, sides, out);
+    finish(0, i);
+  }
+}
+
 // The step of a lane group from its MLP outputs (direction out[e], magnitude
 // out[kLanes + e]): p <- decay * p - lr * velo_step(...), stored for lanes [0, lanes).
 template <DType DT>
@@ -387,9 +410,7 @@ void apply_run_tile(const TensorArgs& t, const RunLayout& rl, const float* inv, 
   alignas(64) float vpart[2][H][kRunBlock + kLanes];
   alignas(64) float fpart[2][H][kLanes];
   int64_t table_base = -1;
-  // kPair lane groups at a time through the MLP (velo_mlp_lanes with G = kPair).
-  constexpr int kPair = 2;
-  alignas(64) float x[kPair][F * kLanes];
+  alignas(64) float x[kPair][F * kLanes];  // kPair lane groups in flight (mlp_lane_groups)
   alignas(64) float out[kPair][kVeloOutputs * kLanes];
   LaneInputs in[kPair]{};  // v_row / v_col lanes stay 0: the side groups are not formed per element
   LaneSides sides[kPair];
@@ -467,17 +488,7 @@ void apply_run_tile(const TensorArgs& t, const RunLayout& rl, const float* inv, 
       const int lanes = static_cast<int>(std::min<int64_t>(kLanes, width - j));
       write_step<DT>(out[g], in[g].p, sc, p_out, first + j, lanes);
     };
-    int64_t j = 0;
-    for (; j + kPair * kLanes <= width; j += kPair * kLanes) {
-      for (int g = 0; g < kPair; ++g) prepare(g, j + g * kLanes);
-      velo_mlp_lanes<K, H, L, true, kPair>(x[0], inv, wl, sides, out[0]);
-      for (int g = 0; g < kPair; ++g) finish(g, j + g * kLanes);
-    }
-    for (; j < width; j += kLanes) {
-      prepare(0, j);
-      velo_mlp_lanes<K, H, L, true>(x[0], inv, wl, sides, out[0]);
-      finish(0, j);
-    }
+    mlp_lane_groups<K, H, L, true>(0, width, x[0], inv, wl, sides, out[0], prepare, finish);
   }
 }
 
@@ -490,7 +501,6 @@ void apply_diag_range(const TensorArgs& t, const float* inv, const float* w,
   constexpr int kWeights = F * H + H + (L - 1) * (H * H + H) + H * 3 + 3;
   alignas(64) float wl[kWeights];
   for (int j = 0; j < kWeights; ++j) wl[j] = w[j];
-  constexpr int kPair = 2;  // lane groups at a time through the MLP (as apply_run_tile)
   alignas(64) float x[kPair][F * kLanes];
   alignas(64) float out[kPair][kVeloOutputs * kLanes];
   LaneInputs in[kPair]{};
@@ -520,17 +530,7 @@ void apply_diag_range(const TensorArgs& t, const float* inv, const float* w,
     const int lanes = static_cast<int>(std::min<int64_t>(kLanes, end - i0));
     write_step<DT>(out[g], in[g].p, sc, t.p, i0, lanes);
   };
-  int64_t i0 = begin;
-  for (; i0 + kPair * kLanes <= end; i0 += kPair * kLanes) {
-    for (int g = 0; g < kPair; ++g) prepare(g, i0 + g * kLanes);
-    velo_mlp_lanes<K, H, L, false, kPair>(x[0], inv, wl, nullptr, out[0]);
-    for (int g = 0; g < kPair; ++g) finish(g, i0 + g * kLanes);
-  }
-  for (; i0 < end; i0 += kLanes) {
-    prepare(0, i0);
-    velo_mlp_lanes<K, H, L, false>(x[0], inv, wl, nullptr, out[0]);
-    finish(0, i0);
-  }
+  mlp_lane_groups<K, H, L, false>(begin, end, x[0], inv, wl, nullptr, out[0], prepare, finish);
 }
 
 template <int K>
