@@ -114,6 +114,8 @@ class Converted:
         arrays = {k: v.detach().cpu().numpy() for k, v in self.state_dict.items()}
         leaves = mapping.state_dict_to_leaves(arrays, self.hparams)
         layout = self.metadata.get("upstream_layout")
+        if layout is None and getattr(mapping, "RAW_ROOT", False):
+            return _nest(leaves)
         if layout is None:
             gen_id = json.loads(self.metadata.get("upstream_gen_id", '""'))
             step = json.loads(self.metadata.get("upstream_step", "0"))
@@ -129,7 +131,7 @@ class Converted:
         return root
 
     def upstream_bytes(self) -> bytes:
-        """The upstream ``params`` file contents (flax msgpack)."""
+        """The upstream theta file's contents (flax msgpack; ``params`` or ``theta.state``)."""
         return flax_msgpack.encode(self.upstream_tree())
 
     def upstream_config_text(self) -> str:
@@ -191,8 +193,11 @@ class Converted:
                 with open(p, "w", encoding="utf-8") as f:
                     f.write(text)
 
-            return write_files_atomic(target, {"params": write_params,
-                                               "config.gin": write_config}, overwrite)
+            mapping = MAPPINGS[self.kind]
+            files = {getattr(mapping, "UPSTREAM_FILE", "params"): write_params}
+            if getattr(mapping, "WRITES_GIN", True):
+                files["config.gin"] = write_config
+            return write_files_atomic(target, files, overwrite)
         raise CheckpointError(f"unknown format {format!r} (one of {', '.join(FORMATS)})")
 
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 
-from converters import flax_msgpack, small_fc_lopt, velo
+from converters import celo, flax_msgpack, small_fc_lopt, velo
 from converters.errors import CheckpointError
 from converters.gin_config import GinConfig, read_gin
 
@@ -21,9 +20,18 @@ from converters.gin_config import GinConfig, read_gin
 #: ``resolve_hparams(given, theta, upstream_defaults)``,
 #: ``theta_to_state_dict(theta, hparams, file, root)``, ``state_dict_to_leaves(sd, hparams)``
 #: (canonical chains), ``resolve_torch_hparams(given, shapes, upstream_defaults)``,
-#: ``check_state_dict(sd, hparams, origin)`` and ``gin_bindings(hparams)``.
-MAPPINGS: dict[str, ModuleType] = {m.KIND: m for m in (small_fc_lopt, velo)}
-CLASS_TO_KIND = {m.UPSTREAM_CLASS: kind for kind, m in MAPPINGS.items()}
+#: ``check_state_dict(sd, hparams, origin)`` and ``gin_bindings(hparams)``; optionally
+#: ``UPSTREAM_FILE`` (the theta file's name in a folder, default ``params``), ``RAW_ROOT``
+#: (theta may sit at the document's root, default False) and ``WRITES_GIN`` (the folder has a
+#: ``config.gin``, default True).
+MAPPINGS: dict[str, Any] = {m.KIND: m for m in (small_fc_lopt, velo.VELO, celo.CELO,
+                                                celo.CELO_ADAM)}
+#: ``run_train.lopt`` class of a ``config.gin`` -> kind (kinds saved with a config only).
+CLASS_TO_KIND = {m.UPSTREAM_CLASS: kind for kind, m in MAPPINGS.items()
+                 if getattr(m, "WRITES_GIN", True)}
+#: Names of the theta file in a checkpoint folder, in the order they are looked for.
+THETA_FILES = tuple(dict.fromkeys(getattr(m, "UPSTREAM_FILE", "params")
+                                  for m in MAPPINGS.values()))
 
 WRAPPER_KEYS = ("params", "gen_id", "step")
 TUPLE_KEYS = ("0", "1", "2")
@@ -35,7 +43,8 @@ class UpstreamCheckpoint:
 
     ``tree`` is theta (the meta-parameters) as a nested dict of numpy arrays; ``root`` is the
     whole decoded msgpack document and ``theta_path`` where theta sits in it (``("params",)``
-    for ``{params, gen_id, step}`` roots, ``("0",)`` for the older tuple roots).
+    for ``{params, gen_id, step}`` roots, ``("0",)`` for the older tuple roots, ``()`` for
+    theta at the root, as the Celo authors save it).
     """
 
     path: str
@@ -66,10 +75,8 @@ def _split_root(root: dict[str, Any], file: str) -> tuple[tuple[str, ...], Any, 
         theta_key, gen_key, step_key = WRAPPER_KEYS
     elif keys == set(TUPLE_KEYS):
         theta_key, gen_key, step_key = TUPLE_KEYS
-    else:
-        raise CheckpointError(
-            f"root keys {sorted(keys)[:8]} are neither {{params, gen_id, step}} nor the tuple "
-            f"form {{0, 1, 2}}", file=file)
+    else:  # theta at the root: allowed for kinds whose mapping says so (load_upstream)
+        return (), None, None
     theta = root[theta_key]
     if not isinstance(theta, dict):
         raise CheckpointError("theta is not a map", file=file, key_path=[theta_key])
@@ -84,12 +91,16 @@ def _split_root(root: dict[str, Any], file: str) -> tuple[tuple[str, ...], Any, 
 
 
 def locate(path: str | os.PathLike) -> tuple[str, str | None]:
-    """``(params_file, config_file_or_None)`` for a checkpoint folder or a ``params`` file."""
+    """``(theta_file, config_file_or_None)`` for a checkpoint folder (holding ``params`` or
+    ``theta.state``) or a theta file."""
     name = os.fspath(path)
     if os.path.isdir(name):
-        params = os.path.join(name, "params")
-        if not os.path.isfile(params):
-            raise CheckpointError("folder has no 'params' file", file=name)
+        found = [os.path.join(name, f) for f in THETA_FILES
+                 if os.path.isfile(os.path.join(name, f))]
+        if not found:
+            raise CheckpointError(f"folder has no {' or '.join(map(repr, THETA_FILES))} file",
+                                  file=name)
+        params = found[0]
     elif os.path.isfile(name):
         params = name
     else:
@@ -98,12 +109,19 @@ def locate(path: str | os.PathLike) -> tuple[str, str | None]:
     return params, (config if os.path.isfile(config) else None)
 
 
-def _kind_from_tree(theta: dict[str, Any], file: str) -> str:
+def _kind_from_tree(theta: dict[str, Any], file: str, at_root: bool) -> str:
     kinds = [kind for kind, m in MAPPINGS.items() if m.matches(theta)]
+    if len(kinds) != 1 and at_root:
+        raw = [kind for kind, m in MAPPINGS.items() if getattr(m, "RAW_ROOT", False)]
+        raise CheckpointError(
+            f"root keys {sorted(theta)[:8]} are neither {{params, gen_id, step}}, nor the "
+            f"tuple form {{0, 1, 2}}, nor the theta of a kind saved at the root "
+            f"({', '.join(raw)})", file=file)
     if len(kinds) != 1:
         raise CheckpointError(
-            "no config.gin and the optimizer kind cannot be told from the leaves; pass it "
-            f"(--kind, one of: {', '.join(MAPPINGS)})", file=file)
+            "no config.gin and the optimizer kind cannot be told from the leaves (top-level "
+            f"keys {sorted(theta)[:8]}); pass it (--kind, one of: {', '.join(MAPPINGS)})",
+            file=file)
     return kinds[0]
 
 
@@ -125,7 +143,7 @@ def load_upstream(path: str | os.PathLike, kind: str | None = None, *,
     params_file, config_file = locate(path)
     root, raw = flax_msgpack.read_file(params_file, max_bytes)
     theta_path, gen_id, step = _split_root(root, params_file)
-    theta = root[theta_path[0]]
+    theta = root[theta_path[0]] if theta_path else root
     config = read_gin(config_file) if config_file else None
     if config is not None:
         cls_kind = CLASS_TO_KIND.get(config.lopt_class)
@@ -138,11 +156,16 @@ def load_upstream(path: str | os.PathLike, kind: str | None = None, *,
                                   f"{config.lopt_class} ({cls_kind})", file=config_file)
         kind = cls_kind
     elif kind is None:
-        kind = _kind_from_tree(theta, params_file)
+        kind = _kind_from_tree(theta, params_file, theta_path == ())
     if kind not in MAPPINGS:
         raise CheckpointError(f"unknown kind {kind!r} (supported: {', '.join(MAPPINGS)})",
                               file=params_file)
     mapping = MAPPINGS[kind]
+    if theta_path == () and not getattr(mapping, "RAW_ROOT", False):
+        raise CheckpointError(
+            f"root keys {sorted(root)[:8]} are neither {{params, gen_id, step}} nor the tuple "
+            f"form {{0, 1, 2}} ({kind} checkpoints keep theta under one of them)",
+            file=params_file)
     try:
         if config is not None:
             given = {**mapping.config_defaults(), **config.bindings, **hparams}

@@ -30,11 +30,16 @@ where the state was a plain tuple) and the pre-July-2021 flax envelope
 support: only its ``values`` are arrays). The state dict always uses ``hidden``/``cell``; the
 converted file's ``upstream_layout`` records the encoding that was read, so writing back to
 upstream reproduces it byte for byte (:data:`CHAIN_ALIASES`).
+
+:class:`HyperV2Tree` holds this mapping for any kind with HyperV2's tree (a :class:`Schema`
+says which leaves and hyperparameters); :data:`VELO` is VeLO's, :mod:`converters.celo` has
+Celo's and Celo-Adam's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -43,13 +48,7 @@ from converters.errors import CheckpointError
 from converters.flax_msgpack import flatten
 from converters.tree_check import Chain, join_problems, leaf_problems
 from lopt_port import velo_config as cfg
-
-KIND = cfg.KIND
-UPSTREAM_CLASS = cfg.UPSTREAM_CLASS
-
-#: Choices of upstream's loader for tuple-rooted ``no_config`` checkpoints; they fill what the
-#: caller leaves unset when the caller opts in to upstream's defaults.
-NO_CONFIG_DEFAULTS: dict[str, Any] = dict(cfg.NO_CONFIG_DEFAULTS)
+from lopt_port.celo_config import LSTM_INPUT_WIDTH as CELO_LSTM_INPUT_WIDTH
 
 _LSTM = "lstm_init_state"
 _RNN = "rnn_params"
@@ -73,11 +72,6 @@ _RNN_MODULES = {
     "step_size": "rnn.step_size",
 }
 _RNN_PREFIXES = {v: k for k, v in _RNN_MODULES.items()}
-
-
-def matches(theta: Mapping[str, Any]) -> bool:
-    """True when a theta tree has HyperV2's top-level entries."""
-    return set(theta) == {_LSTM, _RNN, _FF[0]}
 
 
 def _upstream_chain(name: str) -> tuple[Chain, bool]:
@@ -107,19 +101,6 @@ def _file_order(chain: Chain) -> Chain:
     if chain[0] == _LSTM and len(chain) == 2 and chain[1] in _LSTM_FIELDS:
         return (_LSTM, str(_LSTM_FIELDS.index(chain[1])))
     return chain
-
-
-def _pairs(hparams: Mapping[str, Any]) -> list[tuple[str, Chain, bool]]:
-    """``(torch name, upstream chain, transposed)`` for every leaf, in state-dict order."""
-    return [(name, *_upstream_chain(name)) for name in cfg.state_dict_shapes(hparams)]
-
-
-def _upstream_leaves(hparams: Mapping[str, Any]) -> dict[Chain, tuple[int, ...]]:
-    """Every canonical upstream leaf with its shape, in the order flax writes them."""
-    shapes = cfg.state_dict_shapes(hparams)
-    leaves = {chain: (shapes[name][::-1] if transposed else shapes[name])
-              for name, chain, transposed in _pairs(hparams)}
-    return {chain: leaves[chain] for chain in sorted(leaves, key=_file_order)}
 
 
 def _lstm_encoding(node: Any) -> str | None:
@@ -154,6 +135,122 @@ def _canonical_leaves(theta: Mapping[str, Any]) -> tuple[dict[Chain, Any], dict[
     return flat, shown
 
 
+
+
+@dataclass(frozen=True)
+class Schema:
+    """What a HyperV2-family mapping needs to know of one optimizer kind."""
+
+    kind: str
+    upstream_class: str
+    #: ``(hparams) -> {torch name: shape}`` in canonical order.
+    shapes: Callable[[Mapping[str, Any]], dict[str, tuple[int, ...]]]
+    #: ``(given, torch shapes, upstream_defaults) -> hparams``; raises ``ValueError``.
+    resolve: Callable[[Mapping[str, Any], Mapping[str, tuple[int, ...]], bool], dict[str, Any]]
+    #: ``(hparams) -> str``: the shape-determining values, for messages.
+    describe: Callable[[Mapping[str, Any]], str]
+    #: ``(theta) -> bool``: whether a theta tree is of this kind.
+    matches: Callable[[Mapping[str, Any]], bool]
+    #: What an unbound gin argument means, and which hparams are constructor arguments.
+    defaults: Mapping[str, Any]
+    no_config_defaults: Mapping[str, Any] = field(default_factory=dict)
+    #: Name of the theta file in a checkpoint folder, and whether theta may sit at the root
+    #: of the msgpack document (the Celo authors' ``checkpoints.save_state(path, theta)``).
+    upstream_file: str = "params"
+    raw_root: bool = False
+    #: Whether the upstream folder carries a ``config.gin``.
+    writes_gin: bool = True
+
+
+class HyperV2Tree:
+    """The mapping (see :data:`converters.upstream.MAPPINGS`) of one HyperV2-family kind."""
+
+    CHAIN_ALIASES = CHAIN_ALIASES
+
+    def __init__(self, schema: Schema) -> None:
+        self.schema = schema
+        self.KIND = schema.kind
+        self.UPSTREAM_CLASS = schema.upstream_class
+        self.NO_CONFIG_DEFAULTS = dict(schema.no_config_defaults)
+        self.UPSTREAM_FILE = schema.upstream_file
+        self.RAW_ROOT = schema.raw_root
+        self.WRITES_GIN = schema.writes_gin
+
+    def matches(self, theta: Mapping[str, Any]) -> bool:
+        """True when a theta tree is of this kind."""
+        return self.schema.matches(theta)
+
+    def _pairs(self, hparams: Mapping[str, Any]) -> list[tuple[str, Chain, bool]]:
+        """``(torch name, upstream chain, transposed)`` for every leaf, in state-dict order."""
+        return [(name, *_upstream_chain(name)) for name in self.schema.shapes(hparams)]
+
+    def _upstream_leaves(self, hparams: Mapping[str, Any]) -> dict[Chain, tuple[int, ...]]:
+        """Every canonical upstream leaf with its shape, in the order flax writes them."""
+        shapes = self.schema.shapes(hparams)
+        leaves = {chain: (shapes[name][::-1] if transposed else shapes[name])
+                  for name, chain, transposed in self._pairs(hparams)}
+        return {chain: leaves[chain] for chain in sorted(leaves, key=_file_order)}
+
+    def config_defaults(self) -> dict[str, Any]:
+        """What an unbound gin argument means (upstream's constructor defaults)."""
+        return dict(self.schema.defaults)
+
+    def resolve_hparams(self, given: Mapping[str, Any], theta: Mapping[str, Any],
+                        upstream_defaults: bool) -> dict[str, Any]:
+        """Complete and validate hyperparameters against the theta tree's shapes."""
+        return self.schema.resolve(given, leaf_shapes_as_torch(theta), upstream_defaults)
+
+    def theta_to_state_dict(self, theta: Mapping[str, Any], hparams: Mapping[str, Any],
+                            file: str, root: tuple[str, ...]) -> dict[str, np.ndarray]:
+        """Map every theta leaf to the PyTorch state dict; strict on names, shapes, dtypes."""
+        if _LSTM in theta and _lstm_encoding(theta[_LSTM]) is None:
+            node = theta[_LSTM]
+            found = sorted(node) if isinstance(node, dict) else type(node).__name__
+            raise CheckpointError(
+                f"{_LSTM} is {found}; expected the map {{hidden, cell}}, the tuple form "
+                f"{{0, 1}} or the flax envelope {{name, fields: {{0: hidden, 1: cell}}, "
+                f"values: {{0, 1}}}}", file=file, key_path=(*root, _LSTM))
+        flat, shown = _canonical_leaves(theta)
+        problems = leaf_problems(flat, self._upstream_leaves(hparams), shown)
+        if problems:
+            raise CheckpointError(f"{self.KIND} theta does not match "
+                                  f"{self.schema.describe(hparams)}: " + join_problems(problems),
+                                  file=file, key_path=root)
+        return {name: np.ascontiguousarray(flat[chain].T) if transposed else flat[chain]
+                for name, chain, transposed in self._pairs(hparams)}
+
+    def state_dict_to_leaves(self, sd: Mapping[str, np.ndarray], hparams: Mapping[str, Any]
+                             ) -> dict[Chain, np.ndarray]:
+        """Inverse of :meth:`theta_to_state_dict`: canonical upstream key chain -> array."""
+        leaves = {chain: np.ascontiguousarray(np.asarray(sd[name]).T) if transposed
+                  else np.asarray(sd[name]) for name, chain, transposed in self._pairs(hparams)}
+        return {chain: leaves[chain] for chain in self._upstream_leaves(hparams)}
+
+    def resolve_torch_hparams(self, given: Mapping[str, Any],
+                              shapes: Mapping[str, tuple[int, ...]],
+                              upstream_defaults: bool) -> dict[str, Any]:
+        """Hyperparameters for a PyTorch state dict (names as in the table above)."""
+        return self.schema.resolve(given, shapes, upstream_defaults)
+
+    def check_state_dict(self, sd: Mapping[str, Any], hparams: Mapping[str, Any],
+                         origin: str) -> None:
+        """Strict name/shape check of a PyTorch state dict; ``ValueError`` lists every
+        mismatch."""
+        expected = self.schema.shapes(hparams)
+        problems = [f"missing {n} {s}" for n, s in expected.items() if n not in sd]
+        problems += [f"{n}: expected shape {s}, found {tuple(sd[n].shape)}"
+                     for n, s in expected.items() if n in sd and tuple(sd[n].shape) != s]
+        problems += [f"unexpected {n} {tuple(sd[n].shape)}" for n in sd if n not in expected]
+        if problems:
+            raise ValueError(f"{origin}: {self.KIND} weights do not match hyperparameters "
+                             f"({self.schema.describe(hparams)}): " + "; ".join(problems))
+
+    def gin_bindings(self, hparams: Mapping[str, Any]) -> dict[str, Any]:
+        """Constructor arguments for a generated ``config.gin``."""
+        return {k: (tuple(v) if isinstance(v, list) else v) for k, v in hparams.items()
+                if k in self.schema.defaults}
+
+
 def leaf_shapes_as_torch(theta: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     """Torch-side names and shapes implied by a theta tree (to infer the architecture)."""
     flat, _ = _canonical_leaves(theta)
@@ -166,57 +263,23 @@ def leaf_shapes_as_torch(theta: Mapping[str, Any]) -> dict[str, tuple[int, ...]]
     return shapes
 
 
-def config_defaults() -> dict[str, Any]:
-    """Upstream's constructor defaults: what an unbound gin argument means."""
-    return dict(cfg.UPSTREAM_DEFAULTS)
+def lstm_input_width(theta: Mapping[str, Any]) -> int | None:
+    """``F`` of a HyperV2-family theta (the input projection's fan-in), None if absent."""
+    rnn = theta.get(_RNN)
+    layer = rnn.get("linear_2") if isinstance(rnn, dict) else None
+    w = layer.get("w") if isinstance(layer, dict) else None
+    return int(w.shape[0]) if isinstance(w, np.ndarray) and w.ndim == 2 else None
 
 
-def resolve_hparams(given: Mapping[str, Any], theta: Mapping[str, Any],
-                    upstream_defaults: bool) -> dict[str, Any]:
-    """Complete and validate hyperparameters against the theta tree's shapes."""
-    return cfg.resolve_hparams(given, leaf_shapes_as_torch(theta),
-                               upstream_defaults=upstream_defaults)
+def _is_velo(theta: Mapping[str, Any]) -> bool:
+    """HyperV2's three top-level entries and an LSTM input wider than Celo's 18."""
+    return (set(theta) == {_LSTM, _RNN, _FF[0]}
+            and lstm_input_width(theta) != CELO_LSTM_INPUT_WIDTH)
 
 
-def theta_to_state_dict(theta: Mapping[str, Any], hparams: Mapping[str, Any], file: str,
-                        root: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """Map every theta leaf to the PyTorch state dict; strict on names, shapes and dtypes."""
-    if _LSTM in theta and _lstm_encoding(theta[_LSTM]) is None:
-        node = theta[_LSTM]
-        found = sorted(node) if isinstance(node, dict) else type(node).__name__
-        raise CheckpointError(
-            f"{_LSTM} is {found}; expected the map {{hidden, cell}}, the tuple form {{0, 1}} "
-            f"or the flax envelope {{name, fields: {{0: hidden, 1: cell}}, values: {{0, 1}}}}",
-            file=file, key_path=(*root, _LSTM))
-    flat, shown = _canonical_leaves(theta)
-    problems = leaf_problems(flat, _upstream_leaves(hparams), shown)
-    if problems:
-        raise CheckpointError(f"velo theta does not match {cfg.describe(hparams)}: "
-                              + join_problems(problems), file=file, key_path=root)
-    return {name: np.ascontiguousarray(flat[chain].T) if transposed else flat[chain]
-            for name, chain, transposed in _pairs(hparams)}
-
-
-def state_dict_to_leaves(sd: Mapping[str, np.ndarray], hparams: Mapping[str, Any]
-                         ) -> dict[Chain, np.ndarray]:
-    """Inverse of :func:`theta_to_state_dict`: canonical upstream key chain -> array."""
-    leaves = {chain: np.ascontiguousarray(np.asarray(sd[name]).T) if transposed
-              else np.asarray(sd[name]) for name, chain, transposed in _pairs(hparams)}
-    return {chain: leaves[chain] for chain in _upstream_leaves(hparams)}
-
-
-def resolve_torch_hparams(given: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]],
-                          upstream_defaults: bool) -> dict[str, Any]:
-    """Hyperparameters for a PyTorch state dict (names as in the table above)."""
-    return cfg.resolve_hparams(given, shapes, upstream_defaults=upstream_defaults)
-
-
-def check_state_dict(sd: Mapping[str, Any], hparams: Mapping[str, Any], origin: str) -> None:
-    """Strict name/shape check of a PyTorch state dict; ``ValueError`` lists every mismatch."""
-    cfg.check_state_dict(sd, hparams, origin)
-
-
-def gin_bindings(hparams: Mapping[str, Any]) -> dict[str, Any]:
-    """Constructor arguments of ``HyperV2`` for a generated ``config.gin``."""
-    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in hparams.items()
-            if k in cfg.UPSTREAM_DEFAULTS}
+VELO = HyperV2Tree(Schema(
+    kind=cfg.KIND, upstream_class=cfg.UPSTREAM_CLASS, shapes=cfg.state_dict_shapes,
+    resolve=lambda given, shapes, defaults: cfg.resolve_hparams(
+        given, shapes, upstream_defaults=defaults),
+    describe=cfg.describe, matches=_is_velo, defaults=cfg.UPSTREAM_DEFAULTS,
+    no_config_defaults=cfg.NO_CONFIG_DEFAULTS))

@@ -154,6 +154,10 @@ class VeLO(torch.optim.Optimizer):
 
     #: ``step`` needs the training loss (``step(loss=...)`` or a closure returning it).
     requires_loss = True
+    #: The weights' ``kind``.
+    KIND = cfg.KIND
+    #: Whether the fused path runs the compiled kernels (:mod:`lopt_port.extension`).
+    _USES_EXTENSION = True
 
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
                  weights: str | os.PathLike | Mapping[str, torch.Tensor] | LoadedWeights, *,
@@ -177,13 +181,13 @@ class VeLO(torch.optim.Optimizer):
         if tie_break not in ("numpy", "stable"):
             raise ValueError(f"tie_break must be 'numpy' or 'stable', got {tie_break!r}")
         loaded = load_weights(weights)
-        if loaded.kind not in (None, cfg.KIND):
-            raise WeightsError(f"weights are for {loaded.kind!r}, not {cfg.KIND!r}")
+        if loaded.kind not in (None, self.KIND):
+            raise WeightsError(f"weights are for {loaded.kind!r}, not {self.KIND!r}")
         given = {**loaded.hparams, **(hparams or {})}
         shapes = {k: tuple(v.shape) for k, v in loaded.state_dict.items()}
         try:
-            self.hparams = cfg.resolve_hparams(given, shapes, upstream_defaults=False)
-            cfg.check_state_dict(loaded.state_dict, self.hparams, "weights")
+            self.hparams = self._resolve_hparams(given, shapes)
+            self._check_weights(loaded.state_dict)
         except ValueError as e:
             raise WeightsError(str(e)) from None
         self.num_steps = num_steps
@@ -192,12 +196,12 @@ class VeLO(torch.optim.Optimizer):
         self._theta = {k: v.detach().to(device="cpu", dtype=torch.float32).contiguous().clone()
                        for k, v in loaded.state_dict.items()}
         self._loss_decays = torch.from_numpy(
-            loss_buffer_decays(num_steps, self.hparams["use_bugged_loss_features"]))
+            loss_buffer_decays(num_steps, self._bugged_loss_features))
         self._device_cache: dict[torch.device, dict[str, Any]] = {}
         self._capture: dict[str, Any] | None = None
         self.fused = fused
-        self._fused_reason = fused_path.config_unsupported_reason(self.hparams)
-        if self._fused_reason is None and fused is not False:
+        self._fused_reason = self._config_unfused_reason()
+        if self._fused_reason is None and fused is not False and self._USES_EXTENSION:
             try:
                 extension.load()
             except extension.ExtensionUnavailable as e:
@@ -206,36 +210,106 @@ class VeLO(torch.optim.Optimizer):
             raise RuntimeError(f"fused=True, but {self._fused_reason}")
         self._warned: set[str] = set()
         self._decay_vector = torch.tensor(
-            [*self.hparams["initial_momentum_decays"], *self.hparams["initial_rms_decays"],
-             *self.hparams["initial_adafactor_decays"]], dtype=torch.float32)
+            [d for key in ("initial_momentum_decays", "initial_rms_decays",
+                           "initial_adafactor_decays") for d in self.hparams.get(key, ())],
+            dtype=torch.float32)
         super().__init__(params, {"lr": float(lr), "weight_decay": float(weight_decay)})
         # The step-wide state lives in the first parameter's state (see global_state).
         self._anchor = self.param_groups[0]["params"][0]
+
+    # ------------------------------------------------------- what subclasses (Celo) change
+    def _resolve_hparams(self, given: Mapping[str, Any],
+                         shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+        """Complete the weights' hyperparameters (``ValueError`` when they do not fit)."""
+        return cfg.resolve_hparams(given, shapes, upstream_defaults=False)
+
+    def _check_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        cfg.check_state_dict(state_dict, self.hparams, "weights")
+
+    def _config_unfused_reason(self) -> str | None:
+        """Why these hyperparameters cannot run fused (``None`` when they can)."""
+        return fused_path.config_unsupported_reason(self.hparams)
+
+    @property
+    def _bugged_loss_features(self) -> bool:
+        return bool(self.hparams["use_bugged_loss_features"])
+
+    @property
+    def _carries_lstm_state(self) -> bool:
+        return not self.hparams["use_bugged_next_lstm_state"]
+
+    @property
+    def _ff_mult(self) -> float:
+        return float(self.hparams["ff_mult"])
+
+    def _heads(self, h: torch.Tensor, t: Mapping[str, torch.Tensor]
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(controls, lr_mult)`` from the LSTM output: both raw linear heads."""
+        controls = h @ t["rnn.controls.weight"].T + t["rnn.controls.bias"]
+        lr_mult = (h @ t["rnn.step_size.weight"].T + t["rnn.step_size.bias"])[:, 0]
+        return controls, lr_mult
+
+    def _applied_lr_mult(self, lr_mult: torch.Tensor) -> torch.Tensor:
+        """The per-tensor factor the step is multiplied by."""
+        return lr_mult
+
+    def _eager_lstm_inputs(self, entries: list, states: list[dict[str, Any]], specs: list,
+                           frac_feat: torch.Tensor, loss_features: torch.Tensor
+                           ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """The LSTM inputs of every tensor, and ``mean(p^2)`` of the sharded ones (computed
+        on the way, over all ranks)."""
+        sharded = [i for i, spec in enumerate(specs) if spec is not None]
+        from_shards = dict(zip(sharded, run_rounds([
+            (VeLO._lstm_feature_rounds(entries[i][0], states[i], frac_feat, loss_features),
+             specs[i]) for i in sharded]), strict=True))
+        lstm_in = torch.stack([
+            from_shards[i][0] if i in from_shards
+            else self._lstm_features(p, s, frac_feat, loss_features)
+            for i, ((p, _), s) in enumerate(zip(entries, states, strict=True))])
+        return lstm_in, {i: v[1] for i, v in from_shards.items()}
+
+    def _fused_lstm_inputs(self, params: list[torch.Tensor], stats: torch.Tensor,
+                           frac_feat: torch.Tensor, loss_features: torch.Tensor
+                           ) -> torch.Tensor:
+        """The LSTM inputs from the fused phase A's per-tensor statistics."""
+        k = len(self.hparams["initial_momentum_decays"])
+        n = len(params)
+        norm = torch.rsqrt(torch.clamp_min(stats[:, 0], VELO_NORM_MULT_FLOOR))
+        norm2 = (norm * norm)[:, None]
+        rank = torch.zeros(n, 5, dtype=torch.float32)
+        for i, p in enumerate(params):
+            r = sum(1 for size in p.shape if size > 1)
+            if r < 5:
+                rank[i, r] = 1.0
+        return torch.cat([
+            frac_feat.expand(n, -1), loss_features.expand(n, -1),
+            clip_log_abs(stats[:, 1 + 2 * k] * norm)[:, None], rank.to(stats.device),
+            clip_log_abs(stats[:, 1 + k:1 + 2 * k] * norm2),
+            clip_log_abs(stats[:, 2 + 2 * k:] * norm2)], dim=1)
 
     # ------------------------------------------------------------------ weights on a device
     def _on_device(self, device: torch.device) -> dict[str, Any]:
         if device not in self._device_cache:
             t = {k: v.to(device) for k, v in self._theta.items()}
             h = self.hparams
-            k_bank = h["param_inits"]
-            groups = [t[f"ff.w0__{j}"] for j in range(N_GROUPS)]
-            bank = {"w0": groups, "b0": t["ff.b0"]}
-            for i in range(1, h["ff_hidden_layers"] + 1):
-                bank[f"w{i}"], bank[f"b{i}"] = t[f"ff.w{i}"], t[f"ff.b{i}"]
-            flat = torch.cat([x.reshape(k_bank, -1) for x in _bank_leaves(bank)], dim=1)
-            self._device_cache[device] = {
+            entry: dict[str, Any] = {
                 "theta": t,
-                "bank": bank,
-                "bank_flat": flat,
-                "momentum": torch.tensor(h["initial_momentum_decays"], dtype=torch.float32,
-                                         device=device),
-                "rms": torch.tensor(h["initial_rms_decays"], dtype=torch.float32,
-                                    device=device),
-                "adafactor": torch.tensor(h["initial_adafactor_decays"], dtype=torch.float32,
-                                          device=device),
                 "fraction_offsets": torch.tensor(VELO_FRACTION_TIMESCALES, dtype=torch.float32,
-                                                 device=device),
-            }
+                                                 device=device)}
+            for name in ("momentum", "rms", "adafactor"):
+                if f"initial_{name}_decays" in h:
+                    entry[name] = torch.tensor(h[f"initial_{name}_decays"],
+                                               dtype=torch.float32, device=device)
+            if "ff.b0" in t:  # the per-parameter MLP bank (Celo-Adam has none)
+                k_bank = h["param_inits"]
+                groups = [t[f"ff.w0__{j}"] for j in range(N_GROUPS)]
+                bank = {"w0": groups, "b0": t["ff.b0"]}
+                for i in range(1, h["ff_hidden_layers"] + 1):
+                    bank[f"w{i}"], bank[f"b{i}"] = t[f"ff.w{i}"], t[f"ff.b{i}"]
+                entry["bank"] = bank
+                entry["bank_flat"] = torch.cat([x.reshape(k_bank, -1)
+                                                for x in _bank_leaves(bank)], dim=1)
+            self._device_cache[device] = entry
         return self._device_cache[device]
 
     # ------------------------------------------------------------------------------- state
@@ -315,7 +389,8 @@ class VeLO(torch.optim.Optimizer):
                 if p.grad is None or p.numel() == 0:
                     continue
                 if p.grad.is_sparse:
-                    raise RuntimeError("VeLO does not support sparse gradients")
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse "
+                                       f"gradients")
                 entries.append((p, group))
         if not entries:
             return returned
@@ -328,8 +403,8 @@ class VeLO(torch.optim.Optimizer):
                         self.state[p].update(self.initial_state(p))
                 self.global_state  # noqa: B018 (creates it)
                 return returned
-            raise RuntimeError("VeLO needs the training loss: call step(loss=loss) or pass a "
-                               "closure that returns it")
+            raise RuntimeError(f"{type(self).__name__} needs the training loss: call "
+                               f"step(loss=loss) or pass a closure that returns it")
         device = entries[0][0].device
         consts = self._on_device(device)
         glob = self.global_state
@@ -364,17 +439,9 @@ class VeLO(torch.optim.Optimizer):
             loss_t = loss_t + weight_decay_loss(wd_n, torch.stack(run_rounds(wd_rounds)))
         iteration = int(glob["iteration"])
         loss_features = self._advance_loss_buffer(glob, loss_t, iteration)
-        fraction = float(np.float32(iteration) / np.float32(self.num_steps))
-        frac_feat = torch.tanh((torch.full_like(consts["fraction_offsets"], fraction)
-                                - consts["fraction_offsets"]) * VELO_FRACTION_SHARPNESS)
-        sharded = [i for i, spec in enumerate(specs) if spec is not None]
-        from_shards = dict(zip(sharded, run_rounds([
-            (VeLO._lstm_feature_rounds(entries[i][0], states[i], frac_feat, loss_features),
-             specs[i]) for i in sharded]), strict=True))
-        lstm_in = torch.stack([
-            from_shards[i][0] if i in from_shards
-            else self._lstm_features(p, s, frac_feat, loss_features)
-            for i, ((p, _), s) in enumerate(zip(entries, states, strict=True))])
+        frac_feat = self._fraction_features(iteration, consts)
+        lstm_in, shard_mean_p2 = self._eager_lstm_inputs(entries, states, specs, frac_feat,
+                                                         loss_features)
         h_prev = torch.stack([s["lstm_hidden"].to(device) for s in states])
         c_prev = torch.stack([s["lstm_cell"].to(device) for s in states])
         controls, lr_mult, h_new, c_new = self._rnn(lstm_in, h_prev, c_prev, consts["theta"])
@@ -382,14 +449,16 @@ class VeLO(torch.optim.Optimizer):
         ff = self._interpolate(controls, consts)
         if self._capture is not None:
             self._capture["step"].update({
-                "loss_features": loss_features.clone(), "fraction_trained": fraction,
+                "loss_features": loss_features.clone(),
+                "fraction_trained": float(np.float32(iteration) / np.float32(self.num_steps)),
                 "lstm_input": lstm_in.clone(), "controls": controls.clone(),
                 "lr_mult": lr_mult.clone(),
                 "lstm_state_in": {"hidden": h_prev.clone(), "cell": c_prev.clone()},
                 "lstm_state_out": {"hidden": h_new.clone(), "cell": c_new.clone()}})
+        applied = self._applied_lr_mult(lr_mult)
         run_rounds([
-            (self._update_rounds(p, s, g, {k: v[i] for k, v in ff.items()}, lr_mult[i], group,
-                                 from_shards[i][1] if i in from_shards else None), specs[i])
+            (self._update_rounds(p, s, g, {k: v[i] for k, v in ff.items()}, applied[i], group,
+                                 shard_mean_p2.get(i)), specs[i])
             for i, ((p, group), s, g) in enumerate(zip(entries, states, grads, strict=True))])
         glob["iteration"] = glob["iteration"] + 1
         return returned
@@ -408,13 +477,14 @@ class VeLO(torch.optim.Optimizer):
             raise RuntimeError(f"fused=True, but {reason}")
         if reason not in self._warned:
             self._warned.add(reason)
-            warnings.warn(f"VeLO: using the eager path: {reason}", stacklevel=4)
+            warnings.warn(f"{type(self).__name__}: using the eager path: {reason}",
+                          stacklevel=4)
         return False
 
     def _carry_lstm_state(self, states: list[dict[str, Any]], h: torch.Tensor,
                           c: torch.Tensor) -> None:
         """Keep the new LSTM state (never, with ``use_bugged_next_lstm_state``)."""
-        if self.hparams["use_bugged_next_lstm_state"]:
+        if not self._carries_lstm_state:
             return
         for i, s in enumerate(states):
             s["lstm_hidden"] = h[i].to(s["lstm_hidden"].device)
@@ -428,8 +498,6 @@ class VeLO(torch.optim.Optimizer):
         prefab = not self.decoupled_weight_decay
         grad_wd = [float(g["weight_decay"]) if prefab else 0.0 for g in groups]
         lists, stats, sumsq = fused_path.phase_a(params, states, self._decay_vector, grad_wd)
-        k = len(self.hparams["initial_momentum_decays"])
-        n = len(params)
         mean_p2 = stats[:, 0]
         if any(grad_wd):
             decayed = [i for i, w in enumerate(grad_wd) if w]
@@ -437,32 +505,25 @@ class VeLO(torch.optim.Optimizer):
                                                 mean_p2[decayed])
         iteration = int(glob["iteration"])
         loss_features = self._advance_loss_buffer(glob, loss_t, iteration)
-        fraction = float(np.float32(iteration) / np.float32(self.num_steps))
-        offsets = consts["fraction_offsets"]
-        frac_feat = torch.tanh((torch.full_like(offsets, fraction) - offsets)
-                               * VELO_FRACTION_SHARPNESS)
-        norm = torch.rsqrt(torch.clamp_min(mean_p2, VELO_NORM_MULT_FLOOR))
-        norm2 = (norm * norm)[:, None]
-        rank = torch.zeros(n, 5, dtype=torch.float32)
-        for i, p in enumerate(params):
-            r = sum(1 for size in p.shape if size > 1)
-            if r < 5:
-                rank[i, r] = 1.0
-        lstm_in = torch.cat([
-            frac_feat.expand(n, -1), loss_features.expand(n, -1),
-            clip_log_abs(stats[:, 1 + 2 * k] * norm)[:, None], rank.to(stats.device),
-            clip_log_abs(stats[:, 1 + k:1 + 2 * k] * norm2),
-            clip_log_abs(stats[:, 2 + 2 * k:] * norm2)], dim=1)
+        frac_feat = self._fraction_features(iteration, consts)
+        lstm_in = self._fused_lstm_inputs(params, stats, frac_feat, loss_features)
         h_prev = torch.stack([s["lstm_hidden"] for s in states])
         c_prev = torch.stack([s["lstm_cell"] for s in states])
         controls, lr_mult, h_new, c_new = self._rnn(lstm_in, h_prev, c_prev, consts["theta"])
         self._carry_lstm_state(states, h_new, c_new)
-        weights = self._mixed(controls, consts, self.hparams["ff_mult"])
+        weights = self._mixed(controls, consts, self._ff_mult)
         param_scale = torch.sqrt(mean_p2 + VELO_PARAM_SCALE_EPS)
         lr = [float(g["lr"]) for g in groups]
         decay = [1.0 - g["lr"] * g["weight_decay"] if not prefab else 1.0 for g in groups]
         fused_path.phase_b(lists, self._decay_vector, grad_wd, sumsq, weights, self.hparams,
-                           lr_mult, param_scale, lr, decay)
+                           self._applied_lr_mult(lr_mult), param_scale, lr, decay)
+
+    def _fraction_features(self, iteration: int, consts: Mapping[str, Any]) -> torch.Tensor:
+        """``tanh(10 (t / T - c))`` for the 9 centres ``c`` (``t / T`` in float32)."""
+        fraction = float(np.float32(iteration) / np.float32(self.num_steps))
+        offsets = consts["fraction_offsets"]
+        return torch.tanh((torch.full_like(offsets, fraction) - offsets)
+                          * VELO_FRACTION_SHARPNESS)
 
     def _loss_tensor(self, loss: Any, device: torch.device) -> torch.Tensor:
         if isinstance(loss, torch.Tensor):
@@ -541,8 +602,7 @@ class VeLO(torch.optim.Optimizer):
         i, g, f, o = torch.chunk(gates, 4, dim=-1)
         c = torch.sigmoid(f + 1.0) * c_prev + torch.sigmoid(i) * torch.tanh(g)
         h = torch.sigmoid(o) * torch.tanh(c)
-        controls = h @ t["rnn.controls.weight"].T + t["rnn.controls.bias"]
-        lr_mult = (h @ t["rnn.step_size.weight"].T + t["rnn.step_size.bias"])[:, 0]
+        controls, lr_mult = self._heads(h, t)
         return controls, lr_mult, h, c
 
     @staticmethod
@@ -558,7 +618,7 @@ class VeLO(torch.optim.Optimizer):
     def _interpolate(self, controls: torch.Tensor,
                      consts: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """:meth:`_mixed`, split into each tensor's named leaves."""
-        mixed = self._mixed(controls, consts, self.hparams["ff_mult"])
+        mixed = self._mixed(controls, consts, self._ff_mult)
         out, start = {}, 0
         for name, leaf in _named_bank_leaves(consts["bank"]):
             size = leaf[0].numel()
@@ -593,7 +653,9 @@ class VeLO(torch.optim.Optimizer):
         out = yield from self._mlp_rounds(p32, g, acc, fac, dims, ff, record,
                                           p.numel() if spec is not None else None)
         h = self.hparams
-        if mean_p2 is None:
+        if mean_p2 is None and spec is not None:
+            (mean_p2,) = yield [Mean(p32 * p32, rows=spec.global_shape[0])]
+        elif mean_p2 is None:
             mean_p2 = torch.mean(p32 * p32)
         param_scale = torch.sqrt(mean_p2 + VELO_PARAM_SCALE_EPS)
         magnitude = torch.exp(out[..., 1] * h["exp_mult"])

@@ -12,7 +12,7 @@ import torch
 
 import converters
 from converters import CheckpointError, cli, flax_msgpack
-from converters import velo as velo_mapping
+from converters.velo import VELO as velo_mapping
 from lopt_port import velo_config
 from tests.conftest import SHARED_GOLDEN, checkpoint_dir
 
