@@ -192,6 +192,21 @@ class CeloAdam(Celo):
                 p.device, copy=True),
         }
 
+    def _restore_param_state(self, saved: Mapping[str, Any], p: torch.Tensor,
+                             index: int) -> dict[str, Any]:
+        """Check a saved parameter state against :meth:`initial_state`'s names and shapes."""
+        expected = {k: tuple(v.shape) for k, v in self.initial_state(p).items()}
+        problems = [f"missing {k}" for k in expected if k not in saved]
+        problems += [f"{k}: expected {want}, found {tuple(saved[k].shape)}"
+                     for k, want in expected.items()
+                     if k in saved and tuple(saved[k].shape) != want]
+        problems += [f"unexpected {k}" for k in saved if k not in expected]
+        if problems:
+            raise ValueError(f"state of parameter {index} (shape {tuple(p.shape)}) does not fit "
+                             f"these weights: {'; '.join(problems)}")
+        return {k: saved[k].detach().to(device=p.device, dtype=torch.float32).clone()
+                for k in expected}
+
     def _bias_corrections(self, iteration: int) -> tuple[float, float]:
         """``1 / (1 - b1^t)`` and ``1 / (1 - b2^t)`` for ``t = iteration + 1``, float32.
 

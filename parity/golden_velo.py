@@ -205,17 +205,19 @@ def _record(report: StepReport, quantity: str, ours: Any, ref: np.ndarray | None
 
 def replay_velo(weights: str | os.PathLike | Mapping[str, torch.Tensor] | LoadedWeights,
                 case: GoldenCase, *, teacher_forced: bool = False,
-                fused: bool = False) -> list[StepReport]:
-    """Run ``VeLO`` on the case's gradients and losses and compare with upstream per step.
+                fused: bool = False, optimizer: type[VeLO] = VeLO) -> list[StepReport]:
+    """Run ``optimizer`` (VeLO, or Celo / CeloAdam on the Celo authors' cases, whose state
+    has HyperV2's layout) on the case's gradients and losses and compare per step.
 
     Free running (default) starts from the case's initial params and state; teacher forced
     loads upstream's params and state of the previous step before every call. ``fused``
     selects the fused kernels (params and state are compared; the intermediates stay in the
-    kernels).
+    kernels). Celo-Adam's per-tensor intermediates are ``m_hat``, ``v_hat`` and the step
+    (``update``, upstream's ``step``).
     """
     params = {n: _f32(a) for n, a in case.tensors("params", 0).items()}
     num_steps = int(case.data["state/step0/num_steps"])
-    opt = VeLO(list(params.values()), weights, num_steps=num_steps, fused=fused)
+    opt = optimizer(list(params.values()), weights, num_steps=num_steps, fused=fused)
     reports = []
     for t in range(1, case.steps + 1):
         if teacher_forced or t == 1:
@@ -245,12 +247,20 @@ def replay_velo(weights: str | os.PathLike | Mapping[str, torch.Tensor] | Loaded
         _record(report, "lstm_input", step["lstm_input"], d.get(f"{inter}/lstm_input"),
                 "lstm", "absolute")
         for q in ("controls", "lr_mult"):
-            _record(report, q, step[q], d.get(f"{inter}/{q}"), q)
+            if step[q].numel():
+                _record(report, q, step[q], d.get(f"{inter}/{q}"), q)
         for part in ("hidden", "cell"):
             _record(report, "lstm_state_out", step["lstm_state_out"][part],
                     d.get(f"{inter}/lstm_state_out/{part}"), part)
         for row, (n, p) in enumerate(params.items()):
             got = cap["tensors"][p]
+            if "ff_params" not in got:  # Celo-Adam: no MLP
+                for q in ("m_hat", "v_hat"):
+                    _record(report, q, got[q], d.get(f"{inter}/{n}/{q}"), n)
+                _record(report, "update", got["update"], d.get(f"{inter}/{n}/step"), n)
+                report.record("params", relative(p.numpy(), d[f"params/step{t}/{n}"],
+                                                 d[f"params/step{t - 1}/{n}"]), n)
+                continue
             for leaf, value in got["ff_params"].items():
                 _record(report, "ff_params", value, d.get(f"{inter}/{n}/ff_params/{leaf}"),
                         f"{n}/{leaf}")

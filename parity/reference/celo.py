@@ -12,25 +12,45 @@ updates done before it:
    Celo, ``controls = softmax(h W_c + b_c)`` over the K = 1 bank (exactly 1).
 
 The theta files are the authors' raw flax msgpack (``theta.state``: theta at the root, no
-``params``/``gen_id``/``step`` wrapper). This module covers the schedule; the per-parameter
-rules (Celo: VeLO's MLP with K = 1; Celo-Adam: bias-corrected Adam) build on it.
+``params``/``gen_id``/``step`` wrapper).
+
+:class:`CeloReference` is the whole update of either optimizer (the authors' ``update``), with
+their state pytree (``State`` without ``params``/``state``; Celo-Adam's factored accumulator,
+updated but never read, is left out). After the schedule:
+
+* ``g = clip(grad, -1000, 1000)``; the moving averages of VeLO (Celo: 3 momentum, 1 rms,
+  3 factored decays; Celo-Adam: ``m`` with 0.9, ``rms`` with 0.999);
+* Celo: VeLO's ``_ff_mod`` with the weights ``mean_k(controls_k * bank_k)`` (no x100) and
+  ``step <- lr_mult * step`` only when ``train_phase > 1``;
+* Celo-Adam, ``t = iteration + 1``: ``m_hat = m / (1 - b1^t)``, ``v_hat = rms / (1 - b2^t)``,
+  ``step = (m_hat * ((lr_mult * step_mult) / (eps + sqrt(v_hat + 1e-10))))[..., -1]``;
+* ``p' = p - step``.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from converters import flax_msgpack
+from lopt_port import celo_config
+from lopt_port.accumulators import factored_dims
+from parity.reference.small_fc_lopt import _factored_update
 from parity.reference.velo import (
     F32,
     FRACTION_CENTRES,
+    GRAD_CLIP,
+    _ff_mod,
     _linear,
     _lstm_init_state,
+    _StepConfig,
+    interpolate,
     loss_buffer_init,
     loss_buffer_update,
     loss_features,
@@ -100,3 +120,175 @@ class CeloScheduler:
         new = {"lstm_hidden_state": lstm, "loss_buffer": buffer,
                "iteration": state["iteration"] + 1, "num_steps": state["num_steps"]}
         return lr_mult, new, inter
+
+
+def _empty_factored(params: Mapping[str, jnp.ndarray], n_a: int) -> dict[str, dict]:
+    v_row, v_col, v_diag = {}, {}, {}
+    empty = jnp.zeros((0, n_a), F32)
+    for name, p in params.items():
+        dims = factored_dims(p.shape)
+        if dims is None:
+            v_row[name], v_col[name] = empty, empty
+            v_diag[name] = jnp.zeros((*p.shape, n_a), F32)
+        else:
+            d1, d0 = dims
+            keep0 = [s for i, s in enumerate(p.shape) if i != d0]
+            keep1 = [s for i, s in enumerate(p.shape) if i != d1]
+            v_row[name] = jnp.zeros((*keep0, n_a), F32)
+            v_col[name] = jnp.zeros((*keep1, n_a), F32)
+            v_diag[name] = empty
+    return {"v_col": v_col, "v_row": v_row, "v_diag": v_diag}
+
+
+@dataclass(frozen=True)
+class _CeloConfig:
+    kind: str
+    momentum_decays: tuple[float, ...]
+    rms_decays: tuple[float, ...]
+    adafactor_decays: tuple[float, ...]
+    train_phase: int
+    epsilon: float
+    step_mult: float
+    mlp: _StepConfig | None
+
+
+def _adam_step(cfg: _CeloConfig, iteration, lr_mult, p, m, rms):
+    """The authors' Celo-Adam ``_ff_mod`` (``mom_decay=True``, ``param_scale_mult=False``)."""
+    t = iteration + 1
+    m_hat = m / (1 - cfg.momentum_decays[0] ** t)
+    v_hat = rms / (1 - cfg.rms_decays[0] ** t)
+    lr = lr_mult * cfg.step_mult
+    step = (m_hat * (lr * 1.0 / (cfg.epsilon + jnp.sqrt(v_hat + 1e-10))))[..., -1]
+    return p - step, {"m_hat": m_hat, "v_hat": v_hat, "update": step}
+
+
+def _celo_step(cfg: _CeloConfig, theta, state, params, grads, loss):
+    """One update of Celo or Celo-Adam (module docstring): params, state, intermediates."""
+    names = sorted(params)
+    buffer = loss_buffer_update(state["loss_buffer"], loss)
+    x = lstm_inputs(state["iteration"], state["num_steps"], buffer)
+    g = {n: jnp.clip(grads[n].astype(F32), -GRAD_CLIP, GRAD_CLIP) for n in names}
+    p = {n: params[n].astype(F32) for n in names}
+    d_m = jnp.asarray(cfg.momentum_decays, F32)
+    d_r = jnp.clip(jnp.asarray(cfg.rms_decays, F32), 0.0, 1.0)
+    mom, rms_acc = state["mom_rolling"], state["rms_rolling"]
+    new_m = {n: d_m * mom["m"][n] + (1 - d_m) * g[n][..., None] for n in names}
+    new_rms = {n: d_r * rms_acc["rms"][n] + (1 - d_r) * (g[n] * g[n])[..., None]
+               for n in names}
+
+    stack = jnp.tile(x[None], (len(names), 1))
+    rnn = theta["rnn_params"]
+    state_in = state["lstm_hidden_state"]
+    hidden, state_out = lstm_forward(rnn, stack, state_in)
+    lr_mult = LR_MULT_SCALE * jnp.exp(jnp.squeeze(_linear(hidden, rnn["step_size"]), -1))
+    inter: dict[str, Any] = {"loss_features": x[len(FRACTION_CENTRES):], "lstm_input": stack,
+                             "lstm_state_in": state_in, "lstm_state_out": state_out,
+                             "lr_mult": lr_mult, "tensors": {}}
+    new_state: dict[str, Any] = {
+        "mom_rolling": {"m": new_m, "t": mom["t"] + 1},
+        "rms_rolling": {"rms": new_rms, "t": rms_acc["t"] + 1},
+        "num_steps": state["num_steps"], "iteration": state["iteration"] + 1,
+        "lstm_hidden_state": state_out, "loss_buffer": buffer}
+    new_params = {}
+    if cfg.kind == "celo_adam":
+        for i, n in enumerate(names):
+            new_p, record = _adam_step(cfg, state["iteration"], lr_mult[i], p[n], new_m[n],
+                                       new_rms[n])
+            new_params[n] = new_p.astype(params[n].dtype)
+            inter["tensors"][n] = {"g_clipped": g[n], **record}
+    else:
+        controls = jax.nn.softmax(_linear(hidden, rnn["rnn_to_controls"]), axis=-1)
+        inter["controls"] = controls
+        applied = lr_mult if cfg.train_phase > 1 else jnp.ones_like(lr_mult)
+        fac = state["fac_rolling"]
+        d_a = jnp.asarray(cfg.adafactor_decays, F32)
+        new_fac: dict[str, dict] = {"v_col": {}, "v_row": {}, "v_diag": {}}
+        for i, n in enumerate(names):
+            v_row, v_col, v_diag, fac_g, row_f, col_f = _factored_update(
+                fac["v_row"][n], fac["v_col"][n], fac["v_diag"][n], g[n], d_a,
+                factored_dims(p[n].shape))
+            new_fac["v_row"][n], new_fac["v_col"][n], new_fac["v_diag"][n] = (v_row, v_col,
+                                                                                v_diag)
+            w = interpolate(theta["ff_mod_stack"]["~"], controls[i], 1.0)
+            new_p, record = _ff_mod(cfg.mlp, w, applied[i], p[n], g[n], new_m[n], new_rms[n],
+                                    fac_g, v_row, v_col, v_diag, (row_f, col_f))
+            new_params[n] = new_p.astype(params[n].dtype)
+            inter["tensors"][n] = {"g_clipped": g[n], "fac_g": fac_g, **record}
+        new_state["fac_rolling"] = new_fac
+    new_state = jax.tree_util.tree_map(lambda new, old: new.astype(old.dtype), new_state,
+                                       dict(state))
+    return new_params, new_state, inter
+
+
+class CeloReference:
+    """Celo (``kind="celo"``) or Celo-Adam (``"celo_adam"``) in JAX: the authors' update.
+
+    ``hparams`` are :mod:`lopt_port.celo_config`'s (the factory settings when omitted).
+    """
+
+    def __init__(self, theta: Mapping[str, Any], kind: str,
+                 hparams: Mapping[str, Any] | None = None) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        self.kind = kind
+        self.hparams = hp = celo_config.normalize_hparams(
+            kind, {**celo_config.DEFAULTS[kind], **(hparams or {})})
+        as_f32 = lambda a: jnp.asarray(a, dtype=F32)  # noqa: E731
+        self.theta: dict[str, Any] = {
+            "lstm_init_state": jax.tree_util.tree_map(
+                as_f32, _lstm_init_state(theta["lstm_init_state"])),
+            "rnn_params": jax.tree_util.tree_map(as_f32, dict(theta["rnn_params"]))}
+        mlp = None
+        if kind == "celo":
+            self.theta["ff_mod_stack"] = {"~": jax.tree_util.tree_map(
+                as_f32, dict(theta["ff_mod_stack"]["~"]))}
+            mlp = _StepConfig(tuple(hp["initial_momentum_decays"]),
+                              tuple(hp["initial_rms_decays"]),
+                              tuple(hp["initial_adafactor_decays"]), hp["ff_hidden_layers"],
+                              hp["exp_mult"], hp["step_mult"], False, 0.0, None, 1.0)
+        self._config = _CeloConfig(
+            kind, tuple(hp["initial_momentum_decays"]), tuple(hp["initial_rms_decays"]),
+            tuple(hp.get("initial_adafactor_decays", ())), hp.get("train_phase", 2),
+            hp.get("initial_epsilon", 0.0), hp["step_mult"], mlp)
+        self._jit_init = jax.jit(self._init)
+        self._jit_step = jax.jit(functools.partial(_celo_step, self._config, self.theta))
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike,
+                  hparams: Mapping[str, Any] | None = None) -> CeloReference:
+        """From a ``theta.state`` (the kind is told by its tree)."""
+        kind, theta = load_theta(path)
+        return cls(theta, kind, hparams)
+
+    def init(self, params: Mapping[str, jnp.ndarray], num_steps: int) -> dict[str, Any]:
+        """The authors' initial state (jitted, ``num_steps`` traced)."""
+        return self._jit_init(dict(params), jnp.asarray(num_steps, jnp.int32))
+
+    def _init(self, params, num_steps):
+        cfg = self._config
+        n = len(params)
+        state: dict[str, Any] = {
+            "mom_rolling": {"m": {k: jnp.zeros((*p.shape, len(cfg.momentum_decays)), p.dtype)
+                                  for k, p in params.items()},
+                            "t": jnp.zeros((len(cfg.momentum_decays),), jnp.int32)},
+            "rms_rolling": {"rms": {k: jnp.zeros((*p.shape, len(cfg.rms_decays)), p.dtype)
+                                    for k, p in params.items()},
+                            "t": jnp.zeros((len(cfg.rms_decays),), jnp.int32)},
+            "num_steps": num_steps,
+            "iteration": jnp.asarray(0, jnp.int32),
+            "lstm_hidden_state": {k: jnp.tile(v, (n, 1))
+                                  for k, v in self.theta["lstm_init_state"].items()},
+            "loss_buffer": loss_buffer_init(num_steps),
+        }
+        if cfg.kind == "celo":
+            state["fac_rolling"] = _empty_factored(params, len(cfg.adafactor_decays))
+        return state
+
+    def step(self, state: Mapping[str, Any], params: Mapping[str, jnp.ndarray],
+             grads: Mapping[str, jnp.ndarray], loss: Any) -> tuple[dict, dict, dict]:
+        """One jitted update: ``(new_params, new_state, intermediates)``; intermediates as
+        :meth:`parity.reference.VeLOReference.step` (Celo-Adam per tensor: ``g_clipped``,
+        ``m_hat``, ``v_hat``, ``update``)."""
+        if loss is None:
+            raise ValueError(f"{self.kind} needs the loss in every update")
+        return self._jit_step(dict(state), dict(params), dict(grads), jnp.asarray(loss, F32))
