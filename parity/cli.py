@@ -79,7 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{info['kind']}{variant} from {info['source']}: {info['impl']} vs "
           f"{info['reference']}" + (f" [{info['upstream']}]" if info.get("upstream") else "")
           + f"; {info['tasks']} tasks x {info['steps']} steps"
-          + (f" (horizon {info['num_steps']})" if info["kind"] == "velo" else "")
+          + (f" (horizon {info['num_steps']})"
+             if info["kind"] in ("velo", "celo", "celo_adam") else "")
           + (f", free running {info['free_steps']} steps ({info['free_task']})"
              if info["free_steps"] else ""))
     print(report.table(result))

@@ -104,13 +104,20 @@ def velo_lockstep(sides: Any, task: Task, num_steps: int,
         add("-", "lstm_input", absolute(ours["lstm_input"].numpy(),
                                         np.asarray(theirs["lstm_input"])))
         for q in ("controls", "lr_mult"):
-            add("-", q, relative(ours[q].numpy(), np.asarray(theirs[q])))
+            if q in theirs:  # Celo-Adam has no controls
+                add("-", q, relative(ours[q].numpy(), np.asarray(theirs[q])))
         for part in ("hidden", "cell"):
             add("-", "lstm_state", relative(ours["lstm_state_out"][part].numpy(),
                                             np.asarray(theirs["lstm_state_out"][part])))
         lr_mult = np.asarray(theirs["lr_mult"])
         for row, (n, p) in enumerate(tensors.items()):
             got, want = cap["tensors"][p], theirs["tensors"][n]
+            if "ff_params" not in want:  # Celo-Adam: Adam's moments and step
+                for q in ("m_hat", "v_hat", "update"):
+                    add(n, q, relative(*_pair(got[q], want[q])))
+                add(n, "params", relative(p.numpy(), np.asarray(ref_params[n]),
+                                          np.asarray(before[n])))
+                continue
             add(n, "ff_params", max(relative(v.numpy(), np.asarray(want["ff_params"][k]))
                                     for k, v in got["ff_params"].items()))
             add(n, "features_raw", relative_per_column(*_pair(got["features_raw"],
