@@ -122,6 +122,7 @@ Group make_group(at::TensorList params, at::TensorList grads, at::TensorList mom
     t.v_row = t.v_col = t.v_diag = t.row_factor = t.col_factor = t.sumsq = nullptr;
     t.grad_wd = 0.0f;
     t.grad_clip = std::numeric_limits<float>::infinity();
+    t.scale = 1.0f;
     t.n_row = t.n_col = t.n_rcm = 0;
     const auto sizes = params[i].sizes();
     t.ix = lopt::FactoredIndex{};
@@ -236,10 +237,15 @@ void apply(at::TensorList params, at::TensorList grads, at::TensorList momentum,
            at::TensorList v_diag, at::TensorList row_factor, at::TensorList col_factor,
            at::IntArrayRef dims, const Tensor& decays, bool head_variant,
            const Tensor& sumsq, const Tensor& time_features, at::TensorList mlp,
-           double exp_mult, double step_mult, double lr) {
+           double exp_mult, double step_mult, double lr, at::ArrayRef<double> step_scales) {
   Group g = make_group(params, grads, momentum, rms, v_row, v_col, v_diag, row_factor,
                        col_factor, dims, decays);
   const int count = static_cast<int>(g.tensors.size());
+  // MuLO's per-tensor scale s (p <- p - lr * (step * s)); an empty list means s = 1.
+  TORCH_CHECK(step_scales.empty() || step_scales.size() == static_cast<size_t>(count),
+              "step_scales needs one value per parameter (or none)");
+  for (size_t i = 0; i < step_scales.size(); ++i)
+    g.tensors[i].scale = static_cast<float>(step_scales[i]);
   const int nf = lopt::raw_feature_count(g.decays.k);
   check_tensor(sumsq, "sumsq", g.device);
   check_tensor(time_features, "time_features", at::Device(at::kCPU));
@@ -398,7 +404,7 @@ TORCH_LIBRARY(lopt_port, m) {
         "Tensor[] rms, Tensor[] v_row, Tensor[] v_col, Tensor[] v_diag, "
         "Tensor[] row_factor, Tensor[] col_factor, int[] dims, Tensor decays, "
         "bool head_variant, Tensor sumsq, Tensor time_features, Tensor[] mlp, "
-        "float exp_mult, float step_mult, float lr) -> ()");
+        "float exp_mult, float step_mult, float lr, float[] step_scales) -> ()");
   m.def("velo_accumulate(Tensor[] params, Tensor[] grads, Tensor(a!)[] momentum, "
         "Tensor(b!)[] rms, Tensor(c!)[] v_row, Tensor(d!)[] v_col, Tensor(e!)[] v_diag, "
         "Tensor(f!)[] row_factor, Tensor(g!)[] col_factor, int[] dims, Tensor decays, "

@@ -39,6 +39,7 @@ struct TensorArgs {
   float time[kNumTimeFeatures];  // this tensor's time features (apply)
   float grad_wd;      // effective_grad: weight decay added to the gradient (0: none)
   float grad_clip;    // effective_grad: clip bound (+inf: none)
+  float scale;        // small_fc apply: the step's per-tensor multiplier (MuLO's s; else 1)
 };
 
 }  // namespace lopt

@@ -151,7 +151,8 @@ void apply_range(const TensorArgs& t, const GroupDecays& d, bool head_variant,
     mlp_forward_lanes(net, x, out);
     for (int e = 0; e < lanes; ++e)
       store_value(t.p, t.dtype, i0 + e,
-                  in.p[e] - step_from_output(out[e], out[kLanes + e], exp_mult, step_mult, lr));
+                  in.p[e] - step_from_output(out[e], out[kLanes + e], exp_mult, step_mult,
+                                             t.scale, lr));
   }
 }
 

@@ -22,7 +22,8 @@ void small_fc_accumulate_cpu(const TensorArgs* t, int count, const GroupDecays& 
                              bool head_variant);
 
 // Phase 3: features again, normalized by rsqrt(1e-5 + sumsq / n), time features appended,
-// the MLP, and p <- p - step (rounded to the parameter dtype).
+// the MLP, and p <- p - lr * (step * scale) (rounded to the parameter dtype; scale is each
+// tensor's TensorArgs::scale).
 void small_fc_apply_cpu(const TensorArgs* t, int count, const GroupDecays& d,
                         bool head_variant, const MlpView& net, float exp_mult,
                         float step_mult, float lr);

@@ -183,7 +183,8 @@ apply_kernel(const __grid_constant__ Chunk c, const __grid_constant__ GroupDecay
         in = target;
       }
     }
-    store_value(t.p, t.dtype, e, s.p - step_from_output(out[0], out[1], exp_mult, step_mult, lr));
+    store_value(t.p, t.dtype, e,
+                s.p - step_from_output(out[0], out[1], exp_mult, step_mult, t.scale, lr));
   }
 }
 

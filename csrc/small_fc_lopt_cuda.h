@@ -19,7 +19,8 @@ int lopt_small_fc_accumulate_cuda(const lopt::TensorArgs* tensors, int count,
                                   const lopt::GroupDecays* decays, bool head_variant,
                                   double* partials, void* stream);
 
-// Phase 3: features, normalization, MLP (weights staged in shared memory), parameter write.
+// Phase 3: features, normalization, MLP (weights staged in shared memory), parameter write
+// p <- p - lr * (step * scale) with each tensor's TensorArgs::scale.
 int lopt_small_fc_apply_cuda(const lopt::TensorArgs* tensors, int count,
                              const lopt::GroupDecays* decays, bool head_variant,
                              const lopt::MlpView* net, float exp_mult, float step_mult,

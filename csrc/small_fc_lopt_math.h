@@ -430,10 +430,11 @@ LOPT_HD void mlp_layer(const float* w, const float* b, int n_in, int n_out, bool
   }
 }
 
-// step = direction * exp(magnitude * exp_mult) * step_mult, times lr.
+// step = direction * exp(magnitude * exp_mult) * step_mult, times the tensor's scale (MuLO's
+// per-tensor mu-P s; 1 for small_fc_lopt, where the product is exact), times lr.
 LOPT_HD float step_from_output(float direction, float magnitude, float exp_mult,
-                               float step_mult, float lr) {
-  return ((direction * expf(magnitude * exp_mult)) * step_mult) * lr;
+                               float step_mult, float scale, float lr) {
+  return (((direction * expf(magnitude * exp_mult)) * step_mult) * scale) * lr;
 }
 
 // ---------------------------------------------------------------------------------------

@@ -85,6 +85,8 @@ class SmallFCLOpt(torch.optim.Optimizer):
 
     #: ``step`` takes no loss (small_fc_lopt does not use it).
     requires_loss = False
+    #: The weights kind this class takes, and its hyperparameter rules.
+    _config = cfg
 
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
                  weights: str | os.PathLike | Mapping[str, torch.Tensor] | LoadedWeights, *,
@@ -96,15 +98,16 @@ class SmallFCLOpt(torch.optim.Optimizer):
         if tie_break not in ("numpy", "stable"):
             raise ValueError(f"tie_break must be 'numpy' or 'stable', got {tie_break!r}")
         loaded = load_weights(weights)
-        if loaded.kind not in (None, cfg.KIND):
-            raise WeightsError(f"weights are for {loaded.kind!r}, not {cfg.KIND!r}")
+        kind = self._config.KIND
+        if loaded.kind not in (None, kind):
+            raise WeightsError(f"weights are for {loaded.kind!r}, not {kind!r}")
         given = {**loaded.hparams, **(hparams or {})}
         if variant is not None:
             given["variant"] = variant
         shapes = {k: tuple(v.shape) for k, v in loaded.state_dict.items()}
         try:
-            self.hparams = cfg.resolve_hparams(given, shapes)
-            cfg.check_state_dict(loaded.state_dict, self.hparams, "weights")
+            self.hparams = self._config.resolve_hparams(given, shapes)
+            self._config.check_state_dict(loaded.state_dict, self.hparams, "weights")
         except ValueError as e:
             raise WeightsError(str(e)) from None
         self.tie_break: TieBreak = tie_break
@@ -193,14 +196,13 @@ class SmallFCLOpt(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        grads = self._step_grads()
         for group in self.param_groups:
             fused_params: dict[torch.device, list[torch.Tensor]] = {}
             eager = []
             for p in group["params"]:
-                if p.grad is None:
+                if p not in grads:
                     continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("SmallFCLOpt does not support sparse gradients")
                 state = self.state[p]
                 if not state:
                     self._init_state(p, state)
@@ -209,15 +211,36 @@ class SmallFCLOpt(torch.optim.Optimizer):
                 else:
                     eager.append(p)
             # Sharded (FSDP2) parameters complete their reductions in a few batched rounds.
-            run_rounds([(self._update_rounds(p, self.state[p], group["lr"]), shard_spec(p))
+            run_rounds([(self._update_rounds(p, self.state[p], group["lr"], grads[p],
+                                             self._step_scale(p)), shard_spec(p))
                         for p in eager])
             for device, params in fused_params.items():
                 cpu_consts, _ = self._on_device(torch.device("cpu"))
                 _, layers = self._on_device(device)
+                scales = [self._step_scale(p) for p in params]
                 fused_path.group_step(params, [self.state[p] for p in params],
                                       self._decay_vector, layers, cpu_consts["timescales"],
-                                      self.hparams, group["lr"])
+                                      self.hparams, group["lr"],
+                                      grads=[grads[p] for p in params],
+                                      step_scales=() if None in scales else scales)
         return loss
+
+    def _step_grads(self) -> dict[torch.Tensor, torch.Tensor]:
+        """The gradient each update reads, for every parameter that has one: ``p.grad``
+        (subclasses transform it, e.g. MuLO's clipping and NaN scrubbing)."""
+        grads = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    if p.grad.is_sparse:
+                        raise RuntimeError(f"{type(self).__name__} does not support sparse "
+                                           f"gradients")
+                    grads[p] = p.grad
+        return grads
+
+    def _step_scale(self, p: torch.Tensor) -> float | None:
+        """A per-tensor multiplier of the step (``None``: none; MuLO's mu-P scale)."""
+        return None
 
     def _takes_fused_path(self, p: torch.Tensor) -> bool:
         """Fused when enabled and possible; ``fused=True`` raises where it is not."""
@@ -231,12 +254,16 @@ class SmallFCLOpt(torch.optim.Optimizer):
                                f"{tuple(p.shape)})")
         if reason not in self._warned:
             self._warned.add(reason)
-            warnings.warn(f"SmallFCLOpt: using the eager path: {reason}", stacklevel=5)
+            warnings.warn(f"{type(self).__name__}: using the eager path: {reason}",
+                          stacklevel=5)
         return False
 
-    def _update_rounds(self, p: torch.Tensor, state: dict[str, Any], lr: float) -> Rounds:
-        """One parameter's update, yielding its whole-tensor reductions (a sharded parameter's
-        are completed over the other ranks; see :mod:`lopt_port.sharding`)."""
+    def _update_rounds(self, p: torch.Tensor, state: dict[str, Any], lr: float,
+                       grad: torch.Tensor, scale: float | None) -> Rounds:
+        """One parameter's update from ``grad``, yielding its whole-tensor reductions (a
+        sharded parameter's are completed over the other ranks; see
+        :mod:`lopt_port.sharding`). The step is ``((direction * exp(magnitude * exp_mult))
+        * step_mult) * scale) * lr``, without the ``scale`` factor when it is ``None``."""
         if p.numel() == 0:
             # Nothing to update. Upstream would fill the non-empty factored statistic of a
             # shape like (0, 5) with NaN (a mean over zero elements); the state stays zero.
@@ -248,7 +275,7 @@ class SmallFCLOpt(torch.optim.Optimizer):
         # Upstream treats a scalar parameter as shape (1,) with all its state; views keep the
         # in-place accumulator updates pointed at the stored state.
         shape = tuple(p_local.shape) or (1,)
-        g = local(p.grad).to(torch.float32).reshape(shape)
+        g = local(grad).to(torch.float32).reshape(shape)
         per_element = ("momentum", "rms", "v_diag")
         acc = {k: local(state[k]).view(*shape, state[k].shape[-1]) if k in per_element
                else local(state[k]) for k in _STATE_TENSORS if k in state}
@@ -273,7 +300,10 @@ class SmallFCLOpt(torch.optim.Optimizer):
         record = {} if self._capture is not None else None
         direction, magnitude = self._mlp(normalized, tfeat, layers, record)
         step = direction * torch.exp(magnitude * self.hparams["exp_mult"])
-        step = (step * self.hparams["step_mult"] * lr).reshape(p_local.shape)
+        step = step * self.hparams["step_mult"]
+        if scale is not None:
+            step = step * scale
+        step = (step * lr).reshape(p_local.shape)
         p_local.copy_(p32.reshape(p_local.shape) - step)
         if record is not None:
             record["fac_g"] = fac.fac_g.reshape(*p.shape, -1)

@@ -74,11 +74,12 @@ def layout_unsupported_reason(p: torch.Tensor) -> str | None:
     return None
 
 
-def state_lists(params: Sequence[torch.Tensor], states: Sequence[dict[str, Any]]
-                ) -> tuple[list, ...]:
-    """The kernels' per-tensor argument lists: params, grads, momentum, rms, v_row, v_col,
-    v_diag, row-factor and column-factor scratch, and the flat factored dims (``-1, -1`` for
-    non-factored tensors, whose factored slots are empty tensors, as is v_diag otherwise)."""
+def state_lists(params: Sequence[torch.Tensor], states: Sequence[dict[str, Any]],
+                grads: Sequence[torch.Tensor] | None = None) -> tuple[list, ...]:
+    """The kernels' per-tensor argument lists: params, grads (``p.grad`` unless given),
+    momentum, rms, v_row, v_col, v_diag, row-factor and column-factor scratch, and the flat
+    factored dims (``-1, -1`` for non-factored tensors, whose factored slots are empty
+    tensors, as is v_diag otherwise)."""
     empty = torch.empty(0, device=params[0].device)
     dims: list[int] = []
     v_row, v_col, v_diag, row_factor, col_factor = [], [], [], [], []
@@ -97,22 +98,27 @@ def state_lists(params: Sequence[torch.Tensor], states: Sequence[dict[str, Any]]
             row_factor.append(empty)
             col_factor.append(empty)
             v_diag.append(s["v_diag"])
-    return (list(params), [p.grad.contiguous() for p in params],
+    grads = [p.grad for p in params] if grads is None else grads
+    return (list(params), [g.contiguous() for g in grads],
             [s["momentum"] for s in states], [s["rms"] for s in states], v_row, v_col,
             v_diag, row_factor, col_factor, dims)
 
 
 def group_step(params: Sequence[torch.Tensor], states: Sequence[dict[str, Any]],
                decays: torch.Tensor, layers: Sequence[tuple[torch.Tensor, torch.Tensor]],
-               scales: torch.Tensor, hparams: Mapping[str, Any], lr: float) -> None:
+               scales: torch.Tensor, hparams: Mapping[str, Any], lr: float, *,
+               grads: Sequence[torch.Tensor] | None = None,
+               step_scales: Sequence[float] = ()) -> None:
     """Update ``params`` (one device, contiguous, non-empty, with grads) in place.
 
-    ``decays``, ``scales`` and the step counts stay on the CPU; ``layers`` are on the
-    parameters' device.
+    ``decays``, ``scales`` (the time-feature timescales) and the step counts stay on the CPU;
+    ``layers`` are on the parameters' device. ``grads`` replace ``p.grad`` (MuLO's scrubbed
+    gradients); ``step_scales`` are per-tensor step multipliers ``s`` (MuLO:
+    ``p <- p - lr * (step * s)``; none given: ``s = 1``, which is exact).
     """
     ops = extension.ops()
     head = hparams["variant"] == "head"
-    tensors = (*state_lists(params, states), decays)
+    tensors = (*state_lists(params, states, grads), decays)
     ops.small_fc_reduce(*tensors)
     sumsq = ops.small_fc_accumulate(*tensors, head)
     # Time features per distinct step count (usually one for the whole group), computed as
@@ -122,5 +128,5 @@ def group_step(params: Sequence[torch.Tensor], states: Sequence[dict[str, Any]],
     tfeat = torch.stack([by_step[t] for t in steps])
     mlp = [t for pair in layers for t in pair]
     ops.small_fc_apply(*tensors, head, sumsq, tfeat, mlp, hparams["exp_mult"],
-                       hparams["step_mult"], lr)
+                       hparams["step_mult"], lr, [float(x) for x in step_scales])
     torch._foreach_add_([s["step"] for s in states], 1.0)

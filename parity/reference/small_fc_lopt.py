@@ -160,7 +160,7 @@ class SmallFCLOptReference:
             new_fac["v_row"][name], new_fac["v_col"][name] = v_row, v_col
             new_fac["v_diag"][name] = v_diag
             new_p, record = self._apply(p, g, m, rms, fac_g, v_row, v_col, v_diag, row_f, col_f,
-                                        dims, tfeat)
+                                        dims, tfeat, self._scale(state, name))
             record["fac_g"] = fac_g
             new_params[name] = new_p.astype(params[name].dtype)
             inter[name] = record
@@ -173,8 +173,15 @@ class SmallFCLOptReference:
         }
         return new_params, new_state, inter
 
-    def _apply(self, p, g, m, rms, fac_g, v_row, v_col, v_diag, row_f, col_f, dims, tfeat):
-        """Upstream ``_mod``: features, normalization, MLP, step (scalars as shape (1,))."""
+    def _scale(self, state, name):
+        """The step's per-tensor multiplier (``None``: none; μLO's scale)."""
+        del state, name
+        return None
+
+    def _apply(self, p, g, m, rms, fac_g, v_row, v_col, v_diag, row_f, col_f, dims, tfeat,
+               scale=None):
+        """Upstream ``_mod``: features, normalization, MLP, step (scalars as shape (1,)),
+        ``p - step`` (``p - step * scale`` with a scale, as μLO)."""
         scalar = p.ndim == 0
         if scalar:
             p, g, m, rms, fac_g, v_diag = (jnp.expand_dims(x, 0)
@@ -209,6 +216,8 @@ class SmallFCLOptReference:
         step = direction * jnp.exp(magnitude * self.hparams["exp_mult"]) * self.hparams[
             "step_mult"]
         step = step.reshape(p.shape)
+        if scale is not None:
+            step = step * scale
         new_p = p - step
         if scalar:
             new_p, step = jnp.squeeze(new_p, 0), jnp.squeeze(step, 0)
