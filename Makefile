@@ -24,6 +24,9 @@ $(STAMP): pyproject.toml Makefile
 
 GATE_SRC := checkpoints/small_fc_h32_sm0p01
 VELO_SRC := checkpoints/velo_small
+MULO_SRC := checkpoints/mulo_h32_sm0p01
+CELO_SRC := checkpoints/celo
+CELO_ADAM_SRC := checkpoints/celo_adam
 
 demo: $(STAMP)
 	$(BIN)/python scripts/main_job.py
@@ -42,6 +45,18 @@ test: $(STAMP)
 		--num-steps 50 --free-task mlp --free-steps 100
 	$(BIN)/lopt-parity $(VELO_SRC) --gate --impl fused --reference builtin --tasks 8 \
 		--steps 30 --num-steps 50 --free-task conv --free-steps 100
+	$(BIN)/lopt-parity $(MULO_SRC) --gate --reference builtin --tasks 4 --steps 10 \
+		--free-task mlp --free-steps 50
+	$(BIN)/lopt-parity $(MULO_SRC) --gate --impl fused --reference builtin --tasks 4 \
+		--steps 10 --free-task conv --free-steps 50
+	$(BIN)/lopt-parity $(CELO_SRC) --gate --reference builtin --tasks 6 --steps 20 \
+		--num-steps 50 --free-task mlp --free-steps 100
+	$(BIN)/lopt-parity $(CELO_SRC) --gate --impl fused --reference builtin --tasks 6 \
+		--steps 20 --num-steps 50 --free-task conv --free-steps 100
+	$(BIN)/lopt-parity $(CELO_ADAM_SRC) --gate --reference builtin --tasks 6 --steps 20 \
+		--num-steps 50 --free-task mlp --free-steps 100
+	$(BIN)/lopt-parity $(CELO_ADAM_SRC) --gate --impl fused --reference builtin --tasks 6 \
+		--steps 20 --num-steps 50 --free-task conv --free-steps 100
 	$(BIN)/python -m pytest
 
 clean:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 import lopt_port
-from converters import flax_msgpack
+from converters import flax_msgpack, mulo
 from converters.atomic import atomic_target, write_files_atomic
 from converters.errors import CheckpointError
 from converters.upstream import MAPPINGS, UpstreamCheckpoint, load_upstream
@@ -30,8 +30,9 @@ from lopt_port.weights import (
     state_dict_with_metadata,
 )
 
-Format = Literal["safetensors", "pt", "hf", "upstream"]
-FORMATS: tuple[str, ...] = ("safetensors", "pt", "hf", "upstream")
+Format = Literal["safetensors", "pt", "hf", "upstream", "pickle"]
+#: ``pickle``: μLO's release format (``pickle.dump(theta)``, kind ``mulo`` only).
+FORMATS: tuple[str, ...] = ("safetensors", "pt", "hf", "upstream", "pickle")
 WEIGHTS_SUFFIXES = (".safetensors", ".pt")
 
 
@@ -181,6 +182,14 @@ class Converted:
             with atomic_target(target, overwrite) as tmp, open(tmp, "wb") as f:
                 f.write(buffer.getvalue())
             return [target]
+        if format == "pickle":
+            if self.kind != mulo.KIND:
+                raise CheckpointError(f"format 'pickle' is μLO's release format; these weights "
+                                      f"are {self.kind!r}")
+            data = mulo.pickle_bytes(self.upstream_tree()["params"])
+            with atomic_target(target, overwrite) as tmp, open(tmp, "wb") as f:
+                f.write(data)
+            return [target]
         if format == "upstream":
             data = self.upstream_bytes()
             text = self.upstream_config_text()
@@ -269,5 +278,8 @@ def convert(path: str | os.PathLike, kind: str | None = None, *,
     if (os.path.isfile(name) and name.endswith(WEIGHTS_SUFFIXES)) or (
             os.path.isdir(name) and is_pretrained_folder(name)):
         return _from_weights(name, kind, upstream_defaults, hparams)
+    if os.path.isfile(name) and name.endswith(mulo.PICKLE_SUFFIXES):
+        return _from_upstream(mulo.load_pickle(name, kind, upstream_defaults=upstream_defaults,
+                                               **hparams))
     return _from_upstream(load_upstream(name, kind, upstream_defaults=upstream_defaults,
                                         **hparams))

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from converters import celo, flax_msgpack, small_fc_lopt, velo
+from converters import celo, flax_msgpack, mulo, small_fc_lopt, velo
 from converters.errors import CheckpointError
 from converters.gin_config import GinConfig, read_gin
 
@@ -25,7 +25,7 @@ from converters.gin_config import GinConfig, read_gin
 #: (theta may sit at the document's root, default False) and ``WRITES_GIN`` (the folder has a
 #: ``config.gin``, default True).
 MAPPINGS: dict[str, Any] = {m.KIND: m for m in (small_fc_lopt, velo.VELO, celo.CELO,
-                                                celo.CELO_ADAM)}
+                                                celo.CELO_ADAM, mulo)}
 #: ``run_train.lopt`` class of a ``config.gin`` -> kind (kinds saved with a config only).
 CLASS_TO_KIND = {m.UPSTREAM_CLASS: kind for kind, m in MAPPINGS.items()
                  if getattr(m, "WRITES_GIN", True)}

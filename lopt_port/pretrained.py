@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from lopt_port.celo import Celo, CeloAdam
+from lopt_port.mulo import MuLO
 from lopt_port.small_fc_lopt import SmallFCLOpt
 from lopt_port.velo import VeLO
 from lopt_port.weights import (
@@ -40,6 +42,9 @@ from lopt_port.weights import (
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "small_fc_lopt": SmallFCLOpt,
     "velo": VeLO,
+    "mulo": MuLO,
+    "celo": Celo,
+    "celo_adam": CeloAdam,
 }
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 import converters
-from lopt_port import SmallFCLOpt, VeLO
+from lopt_port import Celo, CeloAdam, SmallFCLOpt, VeLO
 from lopt_port.weights import LoadedWeights
 from parity import tolerances
 from parity.errors import (
@@ -61,6 +61,7 @@ from parity.tasks import REAL_TASKS, RealTask, Task, make_task
 
 Reference = Literal["builtin", "upstream"]
 Impl = Literal["eager", "fused"]
+CELO_KINDS = ("celo", "celo_adam")
 INTERMEDIATES = ("features_raw", "mlp_input", "fac_g", "mlp_pre0", "mlp_pre1", "mlp_pre2",
                  "mlp_output", "update")
 
@@ -126,11 +127,12 @@ def build_sides(src: str | os.PathLike, reference: Reference = "builtin",
         conv = converters.convert(src)
     except converters.CheckpointError as e:
         raise HarnessError(str(e)) from None
-    if conv.kind not in ("small_fc_lopt", "velo"):
-        raise HarnessError(f"{src}: lopt-parity supports small_fc_lopt and velo, not "
-                           f"{conv.kind}")
+    if conv.kind not in ("small_fc_lopt", "velo", "mulo", *CELO_KINDS):
+        raise HarnessError(f"{src}: lopt-parity supports small_fc_lopt, velo, mulo, celo and "
+                           f"celo_adam, not {conv.kind}")
     root = conv.upstream_tree()
-    theta = root["params"] if "params" in root else root["0"]
+    theta = (root["params"] if {"params", "gen_id"} <= set(root)
+             else root["0"] if set(root) == {"0", "1", "2"} else root)
     info: dict[str, Any] = {"source": os.fspath(src), "kind": conv.kind, "impl": impl,
                             "reference": reference, "hparams": conv.hparams,
                             "jax": jax.__version__, "torch": torch.__version__,
@@ -139,6 +141,10 @@ def build_sides(src: str | os.PathLike, reference: Reference = "builtin",
     torch.backends.cuda.matmul.allow_tf32 = False  # pitfalls #1: true float32 matmuls
     if conv.kind == "velo":
         return _velo_sides(theta, weights, reference, impl, info)
+    if conv.kind in CELO_KINDS:
+        return _celo_sides(theta, weights, reference, impl, info)
+    if conv.kind == "mulo":
+        return _mulo_sides(theta, weights, reference, impl, info)
     if reference == "upstream":
         from parity import upstream
         try:
@@ -187,6 +193,42 @@ def _velo_sides(theta: dict[str, Any], weights: LoadedWeights, reference: Refere
     return Sides(ref, make_torch, info)
 
 
+def _mulo_sides(theta: dict[str, Any], weights: LoadedWeights, reference: Reference,
+                impl: Impl, info: dict[str, Any], clip_grad: bool = False) -> Sides:
+    """μLO's sides (:mod:`parity.harness_mulo`); lockstep and free running are
+    small_fc_lopt's."""
+    from parity.harness_mulo import mulo_sides
+    try:
+        ref, make_torch = mulo_sides(theta, weights, reference, impl, info, clip_grad=clip_grad)
+        if impl == "fused":
+            make_torch([torch.zeros(1)])
+    except (ValueError, RuntimeError) as e:
+        raise HarnessError(str(e)) from None
+    return Sides(ref, make_torch, info)
+
+
+def _celo_sides(theta: dict[str, Any], weights: LoadedWeights, reference: Reference,
+                impl: Impl, info: dict[str, Any]) -> Sides:
+    if reference != "builtin":
+        raise HarnessError("reference 'upstream': the Celo authors' package is not installed "
+                           "here; Celo is compared with their code through their golden runs "
+                           "(tests/test_celo.py) and here with the builtin JAX reference")
+    from parity.reference import CeloReference
+    ref = CeloReference(theta, weights.kind, weights.hparams)
+    info["variant"] = None
+    cls = Celo if weights.kind == "celo" else CeloAdam
+
+    def make_torch(params: list[torch.Tensor], num_steps: int = 1) -> VeLO:
+        return cls(params, weights, num_steps=num_steps, fused=impl == "fused")
+
+    if impl == "fused":
+        try:
+            make_torch([torch.zeros(1)])
+        except RuntimeError as e:
+            raise HarnessError(f"--impl fused: {e}") from None
+    return Sides(ref, make_torch, info)
+
+
 def _as_jax(tree: dict[str, np.ndarray]) -> dict[str, jnp.ndarray]:
     return {k: jnp.asarray(v) for k, v in tree.items()}
 
@@ -203,11 +245,11 @@ def lockstep(sides: Sides, task: Task, num_steps: int = 1000) -> list[ErrorRecor
 
     ``num_steps`` is the training horizon given to both sides (VeLO uses it).
     """
-    if sides.info["kind"] == "velo":
+    if sides.info["kind"] in ("velo", *CELO_KINDS):
         from parity.harness_velo import velo_lockstep
         out: list[ErrorRecord] = []
         velo_lockstep(sides, task, num_steps,
-                      lambda *r: out.append(ErrorRecord(*r, kind="velo")))
+                      lambda *r: out.append(ErrorRecord(*r, kind=sides.info["kind"])))
         return out
     ref = sides.reference
     names = list(task.params)
@@ -233,7 +275,8 @@ def lockstep(sides: Sides, task: Task, num_steps: int = 1000) -> list[ErrorRecor
                                                 _as_jax(task.grads[t]), task.losses[t])
 
         def add(tensor: str, quantity: str, error: float, step: int = t + 1) -> None:
-            records.append(ErrorRecord(task.name, step, tensor, quantity, error))
+            records.append(ErrorRecord(task.name, step, tensor, quantity, error,
+                                       kind=sides.info["kind"]))
 
         for n, p in tensors.items():
             ours = captured.get(p, {})
@@ -245,8 +288,10 @@ def lockstep(sides: Sides, task: Task, num_steps: int = 1000) -> list[ErrorRecor
                     elif q == "mlp_input":
                         err = relative_per_column(ours[q].numpy(), theirs, floor=1.0)
                     elif q == "update":
+                        # μLO scales each tensor's step by s: the update's scale includes it
+                        s = opt.scale_of(p) if hasattr(opt, "scale_of") else 1.0
                         err = update_error(ours[q].numpy(), theirs, inter[n]["mlp_output"],
-                                           opt.hparams["exp_mult"], opt.hparams["step_mult"])
+                                           opt.hparams["exp_mult"], opt.hparams["step_mult"] * s)
                     else:
                         err = relative(ours[q].numpy(), theirs)
                     add(n, q, err)

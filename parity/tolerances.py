@@ -57,6 +57,10 @@ LOCKSTEP: dict[str, float] = {
     "lr_mult": 1e-5,
     "lstm_state": 1e-5,
     "ff_params": 1e-5,
+    # Celo-Adam's bias-corrected moments (relative): one elementwise product of moving averages
+    # that agree to a few ulps with the same float32 bias corrections on both sides.
+    "m_hat": 1e-5,
+    "v_hat": 1e-5,
 }
 
 #: Per-kind overrides of :data:`LOCKSTEP` (none at present: every kind meets the same bounds).

@@ -35,9 +35,12 @@ class Tiny(nn.Module):
 
 
 def _optimizer(kind: str, params, weights: str) -> torch.optim.Optimizer:
-    from lopt_port import SmallFCLOpt, VeLO
-    if kind == "velo":
-        return VeLO(params, weights, num_steps=STEPS, fused=False)
+    from lopt_port import Celo, CeloAdam, MuLO, SmallFCLOpt, VeLO
+    if kind in ("velo", "celo", "celo_adam"):
+        cls = {"velo": VeLO, "celo": Celo, "celo_adam": CeloAdam}[kind]
+        return cls(params, weights, num_steps=STEPS, fused=False)
+    if kind == "mulo":  # one scale for all: the sharding must not care which
+        return MuLO(params, weights, default_scale=0.25, fused=False)
     return SmallFCLOpt(params, weights, fused=False)
 
 

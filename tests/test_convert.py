@@ -260,7 +260,7 @@ def test_msgpack_not_even_a_checkpoint(tmp_path):
         converters.convert(tmp_path / "x")
     with pytest.raises(CheckpointError, match="no such file"):
         converters.convert(tmp_path / "missing")
-    with pytest.raises(CheckpointError, match="no 'params' or 'theta.state' file"):
+    with pytest.raises(CheckpointError, match=r"no 'params' or 'theta\.state' file"):
         converters.convert(tmp_path)
 
 

@@ -12,9 +12,12 @@ from tests.conftest import checkpoint_dir
 # Rounds of batched all_reduce per step, whatever the number of tensors:
 # small_fc_lopt: factored row/column means, the row-column mean of v_row, the feature sums
 # of squares; VeLO: mean p^2, the old momentum and rms means, their variances (the LSTM
-# inputs), then the same three as small_fc_lopt.
-EXPECTED_COLLECTIVES = {"small_fc_lopt": 3, "velo": 6}
-CHECKPOINTS = {"small_fc_lopt": "small_fc_h32_sm0p01", "velo": "velo_small"}
+# inputs), then the same three as small_fc_lopt; MuLO: small_fc_lopt's; Celo: VeLO's
+# per-parameter three and mean p^2 (param_scale; its LSTM inputs are global); Celo-Adam:
+# none (elementwise).
+EXPECTED_COLLECTIVES = {"small_fc_lopt": 3, "velo": 6, "mulo": 3, "celo": 4, "celo_adam": 0}
+CHECKPOINTS = {"small_fc_lopt": "small_fc_h32_sm0p01", "velo": "velo_small",
+               "mulo": "mulo_h32_sm0p01", "celo": "celo", "celo_adam": "celo_adam"}
 
 
 @pytest.mark.parametrize("kind", sorted(EXPECTED_COLLECTIVES))

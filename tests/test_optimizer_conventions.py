@@ -12,7 +12,8 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from lopt_port import SmallFCLOpt, VeLO
+from lopt_port import Celo, CeloAdam, MuLO, SmallFCLOpt, VeLO
+from lopt_port.weights import LoadedWeights
 from tests.conftest import checkpoint_dir
 
 
@@ -46,9 +47,43 @@ def velo_fused(params, **kw):
     return velo(params, fused=None, **kw)
 
 
+def mulo(params, fused=False, **kw):
+    """μLO with hidden-like scales: s = 1/4 for 2-D tensors, 1 for the rest."""
+    params = list(params)
+    tensors = [p for x in params for p in (x["params"] if isinstance(x, dict) else [x])]
+    w = _weights("small_fc_h32_sm0p01")
+    return MuLO(params, LoadedWeights("mulo", w.hparams, w.state_dict),
+                scales={p: 0.25 if p.dim() == 2 else 1.0 for p in tensors}, fused=fused, **kw)
+
+
+def mulo_fused(params, **kw):
+    """Fused kernels wherever they run (float32 CPU), eager elsewhere."""
+    return mulo(params, fused=None, **kw)
+
+
+def celo(params, fused=False, **kw):
+    return Celo(params, _weights("celo"), num_steps=50, fused=fused, **kw)
+
+
+def celo_fused(params, **kw):
+    """VeLO's fused kernels wherever they run (CPU), eager elsewhere."""
+    return celo(params, fused=None, **kw)
+
+
+def celo_adam(params, fused=False, **kw):
+    return CeloAdam(params, _weights("celo_adam"), num_steps=50, fused=fused, **kw)
+
+
+def celo_adam_fused(params, **kw):
+    """Multi-tensor operations wherever all params are float32 dense tensors on one device."""
+    return celo_adam(params, fused=None, **kw)
+
+
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "celo-eager": celo, "celo-fused": celo_fused, "celo_adam-eager": celo_adam,
+    "celo_adam-fused": celo_adam_fused,
     "small_fc_lopt-eager": small_fc, "small_fc_lopt-fused": small_fc_fused,
-    "velo-eager": velo, "velo-fused": velo_fused}
+    "velo-eager": velo, "velo-fused": velo_fused, "mulo-eager": mulo, "mulo-fused": mulo_fused}
 SHAPES = [(), (5,), (1, 7), (7, 1), (8, 4), (10, 10), (4, 1, 1), (6, 6, 3, 3), (3, 3, 4, 6)]
 
 
@@ -63,6 +98,8 @@ def _quiet_fallback_warnings():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="SmallFCLOpt: using the eager path")
         warnings.filterwarnings("ignore", message="VeLO: using the eager path")
+        warnings.filterwarnings("ignore", message="MuLO: using the eager path")
+        warnings.filterwarnings("ignore", message="Celo: using the eager path")
         yield
 
 

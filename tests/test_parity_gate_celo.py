@@ -1,0 +1,83 @@
+"""The parity gate for Celo and Celo-Adam: passes on the real code with the released weights,
+fails on each of the four scheduler details that tell Celo from VeLO (mulo-celo-spec B.9.1-2)
+and on a wrong Adam bias correction.
+
+The bugs are injected into the PyTorch side only, so each negative control shows that the gate
+sees the difference.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lopt_port import Celo, CeloAdam, VeLO
+from parity import harness
+from parity.tasks import make_task
+from tests.conftest import checkpoint_dir
+
+
+@pytest.fixture(scope="module")
+def celo_sides():
+    return harness.build_sides(checkpoint_dir("celo"))
+
+
+@pytest.fixture(scope="module")
+def adam_sides():
+    return harness.build_sides(checkpoint_dir("celo_adam"))
+
+
+@pytest.fixture(scope="module")
+def task():
+    return make_task(5, 5)
+
+
+def _violations(sides, task):
+    result = harness.ParityResult(sides.info, harness.lockstep(sides, task, 50))
+    return result, result.violations()
+
+
+def test_clean_lockstep_passes(celo_sides, adam_sides, task):
+    result, violations = _violations(celo_sides, task)
+    assert violations == []
+    assert {"loss_features", "lstm_input", "controls", "lr_mult", "lstm_state", "ff_params",
+            "mlp_output", "update", "params", "state/lstm_hidden"} <= set(result.worst())
+    result, violations = _violations(adam_sides, task)
+    assert violations == []
+    assert {"lr_mult", "m_hat", "v_hat", "update", "params", "state/rms"} <= set(
+        result.worst())
+
+
+def _velo_heads(self, h, t):
+    """VeLO's raw heads: controls unnormalized, lr_mult a raw linear output."""
+    return VeLO._heads(self, h, t)
+
+
+def _no_schedule(self, lr_mult):
+    """The phase-1 configuration on phase-2 weights (B.9.2): lr_mult computed, not applied."""
+    return torch.ones_like(lr_mult)
+
+
+@pytest.mark.parametrize("bug, attribute, patch, flagged", [
+    ("VeLO's raw heads", "_heads", _velo_heads, "lr_mult"),
+    ("VeLO's x100 interpolation", "_ff_mult", property(lambda self: 100.0), "ff_params"),
+    ("train_phase ignored", "_applied_lr_mult", _no_schedule, " update:"),
+    # Teacher forcing hands both sides the reference's loss buffer after step 1, so this one
+    # shows in the state the first step leaves behind (the buffer's decays).
+    ("VeLO's bugged loss features", "_bugged_loss_features", property(lambda self: True),
+     "state/loss_decays"),
+])
+def test_gate_catches_velo_details(celo_sides, task, monkeypatch, bug, attribute, patch,
+                                   flagged):
+    monkeypatch.setattr(Celo, attribute, patch)
+    _, violations = _violations(celo_sides, task)
+    assert any(flagged in v for v in violations), (bug, violations[:3])
+    if flagged != "state/loss_decays":
+        assert any(" update:" in v or " params:" in v for v in violations), bug
+
+
+def test_gate_catches_an_uncorrected_adam(adam_sides, task, monkeypatch):
+    monkeypatch.setattr(CeloAdam, "_bias_corrections", lambda self, iteration: (1.0, 1.0))
+    _, violations = _violations(adam_sides, task)
+    assert any(" params:" in v for v in violations)
+    assert any("m_hat" in v for v in violations)
