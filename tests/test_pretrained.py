@@ -12,13 +12,25 @@ import torch
 
 import converters
 from converters.cli import main as convert_main
-from lopt_port import SmallFCLOpt, VeLO, WeightsError, from_pretrained, load_pretrained
+from lopt_port import (
+    Celo,
+    CeloAdam,
+    MuLO,
+    SmallFCLOpt,
+    VeLO,
+    WeightsError,
+    from_pretrained,
+    load_pretrained,
+)
 from lopt_port.weights import CONFIG_NAME, WEIGHTS_NAME, load_weights, safetensors_bytes
 from tests.conftest import checkpoint_dir
 
-CHECKPOINTS = {"small_fc_lopt": "small_fc_h32_sm0p01", "velo": "velo_small"}
-CLASSES = {"small_fc_lopt": SmallFCLOpt, "velo": VeLO}
-KWARGS = {"small_fc_lopt": {}, "velo": {"num_steps": 20}}
+CHECKPOINTS = {"small_fc_lopt": "small_fc_h32_sm0p01", "velo": "velo_small",
+               "mulo": "mulo_h32_sm0p01", "celo": "celo", "celo_adam": "celo_adam"}
+CLASSES = {"small_fc_lopt": SmallFCLOpt, "velo": VeLO, "mulo": MuLO, "celo": Celo,
+           "celo_adam": CeloAdam}
+KWARGS = {"small_fc_lopt": {}, "velo": {"num_steps": 20}, "mulo": {"default_scale": 0.5},
+          "celo": {"num_steps": 20}, "celo_adam": {"num_steps": 20}}
 
 
 def _params(seed: int = 0) -> list[torch.Tensor]:
