@@ -56,10 +56,13 @@ _FF = ("ff_mod_stack", "~")
 _LSTM_FIELDS = ("hidden", "cell")
 _ENVELOPE_FIELDS = {"0": "hidden", "1": "cell"}
 
-#: Older encodings of ``lstm_init_state`` -> the canonical ``{hidden, cell}`` key chain.
+#: Older encodings of ``lstm_init_state`` -> the canonical ``{hidden, cell}`` key chain, and
+#: the LSTM gate linear's ``rnn/~/linear`` spelling (upstream-spec 3.8; every file examined,
+#: and current haiku, write ``rnn/linear``, mulo-celo-spec 0) -> ``rnn/linear``.
 CHAIN_ALIASES: dict[Chain, Chain] = {
     **{(_LSTM, str(i)): (_LSTM, f) for i, f in enumerate(_LSTM_FIELDS)},
     **{(_LSTM, "values", str(i)): (_LSTM, f) for i, f in enumerate(_LSTM_FIELDS)},
+    **{(_RNN, "rnn/~/linear", leaf): (_RNN, "rnn/linear", leaf) for leaf in ("w", "b")},
 }
 
 #: haiku module under ``rnn_params`` -> PyTorch module prefix.

@@ -1,6 +1,7 @@
 """Median optimizer-step time of learned-optimizer implementations, side by side in one run.
 
-``--optimizer small_fc_lopt`` (default) or ``velo``. Implementations: ``fused`` (lopt_port
+``--optimizer small_fc_lopt`` (default), ``velo``, ``mulo`` (every tensor at scale 1),
+``celo`` or ``celo_adam`` (the released weights). Implementations: ``fused`` (lopt_port
 kernels), ``eager`` (lopt_port PyTorch path), ``jax`` (parity.reference under
 jit) and ``adamw`` (``torch.optim.AdamW(fused=True)``, the hand-designed baseline). Layouts:
 ``10m`` (one 10M tensor), ``100x100k`` (100 tensors of 100k) and ``gpt2`` (the parameter
@@ -97,16 +98,19 @@ def sgemm_gflops(repeats: int) -> float:
 
 def torch_step(impl: str, shapes: list[tuple[int, ...]], weights: str,
                optimizer: str) -> Callable[[], None]:
-    from lopt_port import SmallFCLOpt, VeLO
+    from lopt_port import Celo, CeloAdam, MuLO, SmallFCLOpt, VeLO
     g = torch.Generator().manual_seed(0)
     params = [torch.randn(s, generator=g) for s in shapes]
     for p in params:
         p.grad = torch.randn(p.shape, generator=g)
     if impl == "adamw":
         opt = torch.optim.AdamW(params, lr=1e-3, fused=True)
-    elif optimizer == "velo":
-        velo = VeLO(params, weights, num_steps=10_000, fused=impl == "fused")
+    elif optimizer in ("velo", "celo", "celo_adam"):
+        cls = {"velo": VeLO, "celo": Celo, "celo_adam": CeloAdam}[optimizer]
+        velo = cls(params, weights, num_steps=10_000, fused=impl == "fused")
         return lambda: velo.step(loss=1.0)
+    elif optimizer == "mulo":
+        opt = MuLO(params, weights, default_scale=1.0, fused=impl == "fused")
     else:
         opt = SmallFCLOpt(params, weights, fused=impl == "fused")
     return lambda: opt.step()
@@ -117,17 +121,27 @@ def jax_step(shapes: list[tuple[int, ...]], weights: str, optimizer: str,
     import jax
     import jax.numpy as jnp
 
-    from parity.reference import SmallFCLOptReference, VeLOReference
-    if optimizer == "velo":
-        ref = VeLOReference.from_upstream(upstream)
-    else:
-        ref = SmallFCLOptReference.from_checkpoint(weights)
+    from parity.reference import (
+        CeloReference,
+        MuLOReference,
+        SmallFCLOptReference,
+        VeLOReference,
+    )
     rng = np.random.default_rng(0)
     params = {f"p{i}": jnp.asarray(rng.normal(size=s).astype(np.float32))
               for i, s in enumerate(shapes)}
     grads = {k: jnp.asarray(rng.normal(size=v.shape).astype(np.float32))
              for k, v in params.items()}
-    box = {"params": params, "state": ref.init(params, 10_000)}
+    if optimizer == "velo":
+        ref = VeLOReference.from_upstream(upstream)
+    elif optimizer in ("celo", "celo_adam"):
+        ref = CeloReference.from_file(os.path.join(upstream, "theta.state"))
+    elif optimizer == "mulo":
+        ref = MuLOReference.from_checkpoint(weights)
+    else:
+        ref = SmallFCLOptReference.from_checkpoint(weights)
+    init = ({"scales": {k: 1.0 for k in params}} if optimizer == "mulo" else {})
+    box = {"params": params, "state": ref.init(params, 10_000, **init)}
 
     def step() -> None:
         new_params, new_state, _ = ref.step(box["state"], box["params"], grads, 1.0)
@@ -153,13 +167,17 @@ def default_weights(optimizer: str) -> str:
     """The checkpoint folder benchmarked when ``--weights`` is not given."""
     if optimizer == "small_fc_lopt":
         return os.path.join(ROOT, "checkpoints", "small_fc_h32_sm0p01")
+    if optimizer != "velo":
+        return os.path.join(ROOT, "checkpoints", {"mulo": "mulo_h32_sm0p01"}.get(optimizer,
+                                                                               optimizer))
     full = os.path.join(os.path.dirname(ROOT), "shared", "golden", "checkpoints", "velo_full")
     return full if os.path.isdir(full) else os.path.join(ROOT, "checkpoints", "velo_small")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--optimizer", choices=["small_fc_lopt", "velo"],
+    parser.add_argument("--optimizer", choices=["small_fc_lopt", "velo", "mulo", "celo",
+                                                "celo_adam"],
                         default="small_fc_lopt")
     parser.add_argument("--weights", help="upstream checkpoint folder (default: "
                         "checkpoints/small_fc_h32_sm0p01; for velo the released VeLO "
@@ -192,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         shapes = LAYOUTS[layout]()
         n = sum(int(np.prod(s)) for s in shapes)
         for impl in args.impls:
-            materializes = impl == "jax" or (impl == "eager" and args.optimizer != "velo")
+            materializes = impl == "jax" or (impl == "eager" and args.optimizer in
+                                             ("small_fc_lopt", "mulo"))
             if materializes and n > args.max_materializing_params:
                 print(f"{layout:>9} {impl:>6}: skipped ({n:,} params > "
                       f"--max-materializing-params)")
@@ -202,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             row = {"optimizer": "adamw" if impl == "adamw" else args.optimizer,
                    "impl": impl, "layout": layout, "params": n, "ms": ms,
                    "sgemm_gflops": gflops}
-            if impl == "fused" and args.optimizer == "small_fc_lopt":
+            if impl == "fused" and args.optimizer in ("small_fc_lopt", "mulo"):
                 row["mlp_gflops"] = MLP_FLOP_PER_PARAM * n / (ms / 1000) / 1e9
             rows.append(row)
             cases.append((row, shapes))

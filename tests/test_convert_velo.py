@@ -182,6 +182,21 @@ def test_flax_envelope_lstm_init_state_round_trips(tmp_path):
     assert (tmp_path / "up" / "params").read_bytes() == (tmp_path / "ck" / "params").read_bytes()
 
 
+def test_tilde_spelling_of_the_lstm_linear_round_trips(tmp_path):
+    """upstream-spec 3.8 wrote the gate linear as ``rnn/~/linear``; every file examined (and
+    current haiku) says ``rnn/linear`` (mulo-celo-spec 0). Both are read; the spelling read is
+    written back."""
+    root = _root()
+    rnn = root["params"]["rnn_params"]
+    rnn["rnn/~/linear"] = rnn.pop("rnn/linear")
+    folder = _write_ckpt(tmp_path / "ck", root, _config())
+    reference = converters.convert(SMALL).state_dict
+    back = _round_trip(tmp_path, folder)
+    for k, v in reference.items():
+        assert torch.equal(back.state_dict[k], v), k
+    assert (tmp_path / "up" / "params").read_bytes() == (tmp_path / "ck" / "params").read_bytes()
+
+
 @pytest.mark.parametrize("node", [
     lambda s: {"hidden": s["hidden"], "1": s["cell"]},
     lambda s: {"name": "LSTMState", "fields": {"0": "cell", "1": "hidden"},
