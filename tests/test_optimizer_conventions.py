@@ -75,8 +75,8 @@ def celo_adam(params, fused=False, **kw):
 
 
 def celo_adam_fused(params, **kw):
-    """Multi-tensor operations wherever all params are float32 dense tensors on one device."""
-    return celo_adam(params, fused=None, **kw)
+    """The multi-tensor path (``fused=True``: ``fused=None`` picks it on CUDA only)."""
+    return celo_adam(params, fused=True, **kw)
 
 
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
