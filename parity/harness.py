@@ -164,6 +164,13 @@ def build_sides(src: str | os.PathLike, reference: Reference = "builtin",
     def make_torch(params: list[torch.Tensor], num_steps: int = 1) -> SmallFCLOpt:
         return SmallFCLOpt(params, weights, variant=variant, fused=impl == "fused")
 
+    return _checked_sides(ref, make_torch, impl, info)
+
+
+def _checked_sides(ref: Any, make_torch: Callable[..., torch.optim.Optimizer], impl: Impl,
+                   info: dict[str, Any]) -> Sides:
+    """The sides, once an optimizer was built: ``--impl fused`` fails early, with the reason,
+    where the fused path cannot run."""
     if impl == "fused":
         try:
             make_torch([torch.zeros(1)])
@@ -185,12 +192,7 @@ def _velo_sides(theta: dict[str, Any], weights: LoadedWeights, reference: Refere
     def make_torch(params: list[torch.Tensor], num_steps: int = 1) -> VeLO:
         return VeLO(params, weights, num_steps=num_steps, fused=impl == "fused")
 
-    if impl == "fused":
-        try:
-            make_torch([torch.zeros(1)])
-        except RuntimeError as e:
-            raise HarnessError(f"--impl fused: {e}") from None
-    return Sides(ref, make_torch, info)
+    return _checked_sides(ref, make_torch, impl, info)
 
 
 def _mulo_sides(theta: dict[str, Any], weights: LoadedWeights, reference: Reference,
@@ -221,12 +223,7 @@ def _celo_sides(theta: dict[str, Any], weights: LoadedWeights, reference: Refere
     def make_torch(params: list[torch.Tensor], num_steps: int = 1) -> VeLO:
         return cls(params, weights, num_steps=num_steps, fused=impl == "fused")
 
-    if impl == "fused":
-        try:
-            make_torch([torch.zeros(1)])
-        except RuntimeError as e:
-            raise HarnessError(f"--impl fused: {e}") from None
-    return Sides(ref, make_torch, info)
+    return _checked_sides(ref, make_torch, impl, info)
 
 
 def _as_jax(tree: dict[str, np.ndarray]) -> dict[str, jnp.ndarray]:

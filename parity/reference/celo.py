@@ -50,6 +50,7 @@ from parity.reference.velo import (
     _linear,
     _lstm_init_state,
     _StepConfig,
+    factored_init,
     interpolate,
     loss_buffer_init,
     loss_buffer_update,
@@ -120,24 +121,6 @@ class CeloScheduler:
         new = {"lstm_hidden_state": lstm, "loss_buffer": buffer,
                "iteration": state["iteration"] + 1, "num_steps": state["num_steps"]}
         return lr_mult, new, inter
-
-
-def _empty_factored(params: Mapping[str, jnp.ndarray], n_a: int) -> dict[str, dict]:
-    v_row, v_col, v_diag = {}, {}, {}
-    empty = jnp.zeros((0, n_a), F32)
-    for name, p in params.items():
-        dims = factored_dims(p.shape)
-        if dims is None:
-            v_row[name], v_col[name] = empty, empty
-            v_diag[name] = jnp.zeros((*p.shape, n_a), F32)
-        else:
-            d1, d0 = dims
-            keep0 = [s for i, s in enumerate(p.shape) if i != d0]
-            keep1 = [s for i, s in enumerate(p.shape) if i != d1]
-            v_row[name] = jnp.zeros((*keep0, n_a), F32)
-            v_col[name] = jnp.zeros((*keep1, n_a), F32)
-            v_diag[name] = empty
-    return {"v_col": v_col, "v_row": v_row, "v_diag": v_diag}
 
 
 @dataclass(frozen=True)
@@ -281,7 +264,7 @@ class CeloReference:
             "loss_buffer": loss_buffer_init(num_steps),
         }
         if cfg.kind == "celo":
-            state["fac_rolling"] = _empty_factored(params, len(cfg.adafactor_decays))
+            state["fac_rolling"] = factored_init(params, len(cfg.adafactor_decays))
         return state
 
     def step(self, state: Mapping[str, Any], params: Mapping[str, jnp.ndarray],

@@ -398,6 +398,24 @@ def _step(cfg: _StepConfig, theta, state, params, grads, loss):
     return new_params, new_state, inter
 
 
+def factored_init(params: Mapping[str, jnp.ndarray], n_a: int) -> dict[str, dict]:
+    """Upstream's zero factored accumulators (``vec_factored_rolling.init``): ``v_row`` and
+    ``v_col`` for factored tensors, ``v_diag`` otherwise, the unused ones ``(0, A)``."""
+    v_row, v_col, v_diag = {}, {}, {}
+    empty = jnp.zeros((0, n_a), F32)
+    for name, p in params.items():
+        dims = factored_dims(p.shape)
+        if dims is None:
+            v_row[name], v_col[name] = empty, empty
+            v_diag[name] = jnp.zeros((*p.shape, n_a), F32)
+        else:
+            d1, d0 = dims
+            v_row[name] = jnp.zeros((*onp.delete(p.shape, d0), n_a), F32)
+            v_col[name] = jnp.zeros((*onp.delete(p.shape, d1), n_a), F32)
+            v_diag[name] = empty
+    return {"v_col": v_col, "v_row": v_row, "v_diag": v_diag}
+
+
 class VeLOReference:
     """VeLO / HyperV2 in JAX, from an upstream theta tree and the constructor arguments.
 
@@ -463,18 +481,6 @@ class VeLOReference:
         cfg = self._config
         n_m, n_r, n_a = (len(d) for d in (cfg.momentum_decays, cfg.rms_decays,
                                           cfg.adafactor_decays))
-        v_row, v_col, v_diag = {}, {}, {}
-        empty = jnp.zeros((0, n_a), F32)
-        for name, p in params.items():
-            dims = factored_dims(p.shape)
-            if dims is None:
-                v_row[name], v_col[name] = empty, empty
-                v_diag[name] = jnp.zeros((*p.shape, n_a), F32)
-            else:
-                d1, d0 = dims
-                v_row[name] = jnp.zeros((*onp.delete(p.shape, d0), n_a), F32)
-                v_col[name] = jnp.zeros((*onp.delete(p.shape, d1), n_a), F32)
-                v_diag[name] = empty
         bugged = self.hparams["use_bugged_loss_features"]
         n = len(params)
         return {
@@ -484,7 +490,7 @@ class VeLOReference:
             "rms_rolling": {"rms": {k: jnp.zeros((*p.shape, n_r), p.dtype)
                                     for k, p in params.items()},
                             "t": jnp.zeros((n_r,), jnp.int32)},
-            "fac_rolling": {"v_col": v_col, "v_row": v_row, "v_diag": v_diag},
+            "fac_rolling": factored_init(params, n_a),
             "num_steps": num_steps,
             "iteration": jnp.asarray(0, jnp.int32),
             "lstm_hidden_state": {k: jnp.tile(v, (n, 1))
