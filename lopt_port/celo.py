@@ -30,6 +30,7 @@ The authors' Celo-Adam also updates a factored accumulator that nothing reads; i
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -83,11 +84,9 @@ class Celo(VeLO):
                  hparams: Mapping[str, Any] | None = None, tie_break: TieBreak = "numpy",
                  fused: bool | None = None) -> None:
         # No horizon limit: the authors' optimizers do not average gradients for long runs.
-        limit = num_steps if isinstance(num_steps, int) and not isinstance(num_steps, bool) \
-            else 1
         super().__init__(params, weights, num_steps=num_steps, weight_decay=weight_decay, lr=lr,
                          decoupled_weight_decay=decoupled_weight_decay, hparams=hparams,
-                         tie_break=tie_break, max_training_steps=max(limit, 1), fused=fused)
+                         tie_break=tie_break, max_training_steps=sys.maxsize, fused=fused)
 
     def _resolve_hparams(self, given: Mapping[str, Any],
                          shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
@@ -286,7 +285,7 @@ class CeloAdam(Celo):
             g = p.grad.to(torch.float32)
             wd = group["weight_decay"]
             if wd and not self.decoupled_weight_decay:
-                g = g + wd * p
+                g = g + wd * p.to(torch.float32)
             grads.append(g)
         decayed = [i for i, (_, group) in enumerate(entries)
                    if group["weight_decay"] and not self.decoupled_weight_decay]

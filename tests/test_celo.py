@@ -346,3 +346,31 @@ def _flat(tree, prefix=""):
             out.update(_flat(v, f"{prefix}{k}/"))
         return out
     return {prefix[:-1]: tree}
+
+
+@pytest.mark.parametrize("decoupled", [False, True], ids=["prefab", "decoupled"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_decay_same_on_both_paths(weights, kind, decoupled, dtype):
+    """Weight decay (the authors' wrapper, or decoupled) gives the same step on the eager and
+    fused paths, whatever the parameters' dtype, and changes the step."""
+    runs = {}
+    for fused, wd in ((False, 0.1), (True, 0.1), (False, 0.0)):
+        params, grads = _task(3)
+        params = [p.to(dtype) for p in params]
+        opt = KINDS[kind]([{"params": params[:2], "weight_decay": wd}, {"params": params[2:]}],
+                          weights, num_steps=50, fused=fused, decoupled_weight_decay=decoupled)
+        for t in range(3):
+            for p, g in zip(params, grads[t], strict=True):
+                p.grad = g.to(dtype)
+            opt.step(loss=2.0 - 0.1 * t)
+        runs[(fused, wd)] = params
+    for a, b in zip(runs[(False, 0.1)], runs[(True, 0.1)], strict=True):
+        if kind == "celo_adam":  # the same float32 operations on both paths
+            assert torch.equal(a, b)
+        elif dtype == torch.float32:  # VeLO's fused-vs-eager bound, three steps
+            assert relative(a.numpy(), b.numpy()) <= 3 * FUSED_PARAMS_TOL
+        else:  # that 1e-6 can flip a bf16 rounding: one bf16 ulp (2^-8 relative)
+            assert relative(a.float().numpy(), b.float().numpy()) <= 2.0**-8
+    if dtype == torch.float32:  # in bf16, 3 steps of it can round away entirely
+        assert any(not torch.equal(a, c) for a, c in zip(runs[(False, 0.1)][:2],
+                                                          runs[(False, 0.0)][:2], strict=True))
