@@ -141,15 +141,8 @@ def state_dict_shapes(kind: str, hparams: Mapping[str, Any]) -> dict[str, tuple[
         shapes[f"rnn.{module}.weight"] = (out, inp)
         shapes[f"rnn.{module}.bias"] = (out,)
     if kind == "celo":
-        k = hparams["param_inits"]
-        sizes = ([hparams["ff_hidden_size"]] * hparams["ff_hidden_layers"]
-                 + [velo_config.NUM_FF_OUTPUTS])
-        for j, width in enumerate(velo_config.ff_input_widths(*decay_counts(hparams))):
-            shapes[f"ff.w0__{j}"] = (k, width, sizes[0])
-        shapes["ff.b0"] = (k, sizes[0])
-        for i in range(1, len(sizes)):
-            shapes[f"ff.w{i}"] = (k, sizes[i - 1], sizes[i])
-            shapes[f"ff.b{i}"] = (k, sizes[i])
+        shapes.update(velo_config.ff_bank_shapes(hparams, hparams["param_inits"],
+                                                 decay_counts(hparams)))
     return shapes
 
 

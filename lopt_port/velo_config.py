@@ -230,9 +230,17 @@ def state_dict_shapes(hparams: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
                              ("step_size", 1, hid)):
         shapes[f"rnn.{module}.weight"] = (out, inp)
         shapes[f"rnn.{module}.bias"] = (out,)
+    shapes.update(ff_bank_shapes(hparams, k, (m, r, a)))
+    return shapes
+
+
+def ff_bank_shapes(hparams: Mapping[str, Any], k: int,
+                   counts: tuple[int, int, int]) -> dict[str, tuple[int, ...]]:
+    """The per-parameter MLP bank's ``ff.*`` names and shapes, ``K = k`` banks, decay counts
+    ``(M, R, A)``."""
     sizes = [hparams["ff_hidden_size"]] * hparams["ff_hidden_layers"] + [NUM_FF_OUTPUTS]
-    for j, width in enumerate(ff_input_widths(m, r, a)):
-        shapes[f"ff.w0__{j}"] = (k, width, sizes[0])
+    shapes = {f"ff.w0__{j}": (k, width, sizes[0])
+              for j, width in enumerate(ff_input_widths(*counts))}
     shapes["ff.b0"] = (k, sizes[0])
     for i in range(1, len(sizes)):
         shapes[f"ff.w{i}"] = (k, sizes[i - 1], sizes[i])
