@@ -5,6 +5,11 @@
 // tensors.
 // Plain C++: the CUDA path needs no CUDA headers, only c10's device-generic guard and
 // stream interfaces.
+//
+// Built a second time for the emulated CUDA backend (LOPT_CUDA_EMULATION, see
+// cuda_emulation/): the ops are then `torch.ops.lopt_port_emulated.*`, take CPU tensors and
+// run the CUDA launchers (the .cu sources compiled by the host compiler) on guarded copies of
+// every buffer.
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
@@ -20,8 +25,21 @@
 #include "small_fc_lopt_cuda.h"
 #include "velo_cuda.h"
 #endif
+#if defined(LOPT_CUDA_EMULATION)
+#include "cuda_emulation/device_memory.h"
+#define LOPT_OPS_LIBRARY lopt_port_emulated
+#else
+#define LOPT_OPS_LIBRARY lopt_port
+#endif
 
 namespace {
+
+// Whether the CUDA launchers take CPU tensors (the emulated backend).
+#if defined(LOPT_CUDA_EMULATION)
+constexpr bool kEmulated = true;
+#else
+constexpr bool kEmulated = false;
+#endif
 
 using at::Tensor;
 
@@ -162,15 +180,95 @@ Group make_group(at::TensorList params, at::TensorList grads, at::TensorList mom
 }
 
 #if defined(LOPT_WITH_CUDA)
-// The current CUDA stream of the group's device, with that device made current for the
-// guard's lifetime; through c10's device-generic interfaces (no CUDA headers needed).
-void* current_stream(const at::Device& device) {
-  return c10::impl::getDeviceGuardImpl(device.type())->getStream(device).native_handle();
-}
+#if defined(LOPT_CUDA_EMULATION)
+extern "C" const char* lopt_emu_failure_detail();
+#endif
 
 void check_cuda(int code, const char* phase) {
+#if defined(LOPT_CUDA_EMULATION)
+  TORCH_CHECK(code == 0, "lopt_port emulated CUDA ", phase, " failed: ",
+              lopt_cuda_error_string(code), ": ", lopt_emu_failure_detail());
+#else
   TORCH_CHECK(code == 0, "lopt_port CUDA ", phase, " failed: ", lopt_cuda_error_string(code));
+#endif
 }
+
+// Where a group's CUDA launchers run. On a GPU: the group's device made current for this
+// object's lifetime and its current stream (c10's device-generic interfaces, no CUDA headers).
+// Emulated: the group's buffers replaced by guarded copies (device(), for the other buffers),
+// copied back and their guards checked by finish().
+class OnDevice {
+ public:
+  // `features`: floats of each tensor's sumsq; `sumsq_out`: whether the phase writes it.
+  OnDevice(Group& g, int features, bool sumsq_out)
+#if !defined(LOPT_CUDA_EMULATION)
+      : guard_(g.device)
+#endif
+  {
+#if defined(LOPT_CUDA_EMULATION)
+    const int k = g.decays.k;
+    for (size_t i = 0; i < g.tensors.size(); ++i) {
+      lopt::TensorArgs& t = g.tensors[i];
+      const std::string n = " of parameter " + std::to_string(i);
+      const size_t elem = t.dtype == lopt::DType::kFloat32 ? 4 : 2;
+      t.p = mem_.add(static_cast<unsigned char*>(t.p), t.n * elem, "params" + n);
+      t.g = mem_.add(static_cast<const unsigned char*>(t.g), t.n * elem, "grads" + n);
+      t.m = mem_.add(t.m, t.n * k, "momentum" + n);
+      t.rms = mem_.add(t.rms, t.n, "rms" + n);
+      t.v_row = mem_.add(t.v_row, t.n_row * k, "v_row" + n);
+      t.v_col = mem_.add(t.v_col, t.n_col * k, "v_col" + n);
+      t.v_diag = mem_.add(t.v_diag, t.n * k, "v_diag" + n);
+      t.row_factor = mem_.add(t.row_factor, t.n_row * k, "row factors" + n);
+      t.col_factor = mem_.add(t.col_factor, t.n_col * k, "column factors" + n);
+      t.sumsq = mem_.add(t.sumsq, features, "sumsq" + n, !sumsq_out);
+    }
+#else
+    (void)features;
+    (void)sumsq_out;
+#endif
+  }
+
+  // The device pointer of another buffer of `count` elements (`copy_in`: its contents are
+  // read; otherwise it is scratch or output).
+  template <typename T>
+  T* device(T* data, int64_t count, const char* what, bool copy_in = true) {
+#if defined(LOPT_CUDA_EMULATION)
+    return mem_.add(data, static_cast<size_t>(count), what, copy_in);
+#else
+    (void)count;
+    (void)what;
+    (void)copy_in;
+    return data;
+#endif
+  }
+
+  void* stream() const {
+#if defined(LOPT_CUDA_EMULATION)
+    return nullptr;
+#else
+    return c10::impl::getDeviceGuardImpl(guard_.current_device().type())
+        ->getStream(guard_.current_device())
+        .native_handle();
+#endif
+  }
+
+  void finish(int code, const char* phase) {
+#if defined(LOPT_CUDA_EMULATION)
+    const std::string bounds = mem_.finish();
+    check_cuda(code, phase);
+    TORCH_CHECK(bounds.empty(), "lopt_port emulated CUDA ", phase, ": ", bounds);
+#else
+    check_cuda(code, phase);
+#endif
+  }
+
+ private:
+#if defined(LOPT_CUDA_EMULATION)
+  lopt_emu::DeviceCopies mem_;
+#else
+  c10::DeviceGuard guard_;
+#endif
+};
 #endif
 
 #if !defined(LOPT_WITH_CUDA)
@@ -188,14 +286,15 @@ void reduce(at::TensorList params, at::TensorList grads, at::TensorList momentum
   Group g = make_group(params, grads, momentum, rms, v_row, v_col, v_diag, row_factor,
                        col_factor, dims, decays);
   const int count = static_cast<int>(g.tensors.size());
-  if (g.device.is_cpu()) {
-    lopt::small_fc_reduce_cpu(g.tensors.data(), count, g.decays);
-    return;
+  if constexpr (!kEmulated) {
+    if (g.device.is_cpu()) {
+      lopt::small_fc_reduce_cpu(g.tensors.data(), count, g.decays);
+      return;
+    }
   }
 #if defined(LOPT_WITH_CUDA)
-  c10::DeviceGuard guard(g.device);
-  check_cuda(lopt_small_fc_reduce_cuda(g.tensors.data(), count, &g.decays,
-                                       current_stream(g.device)),
+  OnDevice dev(g, 0, false);
+  dev.finish(lopt_small_fc_reduce_cuda(g.tensors.data(), count, &g.decays, dev.stream()),
              "reduce");
 #else
   cuda_unavailable(g);
@@ -213,18 +312,20 @@ Tensor accumulate(at::TensorList params, at::TensorList grads, at::TensorList mo
   const int nf = lopt::raw_feature_count(g.decays.k);
   Tensor sumsq = at::empty({count, nf}, params[0].options().dtype(at::kFloat));
   for (int i = 0; i < count; ++i) g.tensors[i].sumsq = sumsq.data_ptr<float>() + i * nf;
-  if (g.device.is_cpu()) {
-    lopt::small_fc_accumulate_cpu(g.tensors.data(), count, g.decays, head_variant);
-    return sumsq;
+  if constexpr (!kEmulated) {
+    if (g.device.is_cpu()) {
+      lopt::small_fc_accumulate_cpu(g.tensors.data(), count, g.decays, head_variant);
+      return sumsq;
+    }
   }
 #if defined(LOPT_WITH_CUDA)
-  c10::DeviceGuard guard(g.device);
+  OnDevice dev(g, nf, true);
   Tensor partials = at::empty(
       {lopt_small_fc_partials(g.tensors.data(), count, g.decays.k)},
       params[0].options().dtype(at::kDouble));
-  check_cuda(lopt_small_fc_accumulate_cuda(g.tensors.data(), count, &g.decays, head_variant,
-                                           partials.data_ptr<double>(),
-                                           current_stream(g.device)),
+  double* scratch = dev.device(partials.data_ptr<double>(), partials.numel(), "partials", false);
+  dev.finish(lopt_small_fc_accumulate_cuda(g.tensors.data(), count, &g.decays, head_variant,
+                                           scratch, dev.stream()),
              "accumulate");
 #else
   cuda_unavailable(g);
@@ -279,15 +380,21 @@ void apply(at::TensorList params, at::TensorList grads, at::TensorList momentum,
   const float em = static_cast<float>(exp_mult);
   const float sm = static_cast<float>(step_mult);
   const float lr32 = static_cast<float>(lr);
-  if (g.device.is_cpu()) {
-    lopt::small_fc_apply_cpu(g.tensors.data(), count, g.decays, head_variant, net, em, sm,
-                             lr32);
-    return;
+  if constexpr (!kEmulated) {
+    if (g.device.is_cpu()) {
+      lopt::small_fc_apply_cpu(g.tensors.data(), count, g.decays, head_variant, net, em, sm,
+                               lr32);
+      return;
+    }
   }
 #if defined(LOPT_WITH_CUDA)
-  c10::DeviceGuard guard(g.device);
-  check_cuda(lopt_small_fc_apply_cuda(g.tensors.data(), count, &g.decays, head_variant, &net,
-                                      em, sm, lr32, current_stream(g.device)),
+  OnDevice dev(g, nf, false);
+  for (int l = 0; l < net.layers; ++l) {
+    net.w[l] = dev.device(net.w[l], mlp[2 * l].numel(), "mlp weight");
+    net.b[l] = dev.device(net.b[l], mlp[2 * l + 1].numel(), "mlp bias");
+  }
+  dev.finish(lopt_small_fc_apply_cuda(g.tensors.data(), count, &g.decays, head_variant, &net,
+                                      em, sm, lr32, dev.stream()),
              "apply");
 #else
   cuda_unavailable(g);
@@ -317,17 +424,20 @@ std::tuple<Tensor, Tensor> velo_accumulate(
   Tensor stats = at::empty({count, lopt::velo_stats_count(g.decays.k)}, options);
   Tensor sumsq = at::empty({count, nf}, options);
   for (int i = 0; i < count; ++i) g.tensors[i].sumsq = sumsq.data_ptr<float>() + i * nf;
-  if (g.device.is_cpu()) {
-    lopt::velo_accumulate_cpu(g.tensors.data(), count, g.decays, stats.data_ptr<float>());
-    return {stats, sumsq};
+  if constexpr (!kEmulated) {
+    if (g.device.is_cpu()) {
+      lopt::velo_accumulate_cpu(g.tensors.data(), count, g.decays, stats.data_ptr<float>());
+      return {stats, sumsq};
+    }
   }
 #if defined(LOPT_WITH_CUDA)
-  c10::DeviceGuard guard(g.device);
+  OnDevice dev(g, nf, true);
   Tensor partials = at::empty({lopt_velo_partials(g.tensors.data(), count, g.decays.k)},
                               params[0].options().dtype(at::kDouble));
-  check_cuda(lopt_velo_accumulate_cuda(g.tensors.data(), count, &g.decays,
-                                       stats.data_ptr<float>(), partials.data_ptr<double>(),
-                                       current_stream(g.device)),
+  float* stats_out = dev.device(stats.data_ptr<float>(), stats.numel(), "stats", false);
+  double* scratch = dev.device(partials.data_ptr<double>(), partials.numel(), "partials", false);
+  dev.finish(lopt_velo_accumulate_cuda(g.tensors.data(), count, &g.decays, stats_out, scratch,
+                                       dev.stream()),
              "VeLO accumulate");
 #else
   cuda_unavailable(g);
@@ -375,15 +485,20 @@ void velo_apply(at::TensorList params, at::TensorList grads, at::TensorList mome
   a.decay_mult = decay32.data();
   a.exp_mult = static_cast<float>(exp_mult);
   a.step_mult = static_cast<float>(step_mult);
-  if (g.device.is_cpu()) {
-    lopt::velo_apply_cpu(g.tensors.data(), count, g.decays, a);
-    return;
+  if constexpr (!kEmulated) {
+    if (g.device.is_cpu()) {
+      lopt::velo_apply_cpu(g.tensors.data(), count, g.decays, a);
+      return;
+    }
   }
 #if defined(LOPT_WITH_CUDA)
-  c10::DeviceGuard guard(g.device);
-  check_cuda(lopt_velo_apply_cuda(g.tensors.data(), count, &g.decays, a.weights, a.hidden,
-                                  a.layers, a.lr_mult, a.param_scale, a.lr, a.decay_mult,
-                                  a.exp_mult, a.step_mult, current_stream(g.device)),
+  OnDevice dev(g, nf, false);
+  const float* w = dev.device(a.weights, weights.numel(), "weights");
+  const float* lm = dev.device(a.lr_mult, lr_mult.numel(), "lr_mult");
+  const float* ps = dev.device(a.param_scale, param_scale.numel(), "param_scale");
+  dev.finish(lopt_velo_apply_cuda(g.tensors.data(), count, &g.decays, w, a.hidden, a.layers,
+                                  lm, ps, a.lr, a.decay_mult, a.exp_mult, a.step_mult,
+                                  dev.stream()),
              "VeLO apply");
 #else
   cuda_unavailable(g);
@@ -392,7 +507,7 @@ void velo_apply(at::TensorList params, at::TensorList grads, at::TensorList mome
 
 }  // namespace
 
-TORCH_LIBRARY(lopt_port, m) {
+TORCH_LIBRARY(LOPT_OPS_LIBRARY, m) {
   m.def("small_fc_reduce(Tensor[] params, Tensor[] grads, Tensor[] momentum, "
         "Tensor[] rms, Tensor(a!)[] v_row, Tensor(b!)[] v_col, Tensor[] v_diag, "
         "Tensor(c!)[] row_factor, Tensor(d!)[] col_factor, int[] dims, Tensor decays) -> ()");
@@ -417,7 +532,7 @@ TORCH_LIBRARY(lopt_port, m) {
         "float step_mult) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(lopt_port, CPU, m) {
+TORCH_LIBRARY_IMPL(LOPT_OPS_LIBRARY, CPU, m) {
   m.impl("small_fc_reduce", reduce);
   m.impl("small_fc_accumulate", accumulate);
   m.impl("small_fc_apply", apply);
@@ -425,10 +540,12 @@ TORCH_LIBRARY_IMPL(lopt_port, CPU, m) {
   m.impl("velo_apply", velo_apply);
 }
 
-TORCH_LIBRARY_IMPL(lopt_port, CUDA, m) {
+#if !defined(LOPT_CUDA_EMULATION)
+TORCH_LIBRARY_IMPL(LOPT_OPS_LIBRARY, CUDA, m) {
   m.impl("small_fc_reduce", reduce);
   m.impl("small_fc_accumulate", accumulate);
   m.impl("small_fc_apply", apply);
   m.impl("velo_accumulate", velo_accumulate);
   m.impl("velo_apply", velo_apply);
 }
+#endif

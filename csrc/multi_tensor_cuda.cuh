@@ -12,6 +12,14 @@
 
 #include "small_fc_lopt_args.h"
 
+// Launches and dynamic shared memory, spelled so that the emulated CUDA backend
+// (cuda_emulation/cuda_runtime.h, which defines both) compiles these sources unchanged:
+// LOPT_LAUNCH(grid, block, smem, stream, kernel)(args...) is kernel<<<...>>>(args...).
+#if !defined(LOPT_CUDA_EMULATION)
+#define LOPT_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#define LOPT_DYNAMIC_SHARED(T, name) extern __shared__ T name[]
+#endif
+
 namespace lopt {
 namespace gpu {
 

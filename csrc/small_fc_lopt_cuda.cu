@@ -139,7 +139,7 @@ apply_kernel(const __grid_constant__ Chunk c, const __grid_constant__ GroupDecay
              bool head_variant, const __grid_constant__ MlpView net, float exp_mult,
              float step_mult, float lr) {
   constexpr int F = 4 + 8 * K;
-  extern __shared__ float smem[];
+  LOPT_DYNAMIC_SHARED(float, smem);
   __shared__ float inv[F];
   const int64_t unit = blockIdx.x;
   const int i = find_tensor(c, unit);
@@ -204,12 +204,12 @@ int accumulate_k(const TensorArgs* tensors, int count, const GroupDecays& d, boo
           c.part_offset[i] = next_row;
           next_row += accumulate_tiles(c.t[i].n);
         }
-        accumulate_kernel<K><<<static_cast<unsigned>(c.offset[c.count]), kThreads, 0,
-                               stream>>>(c, d, head, partials);
+        LOPT_LAUNCH(static_cast<unsigned>(c.offset[c.count]), kThreads, 0, stream,
+                    accumulate_kernel<K>)(c, d, head, partials);
         int err = last_error();
         if (err != 0) return err;
-        sumsq_kernel<K><<<static_cast<unsigned>(blocks_for(c.count * F, kThreads)), kThreads, 0,
-                          stream>>>(c, partials);
+        LOPT_LAUNCH(static_cast<unsigned>(blocks_for(c.count * F, kThreads)), kThreads, 0,
+                    stream, sumsq_kernel<K>)(c, partials);
         return last_error();
       });
 }
@@ -222,7 +222,8 @@ int apply_launch(const Chunk& c, const GroupDecays& d, bool head, const MlpView&
         apply_kernel<K, H>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (err != cudaSuccess) return static_cast<int>(err);
   }
-  apply_kernel<K, H><<<static_cast<unsigned>(c.offset[c.count]), kThreads, smem, stream>>>(
+  LOPT_LAUNCH(static_cast<unsigned>(c.offset[c.count]), kThreads, smem, stream,
+              apply_kernel<K, H>)(
       c, d, head, net, exp_mult, step_mult, lr);
   return last_error();
 }
@@ -256,8 +257,8 @@ int lopt_small_fc_reduce_cuda(const TensorArgs* tensors, int count, const GroupD
       tensors, count,
       [](const TensorArgs& t) { return t.factored ? t.n_row + t.n_col : int64_t{0}; },
       [&](Chunk& c, int) {
-        rowcol_kernel<<<static_cast<unsigned>(blocks_for(c.offset[c.count], kWarps)), kThreads,
-                        0, s>>>(c, d);
+        LOPT_LAUNCH(static_cast<unsigned>(blocks_for(c.offset[c.count], kWarps)), kThreads, 0,
+                    s, rowcol_kernel)(c, d);
         return last_error();
       });
   if (err != 0) return err;
@@ -268,8 +269,8 @@ int lopt_small_fc_reduce_cuda(const TensorArgs* tensors, int count, const GroupD
         return t.factored ? t.n_rcm + blocks_for(t.n_col * k, 32) : int64_t{0};
       },
       [&](Chunk& c, int) {
-        factor_kernel<<<static_cast<unsigned>(blocks_for(c.offset[c.count], kWarps)), kThreads,
-                        0, s>>>(c, d);
+        LOPT_LAUNCH(static_cast<unsigned>(blocks_for(c.offset[c.count], kWarps)), kThreads, 0,
+                    s, factor_kernel)(c, d);
         return last_error();
       });
 }

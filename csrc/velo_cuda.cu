@@ -37,7 +37,7 @@ template <int W>
 __device__ __forceinline__ void block_sum(const double (&acc)[W], double* out) {
   __shared__ double warp_part[kWarps][W];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-#pragma unroll
+LOPT_UNROLL
   for (int f = 0; f < W; ++f) {
     const double v = warp_sum(acc[f]);
     if (lane == 0) warp_part[warp][f] = v;
@@ -80,12 +80,12 @@ sums_kernel(const __grid_constant__ Chunk c, double* part) {
   const Tile tl = tile_of(c, blockIdx.x);
   const TensorArgs& t = c.t[tl.tensor];
   double acc[W];
-#pragma unroll
+LOPT_UNROLL
   for (int f = 0; f < W; ++f) acc[f] = 0.0;
   for (int64_t e = tl.begin + threadIdx.x; e < tl.end; e += kThreads) {
     const float p = load_value(t.p, t.dtype, e);
     acc[0] += static_cast<double>(p * p);
-#pragma unroll
+LOPT_UNROLL
     for (int a = 0; a < K; ++a) acc[1 + a] += t.m[e * K + a];
     acc[1 + K] += t.rms[e];
   }
@@ -123,14 +123,14 @@ update_kernel(const __grid_constant__ Chunk c, const __grid_constant__ GroupDeca
   const double n = static_cast<double>(t.n);
   const double* sums = totals + (static_cast<int64_t>(first) + tl.tensor) * sums_width(K);
   double mean[K];
-#pragma unroll
+LOPT_UNROLL
   for (int a = 0; a < K; ++a) mean[a] = sums[1 + a] / n;
   double acc[W];
-#pragma unroll
+LOPT_UNROLL
   for (int f = 0; f < W; ++f) acc[f] = 0.0;
   for (int64_t e = tl.begin + threadIdx.x; e < tl.end; e += kThreads) {
     const float rms_old = t.rms[e];
-#pragma unroll
+LOPT_UNROLL
     for (int a = 0; a < K; ++a) {
       const double dm = t.m[e * K + a] - mean[a];
       const double dr = rms_old - mean[a];
@@ -139,7 +139,7 @@ update_kernel(const __grid_constant__ Chunk c, const __grid_constant__ GroupDeca
     }
     float raw[F];
     velo_raw_features(element_state<K, true>(t, d, false, e), K, raw);
-#pragma unroll
+LOPT_UNROLL
     for (int f = 0; f < F; ++f) acc[2 * K + f] += static_cast<double>(raw[f]) * raw[f];
   }
   block_sum<W>(acc, part + (c.part_offset[tl.tensor] + tl.index) * W);
@@ -198,7 +198,7 @@ apply_kernel(const __grid_constant__ Chunk c, const __grid_constant__ GroupDecay
              const __grid_constant__ VeloChunk v, const float* weights, int hidden, int layers,
              const float* lr_mult, const float* param_scale, float exp_mult, float step_mult) {
   constexpr int F = 6 + 8 * K;
-  extern __shared__ float w[];
+  LOPT_DYNAMIC_SHARED(float, w);
   __shared__ float inv[F];
   const int64_t unit = blockIdx.x;
   const int i = find_tensor(c, unit);
@@ -223,7 +223,7 @@ apply_kernel(const __grid_constant__ Chunk c, const __grid_constant__ GroupDecay
     const ElementState s = element_state<K, false>(t, d, false, e);
     float x[F];
     velo_raw_features(s, K, x);
-#pragma unroll
+LOPT_UNROLL
     for (int f = 0; f < F; ++f) x[f] *= inv[f];
     float out[kVeloOutputs];
     velo_mlp(x, 1, w, K, h, l, out);
@@ -259,18 +259,19 @@ int accumulate_k(const TensorArgs* tensors, int count, const GroupDecays& d, flo
           next_row += accumulate_tiles(c.t[i].n);
         }
         const unsigned tile_blocks = static_cast<unsigned>(c.offset[c.count]);
-        sums_kernel<K><<<tile_blocks, kThreads, 0, stream>>>(c, sums_part);
+        LOPT_LAUNCH(tile_blocks, kThreads, 0, stream, sums_kernel<K>)(c, sums_part);
         int err = last_error();
         if (err != 0) return err;
-        totals_kernel<K><<<static_cast<unsigned>(blocks_for(c.count * W1, kThreads)), kThreads,
-                           0, stream>>>(c, first, sums_part, totals);
+        LOPT_LAUNCH(static_cast<unsigned>(blocks_for(c.count * W1, kThreads)), kThreads, 0,
+                    stream, totals_kernel<K>)(c, first, sums_part, totals);
         err = last_error();
         if (err != 0) return err;
-        update_kernel<K><<<tile_blocks, kThreads, 0, stream>>>(c, d, first, totals, update_part);
+        LOPT_LAUNCH(tile_blocks, kThreads, 0, stream, update_kernel<K>)(c, d, first, totals,
+                                                                         update_part);
         err = last_error();
         if (err != 0) return err;
-        stats_kernel<K><<<static_cast<unsigned>(blocks_for(c.count * (W1 + W), kThreads)),
-                          kThreads, 0, stream>>>(c, first, totals, update_part, stats);
+        LOPT_LAUNCH(static_cast<unsigned>(blocks_for(c.count * (W1 + W), kThreads)), kThreads,
+                    0, stream, stats_kernel<K>)(c, first, totals, update_part, stats);
         return last_error();
       });
 }
@@ -285,7 +286,8 @@ int apply_launch(const Chunk& c, const GroupDecays& d, const VeloChunk& v, const
         static_cast<int>(smem));
     if (err != cudaSuccess) return static_cast<int>(err);
   }
-  apply_kernel<K, H, L><<<static_cast<unsigned>(c.offset[c.count]), kThreads, smem, stream>>>(
+  LOPT_LAUNCH(static_cast<unsigned>(c.offset[c.count]), kThreads, smem, stream,
+              apply_kernel<K, H, L>)(
       c, d, v, weights, hidden, layers, lr_mult, param_scale, exp_mult, step_mult);
   return last_error();
 }

@@ -14,6 +14,14 @@ This works with the CPU-only torch wheel as well as a CUDA build (the binding re
 current stream and device guard through c10's device-generic interfaces). Builds are cached
 under ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``); the first build takes
 about half a minute.
+
+**The emulated CUDA backend** (:func:`load_emulated`) is a second extension, built only when
+first selected: the very ``*.cu`` sources compiled by the host C++ compiler against
+``csrc/cuda_emulation/cuda_runtime.h`` (threads as fibers, barriers, warp shuffles, launch
+limits, shuffled thread order and NaN-filled shared memory), linked with the binding built a
+second time as ``torch.ops.lopt_port_emulated``, whose ops take CPU tensors and run the CUDA
+launchers on guarded copies of every buffer. ``LOPT_PORT_FUSED_BACKEND`` picks what fused
+steps on CPU tensors run (:func:`fused_backend`).
 """
 
 from __future__ import annotations
@@ -38,6 +46,13 @@ CUDA_LAUNCHERS = ("lopt_small_fc_reduce_cuda", "lopt_small_fc_accumulate_cuda",
                   "lopt_velo_accumulate_cuda", "lopt_velo_apply_cuda", "lopt_velo_partials",
                   "lopt_cuda_error_string")
 NAME = "lopt_port_kernels"
+EMULATION_SOURCES = ("emulator.cpp",)
+EMULATION_HEADERS = ("cuda_runtime.h", "device_memory.h")
+EMULATED_NAME = "lopt_port_kernels_emulated"
+#: Values of ``LOPT_PORT_FUSED_BACKEND``: ``auto`` (CPU tensors take the CPU backend, CUDA
+#: tensors the CUDA kernels), ``cpu`` (CPU tensors only, the CPU backend) and
+#: ``cuda-emulated`` (CPU tensors only, the CUDA kernels under emulation).
+BACKENDS = ("auto", "cpu", "cuda-emulated")
 
 
 class ExtensionUnavailable(RuntimeError):
@@ -75,31 +90,41 @@ def nvcc_flags(archs: list[str]) -> list[str]:
     return [*flags, "-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
 
 
-def _build_dir() -> str:
+def emulation_flags(kernel_dir: str = CSRC) -> list[str]:
+    """Host compiler flags of the emulated CUDA backend: the ``.cu`` files compile as C++ with
+    ``cuda_emulation/`` first on the include path (its ``cuda_runtime.h``), and, as the CPU
+    backend, no floating-point contraction (the header's FMAs only)."""
+    return ["-O2", "-march=native", "-std=c++17", "-fPIC", "-ffp-contract=off",
+            "-fno-math-errno", "-Wall", "-Werror",
+            f"-I{os.path.join(kernel_dir, 'cuda_emulation')}", f"-I{kernel_dir}", f"-I{CSRC}"]
+
+
+def _build_dir(name: str = NAME) -> str:
     from torch.utils.cpp_extension import _get_build_directory
-    return _get_build_directory(NAME, verbose=False)
+    return _get_build_directory(name, verbose=False)
 
 
-def _compile_cuda(nvcc: str) -> str:
-    """Compile the CUDA sources into one object (cached by content and flags); its path."""
-    flags = nvcc_flags(cuda_archs())
+def _compile_objects(compiler: list[str], sources: list[str], hashed: list[str],
+                     out_dir: str, what: str) -> str:
+    """Compile ``sources`` with ``compiler`` (the command and its flags, ``-c`` appended)
+    into one relocatable object, cached under ``out_dir`` by the content of ``hashed`` files
+    and the command; its path."""
     digest = hashlib.sha256()
-    for name in (*CUDA_SOURCES, *HEADERS):
-        with open(os.path.join(CSRC, name), "rb") as f:
+    for path in hashed:
+        with open(path, "rb") as f:
             digest.update(f.read())
-    digest.update(" ".join([nvcc, *flags]).encode())
-    out_dir = os.path.join(_build_dir(), "cuda")
+    digest.update(" ".join(compiler).encode())
     os.makedirs(out_dir, exist_ok=True)
     obj = os.path.join(out_dir, f"kernels_{digest.hexdigest()[:16]}.o")
     if os.path.isfile(obj):
         return obj
     objects = []
-    for name in CUDA_SOURCES:
-        target = os.path.join(out_dir, f"{name}.{os.getpid()}.o")
-        result = subprocess.run([nvcc, *flags, "-c", os.path.join(CSRC, name), "-o", target],
+    for source in sources:
+        target = os.path.join(out_dir, f"{os.path.basename(source)}.{os.getpid()}.o")
+        result = subprocess.run([*compiler, "-c", source, "-o", target],
                                 capture_output=True, text=True)
         if result.returncode != 0:
-            raise ExtensionUnavailable(f"nvcc failed on {name}: "
+            raise ExtensionUnavailable(f"{what} failed on {os.path.basename(source)}: "
                                        f"{(result.stderr or result.stdout).strip()[:2000]}")
         objects.append(target)
     tmp = f"{obj}.{os.getpid()}.tmp"
@@ -113,35 +138,37 @@ def _compile_cuda(nvcc: str) -> str:
     return obj
 
 
-@functools.cache
-def load() -> str:
-    """Build if needed and load the extension; its path. Raises :class:`ExtensionUnavailable`."""
-    missing = [s for s in (*SOURCES, *HEADERS) if not os.path.isfile(os.path.join(CSRC, s))]
-    if missing:
-        raise ExtensionUnavailable(f"kernel sources not found in {CSRC}: {missing}")
+def _compile_cuda(nvcc: str) -> str:
+    """Compile the CUDA sources into one object (cached by content and flags); its path."""
+    return _compile_objects(
+        [nvcc, *nvcc_flags(cuda_archs())], [os.path.join(CSRC, n) for n in CUDA_SOURCES],
+        [os.path.join(CSRC, n) for n in (*CUDA_SOURCES, *HEADERS)],
+        os.path.join(_build_dir(), "cuda"), "nvcc")
+
+
+def _host_compiler() -> str:
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        raise ExtensionUnavailable("no C++ compiler found (install g++ or set CXX)")
+    return cxx
+
+
+def _check_toolchain() -> None:
     from torch.utils import cpp_extension
     try:
         cpp_extension.verify_ninja_availability()
     except RuntimeError:
         raise ExtensionUnavailable("ninja is not installed (pip install ninja)") from None
-    if shutil.which(os.environ.get("CXX", "c++")) is None:
-        raise ExtensionUnavailable("no C++ compiler found (install g++ or set CXX)")
-    # -march=native: the build is local and just in time. -ffp-contract=off: only the fused
-    # multiply-adds the sources spell out (fmaf, FMA intrinsics), so the rounding is the
-    # documented one. -fno-math-errno lets sqrt vectorize; it changes no result.
-    cflags = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno",
-              "-Wall", "-Werror"]
-    ldflags = ["-fopenmp"]
-    nvcc = find_nvcc()
-    if nvcc is not None:
-        obj = _compile_cuda(nvcc)
-        cuda_lib = os.path.join(os.path.dirname(os.path.dirname(nvcc)), "lib64")
-        cflags.append("-DLOPT_WITH_CUDA")
-        ldflags += [obj, f"-L{cuda_lib}", "-lcudart_static", "-ldl", "-lrt", "-lpthread"]
+    _host_compiler()
+
+
+def _load_binding(name: str, cflags: list[str], ldflags: list[str], sources: list[str]) -> str:
+    """Build (ninja, cached) and load a binding extension; its path."""
+    from torch.utils import cpp_extension
     try:
         path = cpp_extension.load(
-            name=NAME,
-            sources=[os.path.join(CSRC, s) for s in SOURCES],
+            name=name,
+            sources=[os.path.join(CSRC, s) for s in sources],
             extra_include_paths=[CSRC],
             extra_cflags=cflags,
             extra_ldflags=ldflags,
@@ -157,6 +184,93 @@ def load() -> str:
 
 
 @functools.cache
+def load() -> str:
+    """Build if needed and load the extension; its path. Raises :class:`ExtensionUnavailable`."""
+    missing = [s for s in (*SOURCES, *HEADERS) if not os.path.isfile(os.path.join(CSRC, s))]
+    if missing:
+        raise ExtensionUnavailable(f"kernel sources not found in {CSRC}: {missing}")
+    _check_toolchain()
+    # -march=native: the build is local and just in time. -ffp-contract=off: only the fused
+    # multiply-adds the sources spell out (fmaf, FMA intrinsics), so the rounding is the
+    # documented one. -fno-math-errno lets sqrt vectorize; it changes no result.
+    cflags = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno",
+              "-Wall", "-Werror"]
+    ldflags = ["-fopenmp"]
+    nvcc = find_nvcc()
+    if nvcc is not None:
+        obj = _compile_cuda(nvcc)
+        cuda_lib = os.path.join(os.path.dirname(os.path.dirname(nvcc)), "lib64")
+        cflags.append("-DLOPT_WITH_CUDA")
+        ldflags += [obj, f"-L{cuda_lib}", "-lcudart_static", "-ldl", "-lrt", "-lpthread"]
+    return _load_binding(NAME, cflags, ldflags, list(SOURCES))
+
+
+_emulated: dict[str, str] = {}
+
+
+def load_emulated(kernel_dir: str | None = None) -> str:
+    """Build if needed and load the emulated CUDA backend; its path.
+
+    ``kernel_dir`` (default ``csrc/``) holds the ``.cu`` sources and ``cuda_emulation/``
+    to compile (the mutation tests point it at a mutated copy; the binding and the headers it
+    shares with the CPU backend always come from ``csrc/``). One emulated backend per process:
+    asking for a second ``kernel_dir`` raises :class:`ExtensionUnavailable`.
+    """
+    kernel_dir = os.path.abspath(kernel_dir or CSRC)
+    if _emulated:
+        if _emulated["kernel_dir"] != kernel_dir:
+            raise ExtensionUnavailable(f"the emulated backend of {_emulated['kernel_dir']} is "
+                                       f"loaded; one per process")
+        return _emulated["path"]
+    emu_dir = os.path.join(kernel_dir, "cuda_emulation")
+    sources = [os.path.join(kernel_dir, n) for n in CUDA_SOURCES]
+    sources += [os.path.join(emu_dir, n) for n in EMULATION_SOURCES]
+    headers = [os.path.join(kernel_dir, n) for n in HEADERS]
+    headers += [os.path.join(emu_dir, n) for n in EMULATION_HEADERS]
+    missing = [p for p in (*sources, *headers) if not os.path.isfile(p)]
+    if missing:
+        raise ExtensionUnavailable(f"kernel sources not found: {missing}")
+    _check_toolchain()
+    obj = _compile_objects([_host_compiler(), "-x", "c++", *emulation_flags(kernel_dir)], sources,
+                           [*sources, *headers], os.path.join(_build_dir(EMULATED_NAME), "emu"),
+                           "the emulated CUDA build")
+    path = _load_binding(EMULATED_NAME,
+                         ["-O2", "-DLOPT_WITH_CUDA", "-DLOPT_CUDA_EMULATION", "-Wall", "-Werror"],
+                         [obj], ["bind.cpp"])
+    _emulated.update(kernel_dir=kernel_dir, path=path)
+    return path
+
+
+def fused_backend() -> str:
+    """``LOPT_PORT_FUSED_BACKEND`` (default ``auto``), one of :data:`BACKENDS`."""
+    value = os.environ.get("LOPT_PORT_FUSED_BACKEND", "auto")
+    if value not in BACKENDS:
+        raise ExtensionUnavailable(f"LOPT_PORT_FUSED_BACKEND must be one of "
+                                   f"{', '.join(BACKENDS)}; got {value!r}")
+    return value
+
+
+def load_backend() -> str:
+    """Build if needed and load the extension of the selected backend; its path."""
+    return load_emulated() if fused_backend() == "cuda-emulated" else load()
+
+
+def backend_unsupported_reason(device: torch.device) -> str | None:
+    """Why the selected backend cannot run fused steps on ``device`` (``None`` if it can)."""
+    backend = fused_backend()
+    if device.type == "cuda":
+        if backend != "auto":
+            return (f"LOPT_PORT_FUSED_BACKEND={backend} runs fused steps on CPU tensors only; "
+                    f"the parameters are on {device}")
+        if not cuda_launchers():
+            return "the fused kernels were built without CUDA (nvcc was not found)"
+        return None
+    if device.type != "cpu":
+        return f"no fused kernel for device {device.type}"
+    return None
+
+
+@functools.cache
 def cuda_launchers() -> tuple[str, ...]:
     """The CUDA launcher symbols exported by the built extension (empty without nvcc)."""
     lib = ctypes.CDLL(load())
@@ -164,6 +278,11 @@ def cuda_launchers() -> tuple[str, ...]:
 
 
 def ops() -> object:
-    """``torch.ops.lopt_port`` after loading the extension."""
+    """The fused ops of the selected backend, after loading its extension:
+    ``torch.ops.lopt_port`` or, with ``LOPT_PORT_FUSED_BACKEND=cuda-emulated``,
+    ``torch.ops.lopt_port_emulated`` (same schemas; CPU tensors run the CUDA kernels)."""
+    if fused_backend() == "cuda-emulated":
+        load_emulated()
+        return torch.ops.lopt_port_emulated
     load()
     return torch.ops.lopt_port

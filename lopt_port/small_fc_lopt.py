@@ -128,7 +128,7 @@ class SmallFCLOpt(torch.optim.Optimizer):
         self._fused_reason = fused_path.config_unsupported_reason(self.hparams)
         if self._fused_reason is None and fused is not False:
             try:
-                extension.load()
+                extension.load_backend()
             except extension.ExtensionUnavailable as e:
                 self._fused_reason = str(e)
         if fused is True and self._fused_reason is not None:

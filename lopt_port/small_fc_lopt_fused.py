@@ -51,11 +51,7 @@ FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def param_unsupported_reason(p: torch.Tensor) -> str | None:
     """Why this parameter cannot take the fused path (``None`` when it can)."""
-    if p.device.type not in ("cpu", "cuda"):
-        return f"no fused kernel for device {p.device.type}"
-    if p.device.type == "cuda" and not extension.cuda_launchers():
-        return "the fused kernels were built without CUDA (nvcc was not found)"
-    return layout_unsupported_reason(p)
+    return extension.backend_unsupported_reason(p.device) or layout_unsupported_reason(p)
 
 
 def layout_unsupported_reason(p: torch.Tensor) -> str | None:

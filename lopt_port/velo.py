@@ -203,7 +203,7 @@ class VeLO(torch.optim.Optimizer):
         self._fused_reason = self._config_unfused_reason()
         if self._fused_reason is None and fused is not False and self._USES_EXTENSION:
             try:
-                extension.load()
+                extension.load_backend()
             except extension.ExtensionUnavailable as e:
                 self._fused_reason = str(e)
         if fused is True and self._fused_reason is not None:

@@ -25,9 +25,11 @@ import torch
 from lopt_port import extension
 from lopt_port.small_fc_lopt_fused import (
     decays_unsupported_reason,
-    layout_unsupported_reason,
+    param_unsupported_reason,
     state_lists,
 )
+
+__all__ = ["config_unsupported_reason", "param_unsupported_reason", "phase_a", "phase_b"]
 
 MAX_HIDDEN = 16
 GRAD_CLIP = 1000.0
@@ -41,15 +43,6 @@ def config_unsupported_reason(hparams: Mapping[str, Any]) -> str | None:
         return (f"the fused kernels support per-parameter MLPs of at most {MAX_HIDDEN} units "
                 f"and at least one hidden layer")
     return None
-
-
-def param_unsupported_reason(p: torch.Tensor) -> str | None:
-    """Why this parameter cannot take the fused path (``None`` when it can)."""
-    if p.device.type not in ("cpu", "cuda"):
-        return f"no fused kernel for device {p.device.type}"
-    if p.device.type == "cuda" and not extension.cuda_launchers():
-        return "the fused kernels were built without CUDA (nvcc was not found)"
-    return layout_unsupported_reason(p)
 
 
 def phase_a(params: Sequence[torch.Tensor], states: Sequence[dict[str, Any]],

@@ -1,0 +1,77 @@
+// "Device memory" of the emulated CUDA backend: every buffer a launcher hands to the kernels
+// is a copy between two guard regions, so that out-of-bounds accesses show. Guards and
+// scratch hold NaN bytes (0xFF): a read past an end or of unwritten scratch turns results
+// into NaN; a write past an end changes a guard, which finish() reports by buffer name.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace lopt_emu {
+
+class DeviceCopies {
+ public:
+  static constexpr size_t kGuardBytes = 4096;
+  static constexpr unsigned char kPoison = 0xFF;
+
+  // The device copy of host [data, data + bytes): its contents when `copy_in`, else NaN
+  // bytes (scratch and outputs). finish() copies it back. `what` names it in reports.
+  template <typename T>
+  T* add(T* data, size_t count, std::string what, bool copy_in = true) {
+    if (data == nullptr) return nullptr;
+    const size_t bytes = count * sizeof(T);
+    Buffer b;
+    b.host = const_cast<void*>(static_cast<const void*>(data));
+    b.bytes = bytes;
+    b.what = std::move(what);
+    b.memory.reset(new unsigned char[bytes + 2 * kGuardBytes + 64]);
+    // 64-byte aligned, as cudaMalloc's (at least 256) alignment would be.
+    auto base = reinterpret_cast<uintptr_t>(b.memory.get()) + kGuardBytes;
+    base = (base + 63) & ~uintptr_t{63};
+    b.device = reinterpret_cast<unsigned char*>(base);
+    std::memset(b.device - kGuardBytes, kPoison, bytes + 2 * kGuardBytes);
+    if (copy_in) std::memcpy(b.device, b.host, bytes);
+    buffers_.push_back(std::move(b));
+    return reinterpret_cast<T*>(buffers_.back().device);
+  }
+
+  // Checks every guard and copies every buffer back; "" or the first overwritten guard.
+  std::string finish() {
+    std::string error;
+    for (const Buffer& b : buffers_) {
+      if (error.empty()) error = check(b.device - kGuardBytes, kGuardBytes, b, "before");
+      if (error.empty()) error = check(b.device + b.bytes, kGuardBytes, b, "after");
+      std::memcpy(b.host, b.device, b.bytes);
+    }
+    buffers_.clear();
+    return error;
+  }
+
+ private:
+  struct Buffer {
+    void* host;
+    size_t bytes;
+    std::string what;
+    std::unique_ptr<unsigned char[]> memory;
+    unsigned char* device;
+  };
+
+  static std::string check(const unsigned char* guard, size_t n, const Buffer& b,
+                           const char* side) {
+    for (size_t i = 0; i < n; ++i)
+      if (guard[i] != kPoison) {
+        const size_t off = side[0] == 'b' ? n - i : i;
+        return "a kernel wrote " + std::to_string(off) + " bytes " + side + " " + b.what +
+               " (" + std::to_string(b.bytes) + " bytes)";
+      }
+    return "";
+  }
+
+  std::vector<Buffer> buffers_;
+};
+
+}  // namespace lopt_emu
