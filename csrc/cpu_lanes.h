@@ -8,12 +8,69 @@
 
 #include "reduction_order.h"
 #include "tensor_args.h"
+#include "velo_math.h"
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
 namespace lopt {
+
+// The CPU's lane values: 16 floats in one AVX-512 register (an array without AVX-512), with
+// the lane operations of scalar_math.h, so that the header's MLPs run on 16 elements at once
+// through exactly each element's operations.
+#if defined(__AVX512F__)
+struct Lanes16 {
+  __m512 v;
+};
+inline Lanes16 lane_fma(Lanes16 a, Lanes16 b, Lanes16 c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+inline Lanes16 lane_add(Lanes16 a, Lanes16 b) { return {_mm512_add_ps(a.v, b.v)}; }
+inline Lanes16 lane_mul(Lanes16 a, Lanes16 b) { return {_mm512_mul_ps(a.v, b.v)}; }
+// relu(v) = v < 0 ? 0 : v (NaN passes): keep v where !(v < 0).
+inline Lanes16 lane_relu(Lanes16 a) {
+  const __m512 zero = _mm512_setzero_ps();
+  return {_mm512_mask_blend_ps(_mm512_cmp_ps_mask(a.v, zero, _CMP_LT_OQ), a.v, zero)};
+}
+template <>
+inline Lanes16 lane_splat<Lanes16>(float x) { return {_mm512_set1_ps(x)}; }
+inline Lanes16 load_lanes16(const float* p) { return {_mm512_loadu_ps(p)}; }
+inline void store_lanes16(float* p, Lanes16 a) { _mm512_storeu_ps(p, a.v); }
+#else
+struct Lanes16 {
+  float v[16];
+};
+inline Lanes16 lane_fma(Lanes16 a, Lanes16 b, Lanes16 c) {
+  for (int e = 0; e < 16; ++e) a.v[e] = fmaf(a.v[e], b.v[e], c.v[e]);
+  return a;
+}
+inline Lanes16 lane_add(Lanes16 a, Lanes16 b) {
+  for (int e = 0; e < 16; ++e) a.v[e] = a.v[e] + b.v[e];
+  return a;
+}
+inline Lanes16 lane_mul(Lanes16 a, Lanes16 b) {
+  for (int e = 0; e < 16; ++e) a.v[e] = a.v[e] * b.v[e];
+  return a;
+}
+inline Lanes16 lane_relu(Lanes16 a) {
+  for (int e = 0; e < 16; ++e) a.v[e] = relu(a.v[e]);
+  return a;
+}
+template <>
+inline Lanes16 lane_splat<Lanes16>(float x) {
+  Lanes16 a;
+  for (int e = 0; e < 16; ++e) a.v[e] = x;
+  return a;
+}
+inline Lanes16 load_lanes16(const float* p) {
+  Lanes16 a;
+  for (int e = 0; e < 16; ++e) a.v[e] = p[e];
+  return a;
+}
+inline void store_lanes16(float* p, Lanes16 a) {
+  for (int e = 0; e < 16; ++e) p[e] = a.v[e];
+}
+#endif
+
 namespace cpu {
 
 constexpr int kLanes = 16;

@@ -29,6 +29,18 @@
 #define LOPT_UNROLL
 #endif
 
+// Full unrolling everywhere: the MLPs' loops, whose per-output values stay in registers (one
+// vector register per quantity on the CPU) only when every index is a constant.
+#if defined(__CUDA_ARCH__)
+#define LOPT_UNROLL_ALL _Pragma("unroll")
+#elif defined(__CUDACC__)
+#define LOPT_UNROLL_ALL  // nvcc's host pass: the MLPs run on the device only
+#elif defined(__GNUC__) && !defined(__clang__)
+#define LOPT_UNROLL_ALL _Pragma("GCC unroll 32")
+#else
+#define LOPT_UNROLL_ALL
+#endif
+
 namespace lopt {
 
 constexpr float kSafeRsqrtFloor = 1e-9f;
@@ -130,6 +142,18 @@ LOPT_HD float ema(float decay, float v, float increment) { return fmaf(decay, v,
 
 // ReLU that lets NaN through, as upstream's max(x, 0) and torch.relu do.
 LOPT_HD float relu(float v) { return v < 0.0f ? 0.0f : v; }
+
+// The operations of the values the MLPs run on (lane values): here `float`, one element (the
+// CUDA kernels, one element per thread); the CPU backends' 16-lane vectors overload them
+// (cpu_lanes.h), so that one MLP source serves both.
+LOPT_HD float lane_fma(float a, float b, float c) { return fmaf(a, b, c); }
+LOPT_HD float lane_add(float a, float b) { return a + b; }
+LOPT_HD float lane_mul(float a, float b) { return a * b; }
+LOPT_HD float lane_relu(float v) { return relu(v); }
+template <typename V>
+LOPT_HD V lane_splat(float x);
+template <>
+LOPT_HD float lane_splat<float>(float x) { return x; }
 
 // The exp of every kernel, on the host and on the device alike (so that the backends agree bit
 // for bit; the device's expf and the host's differ in the last bit for some inputs). Straight-

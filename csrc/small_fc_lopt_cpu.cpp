@@ -28,8 +28,6 @@ using cpu::WorkItem;
 using cpu::gather;
 using cpu::lane_state;
 
-constexpr int kOutTile = 8;
-
 // Phase 2 on one tile: sums of squares of the raw features in float64, in reduction order 1
 // (lane = offset in the tile mod 32, lane_tree_sum), into out[F].
 template <int K, bool Factored>
@@ -61,70 +59,17 @@ void accumulate_tile_cpu(const TensorArgs& t, const GroupDecays& d, bool head_va
   cpu::tree_sum_rows(acc, F, out);
 }
 
-// The MLP for kLanes elements at once, feature-major (x[i * kLanes + e], out likewise), a
-// tile of TILE outputs per pass so that the FMA chains overlap. Every element gets exactly
-// mlp_layer's operations, in the same order.
-template <int TILE>
-void mlp_tile(const float* in, int n_in, const float* w, const float* b, int o0, bool hidden,
-              float* target) {
-#if defined(__AVX512F__)
-  static_assert(kLanes == 16, "one zmm register per output");
-  __m512 acc[TILE];
-  for (int t = 0; t < TILE; ++t) acc[t] = _mm512_set1_ps(0.0f);
-  for (int i = 0; i < n_in; ++i) {
-    const __m512 xi = _mm512_loadu_ps(in + i * kLanes);
-    for (int t = 0; t < TILE; ++t)
-      acc[t] = _mm512_fmadd_ps(xi, _mm512_set1_ps(w[static_cast<int64_t>(o0 + t) * n_in + i]),
-                               acc[t]);
-  }
-  for (int t = 0; t < TILE; ++t) {
-    __m512 v = _mm512_add_ps(acc[t], _mm512_set1_ps(b[o0 + t]));
-    if (hidden) v = _mm512_max_ps(_mm512_set1_ps(0.0f), v);  // NaN and -0 pass, as relu()
-    _mm512_storeu_ps(target + (o0 + t) * kLanes, v);
-  }
-#else
-  float acc[TILE][kLanes] = {};
-  for (int i = 0; i < n_in; ++i)
-    for (int t = 0; t < TILE; ++t) {
-      const float wi = w[static_cast<int64_t>(o0 + t) * n_in + i];
-      for (int e = 0; e < kLanes; ++e) acc[t][e] = fmaf(in[i * kLanes + e], wi, acc[t][e]);
-    }
-  for (int t = 0; t < TILE; ++t)
-    for (int e = 0; e < kLanes; ++e) {
-      const float v = acc[t][e] + b[o0 + t];
-      target[(o0 + t) * kLanes + e] = hidden ? relu(v) : v;
-    }
-#endif
-}
-
+// The MLP for kLanes elements at once: the header's mlp_layer on 16-lane values (one
+// AVX-512 register per quantity). x: feature-major inputs (x[i * kLanes + e]); out likewise.
 void mlp_forward_lanes(const MlpView& net, const float* x, float* out) {
-  alignas(64) float buf_a[kMaxHidden * kLanes];
-  alignas(64) float buf_b[kMaxHidden * kLanes];
-  const float* in = x;
-  float* dst = buf_a;
-  for (int l = 0; l < net.layers; ++l) {
-    const int n_in = net.sizes[l];
-    const int n_out = net.sizes[l + 1];
-    const bool hidden = l != net.layers - 1;
-    float* target = hidden ? dst : out;
-    const float* w = net.w[l];
-    const float* b = net.b[l];
-    int o0 = 0;
-    for (; o0 + kOutTile <= n_out; o0 += kOutTile)
-      mlp_tile<kOutTile>(in, n_in, w, b, o0, hidden, target);
-    switch (n_out - o0) {
-      case 7: mlp_tile<7>(in, n_in, w, b, o0, hidden, target); break;
-      case 6: mlp_tile<6>(in, n_in, w, b, o0, hidden, target); break;
-      case 5: mlp_tile<5>(in, n_in, w, b, o0, hidden, target); break;
-      case 4: mlp_tile<4>(in, n_in, w, b, o0, hidden, target); break;
-      case 3: mlp_tile<3>(in, n_in, w, b, o0, hidden, target); break;
-      case 2: mlp_tile<2>(in, n_in, w, b, o0, hidden, target); break;
-      case 1: mlp_tile<1>(in, n_in, w, b, o0, hidden, target); break;
-      default: break;
-    }
-    in = target;
-    dst = (dst == buf_a) ? buf_b : buf_a;
-  }
+  constexpr int kWidth = kMaxHidden > kMaxMlpInput ? kMaxHidden : kMaxMlpInput;
+  Lanes16 buf[2][kWidth];
+  for (int i = 0; i < net.sizes[0]; ++i) buf[0][i] = load_lanes16(x + i * kLanes);
+  for (int l = 0; l < net.layers; ++l)
+    mlp_layer<Lanes16>(net.w[l], net.b[l], net.sizes[l], net.sizes[l + 1], l != net.layers - 1,
+                       buf[l % 2], buf[(l + 1) % 2]);
+  for (int o = 0; o < net.sizes[net.layers]; ++o)
+    store_lanes16(out + o * kLanes, buf[net.layers % 2][o]);
 }
 
 // Phase 3 on elements [begin, end) of one tensor; inv[f] is the feature's normalizer.

@@ -26,6 +26,8 @@ constexpr int kMaxLayers = 8;
 constexpr int kMaxHidden = 64;
 constexpr int kNumTimeFeatures = 11;
 
+constexpr int kMaxMlpInput = 4 + 8 * kMaxDecays + kNumTimeFeatures;
+
 LOPT_HD int raw_feature_count(int k) { return 4 + 8 * k; }
 
 // The gradient an optimizer sees: g + wd * p (upstream prefab's weight decay, wd = 0 for
@@ -124,16 +126,45 @@ struct MlpView {
   const float* b[kMaxLayers];
 };
 
-// One layer for one element: out[o] = act(b[o] + sum_i fma-chain(x[i] * w[o][i])).
+// Outputs [o0, o0 + TILE) of one layer on lane values V (float: one element; the CPU's lane
+// vectors: 16): out[o] = act(b[o] + FMA chain over i of x[i] * w[o][i]). TILE independent
+// chains interleave.
+template <typename V, int TILE>
+LOPT_HD void mlp_tile(const float* w, const float* b, int n_in, int o0, bool hidden, const V* x,
+                      V* out) {
+  V acc[TILE];
+  LOPT_UNROLL_ALL
+  for (int t = 0; t < TILE; ++t) acc[t] = lane_splat<V>(0.0f);
+  for (int i = 0; i < n_in; ++i)
+    LOPT_UNROLL_ALL
+    for (int t = 0; t < TILE; ++t)
+      acc[t] = lane_fma(x[i], lane_splat<V>(w[static_cast<int64_t>(o0 + t) * n_in + i]), acc[t]);
+  LOPT_UNROLL_ALL
+  for (int t = 0; t < TILE; ++t) {
+    const V v = lane_add(acc[t], lane_splat<V>(b[o0 + t]));
+    out[o0 + t] = hidden ? lane_relu(v) : v;
+  }
+}
+
+// One layer for lane values V: outputs in tiles of kMlpOutTile, then the rest.
+constexpr int kMlpOutTile = 8;
+
+template <typename V>
 LOPT_HD void mlp_layer(const float* w, const float* b, int n_in, int n_out, bool hidden,
-                       const float* x, float* out) {
-  LOPT_UNROLL
-  for (int o = 0; o < n_out; ++o) {
-    float acc = 0.0f;
-    LOPT_UNROLL
-    for (int i = 0; i < n_in; ++i) acc = fmaf(x[i], w[o * n_in + i], acc);
-    const float v = acc + b[o];
-    out[o] = hidden ? relu(v) : v;
+                       const V* x, V* out) {
+  int o0 = 0;
+  for (; o0 + kMlpOutTile <= n_out; o0 += kMlpOutTile)
+    mlp_tile<V, kMlpOutTile>(w, b, n_in, o0, hidden, x, out);
+  static_assert(kMlpOutTile == 8, "the cases below");
+  switch (n_out - o0) {
+    case 7: mlp_tile<V, 7>(w, b, n_in, o0, hidden, x, out); break;
+    case 6: mlp_tile<V, 6>(w, b, n_in, o0, hidden, x, out); break;
+    case 5: mlp_tile<V, 5>(w, b, n_in, o0, hidden, x, out); break;
+    case 4: mlp_tile<V, 4>(w, b, n_in, o0, hidden, x, out); break;
+    case 3: mlp_tile<V, 3>(w, b, n_in, o0, hidden, x, out); break;
+    case 2: mlp_tile<V, 2>(w, b, n_in, o0, hidden, x, out); break;
+    case 1: mlp_tile<V, 1>(w, b, n_in, o0, hidden, x, out); break;
+    default: break;
   }
 }
 

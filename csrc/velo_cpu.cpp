@@ -35,163 +35,37 @@ struct LaneSides {
   int64_t ld[4];
 };
 
-// velo_mlp for G lane groups of kLanes elements at once on the raw features x (group g at
-// x + g * (6 + 8K) * kLanes, feature-major: x[f * kLanes + e]), normalized here by inv[f]:
-// every lane gets exactly x * inv and then velo_mlp's operations in the same order (one
-// 16-wide register per quantity with AVX-512, loops over the lanes otherwise). Group g's
-// outputs go to out + g * 3 * kLanes. With Sides, the side groups' partials come from
-// sides[g] (formed per v_row/v_col entry by velo_side_partial) instead of x. G = 2 interleaves
-// two groups' independent dependency chains (the output layers and the step are chains of
-// dependent FMAs that one group alone leaves mostly idle).
-#if defined(__AVX512F__)
-static_assert(kLanes == 16, "one AVX-512 register per lane group");
+// velo_mlp's inputs for G lane groups of kLanes elements: group g's raw features at
+// x + g * (6 + 8K) * kLanes, feature-major (x[f * kLanes + e]), normalized by inv[f]; with
+// Sides, the side groups' partials from sides[g] (formed per v_row / v_col entry by
+// velo_side_partial) instead of x.
+template <int K>
+struct LaneGroupInputs {
+  static constexpr int F = 6 + 8 * K;
+  const float* x;
+  const float* inv;
+  const LaneSides* sides;
+  Lanes16 input(int g, int c) const {
+    return lane_mul(load_lanes16(x + (g * F + c) * kLanes), lane_splat<Lanes16>(inv[c]));
+  }
+  Lanes16 side(int g, int s, int o) const {
+    return load_lanes16(sides[g].p[s] + o * sides[g].ld[s]);
+  }
+};
 
-// Every loop of the lane MLP unrolled at compile time, so that its per-quantity registers
-// (h, the normalized group inputs) stay in registers instead of stack arrays.
-#define LOPT_CPU_UNROLL _Pragma("GCC unroll 32")
-
+// The header's velo_mlp for G lane groups at once on 16-lane values (one AVX-512 register
+// per quantity); group g's outputs go to out + g * 3 * kLanes. G = 2 interleaves two groups'
+// independent dependency chains (the output layers and the step are chains of dependent FMAs
+// that one group alone leaves mostly idle).
 template <int K, int H, int L, bool Sides, int G = 1>
 void velo_mlp_lanes(const float* x, const float* inv, const float* w, const LaneSides* sides,
                     float* out) {
-  constexpr int F = 6 + 8 * K;
-  __m512 h[G][H];
-  LOPT_CPU_UNROLL
+  Lanes16 o[G][kVeloOutputs];
+  velo_mlp<Lanes16, K, H, L, G, Sides>(LaneGroupInputs<K>{x, inv, sides}, w, H, L, o);
   for (int g = 0; g < G; ++g)
-    LOPT_CPU_UNROLL
-    for (int o = 0; o < H; ++o) h[g][o] = _mm512_setzero_ps();
-  int col = 0;
-  LOPT_CPU_UNROLL
-  for (int j = 0; j < kVeloGroups; ++j) {
-    const int width = velo_group_width(j, K);
-    if (Sides && velo_side_group(j)) {
-      LOPT_CPU_UNROLL
-      for (int g = 0; g < G; ++g) {
-        const float* sp = sides[g].p[j - kVeloFirstSideGroup];
-        const int64_t ld = sides[g].ld[j - kVeloFirstSideGroup];
-        LOPT_CPU_UNROLL
-        for (int o = 0; o < H; ++o) h[g][o] = _mm512_add_ps(h[g][o], _mm512_loadu_ps(sp + o * ld));
-      }
-    } else {
-      __m512 xn[G][kMaxDecays];
-      LOPT_CPU_UNROLL
-      for (int g = 0; g < G; ++g)
-        LOPT_CPU_UNROLL
-        for (int i = 0; i < width; ++i)
-          xn[g][i] = _mm512_mul_ps(_mm512_load_ps(x + g * F * kLanes + (col + i) * kLanes),
-                                   _mm512_set1_ps(inv[col + i]));
-      LOPT_CPU_UNROLL
-      for (int o = 0; o < H; ++o) {
-        __m512 partial[G];
-        LOPT_CPU_UNROLL
-        for (int g = 0; g < G; ++g) partial[g] = _mm512_setzero_ps();
-        LOPT_CPU_UNROLL
-        for (int i = 0; i < width; ++i)
-          LOPT_CPU_UNROLL
-          for (int g = 0; g < G; ++g)
-            partial[g] = _mm512_fmadd_ps(xn[g][i], _mm512_set1_ps(w[i * H + o]), partial[g]);
-        LOPT_CPU_UNROLL
-        for (int g = 0; g < G; ++g) h[g][o] = _mm512_add_ps(h[g][o], partial[g]);
-      }
-    }
-    w += width * H;
-    col += width;
-  }
-  const __m512 zero = _mm512_setzero_ps();
-  // relu(v) = v < 0 ? 0 : v (NaN passes): keep v where !(v < 0).
-  auto relu16 = [&](__m512 v) {
-    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ), v, zero);
-  };
-  LOPT_CPU_UNROLL
-  for (int o = 0; o < H; ++o)
-    LOPT_CPU_UNROLL
-    for (int g = 0; g < G; ++g) h[g][o] = relu16(_mm512_add_ps(h[g][o], _mm512_set1_ps(w[o])));
-  w += H;
-  LOPT_CPU_UNROLL
-  for (int l = 1; l <= L; ++l) {
-    const int n_out = l == L ? kVeloOutputs : H;
-    __m512 next[G][H > kVeloOutputs ? H : kVeloOutputs];
-    LOPT_CPU_UNROLL
-    for (int o = 0; o < n_out; ++o) {
-      __m512 acc[G];
-      LOPT_CPU_UNROLL
-      for (int g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
-      LOPT_CPU_UNROLL
-      for (int i = 0; i < H; ++i)
-        LOPT_CPU_UNROLL
-        for (int g = 0; g < G; ++g)
-          acc[g] = _mm512_fmadd_ps(h[g][i], _mm512_set1_ps(w[i * n_out + o]), acc[g]);
-      LOPT_CPU_UNROLL
-      for (int g = 0; g < G; ++g)
-        next[g][o] = _mm512_add_ps(acc[g], _mm512_set1_ps(w[H * n_out + o]));
-    }
-    w += H * n_out + n_out;
-    LOPT_CPU_UNROLL
-    for (int o = 0; o < n_out; ++o)
-      LOPT_CPU_UNROLL
-      for (int g = 0; g < G; ++g) {
-        if (l == L) _mm512_store_ps(out + (g * kVeloOutputs + o) * kLanes, next[g][o]);
-        else h[g][o] = relu16(next[g][o]);
-      }
-  }
+    for (int c = 0; c < kVeloOutputs; ++c)
+      store_lanes16(out + (g * kVeloOutputs + c) * kLanes, o[g][c]);
 }
-#else
-template <int K, int H, int L, bool Sides>
-void velo_mlp_group(const float* x, const float* inv, const float* w, const LaneSides* sides,
-                    float* out) {
-  alignas(64) float h[H][kLanes] = {};
-  int col = 0;
-  for (int j = 0; j < kVeloGroups; ++j) {
-    const int width = velo_group_width(j, K);
-    if (Sides && velo_side_group(j)) {
-      const float* sp = sides->p[j - kVeloFirstSideGroup];
-      const int64_t ld = sides->ld[j - kVeloFirstSideGroup];
-      for (int o = 0; o < H; ++o)
-        for (int e = 0; e < kLanes; ++e) h[o][e] = h[o][e] + sp[o * ld + e];
-    } else {
-      for (int o = 0; o < H; ++o) {
-        alignas(64) float partial[kLanes] = {};
-        for (int i = 0; i < width; ++i) {
-          const float wv = w[i * H + o];
-          for (int e = 0; e < kLanes; ++e)
-            partial[e] = fmaf(x[(col + i) * kLanes + e] * inv[col + i], wv, partial[e]);
-        }
-        for (int e = 0; e < kLanes; ++e) h[o][e] = h[o][e] + partial[e];
-      }
-    }
-    w += width * H;
-    col += width;
-  }
-  for (int o = 0; o < H; ++o)
-    for (int e = 0; e < kLanes; ++e) h[o][e] = relu(h[o][e] + w[o]);
-  w += H;
-  for (int l = 1; l <= L; ++l) {
-    const int n_out = l == L ? kVeloOutputs : H;
-    alignas(64) float next[H > kVeloOutputs ? H : kVeloOutputs][kLanes];
-    for (int o = 0; o < n_out; ++o) {
-      alignas(64) float acc[kLanes] = {};
-      for (int i = 0; i < H; ++i) {
-        const float wv = w[i * n_out + o];
-        for (int e = 0; e < kLanes; ++e) acc[e] = fmaf(h[i][e], wv, acc[e]);
-      }
-      for (int e = 0; e < kLanes; ++e) next[o][e] = acc[e] + w[H * n_out + o];
-    }
-    w += H * n_out + n_out;
-    for (int o = 0; o < n_out; ++o)
-      for (int e = 0; e < kLanes; ++e) {
-        if (l == L) out[o * kLanes + e] = next[o][e];
-        else h[o][e] = relu(next[o][e]);
-      }
-  }
-}
-
-template <int K, int H, int L, bool Sides, int G = 1>
-void velo_mlp_lanes(const float* x, const float* inv, const float* w, const LaneSides* sides,
-                    float* out) {
-  for (int g = 0; g < G; ++g)
-    velo_mlp_group<K, H, L, Sides>(x + g * (6 + 8 * K) * kLanes, inv, w,
-                                   Sides ? sides + g : nullptr, out + g * kVeloOutputs * kLanes);
-}
-#endif
 
 // The per-tensor scalars of the step.
 struct StepScalars {
@@ -199,7 +73,7 @@ struct StepScalars {
 };
 
 // H, L > 0: the MLP's sizes at compile time (the released 4-wide, 2-hidden-layer net), so that
-// velo_mlp unrolls and vectorizes across the lanes; 0: runtime sizes, one lane at a time.
+// velo_mlp unrolls and runs on the lanes at once; 0: runtime sizes, one lane at a time.
 template <int K, bool Factored, int H, int L>
 void apply_range(const TensorArgs& t, const GroupDecays& d, const float* inv, const float* w,
                  const VeloApplyArgs& a, const StepScalars& sc, int64_t begin, int64_t end) {
@@ -223,13 +97,11 @@ void apply_range(const TensorArgs& t, const GroupDecays& d, const float* inv, co
     if constexpr (H > 0) {
       velo_mlp_lanes<K, H, L, false>(x, inv, wl, nullptr, out);
     } else {
-      for (int f = 0; f < F; ++f)
-#pragma omp simd
-        for (int e = 0; e < kLanes; ++e) x[f * kLanes + e] *= inv[f];
       for (int e = 0; e < lanes; ++e) {
-        float o[kVeloOutputs];
-        velo_mlp(x + e, kLanes, w, K, a.hidden, a.layers, o);
-        for (int c = 0; c < kVeloOutputs; ++c) out[c * kLanes + e] = o[c];
+        float o[1][kVeloOutputs];
+        velo_mlp<float, K, 0, 0, 1, false>(VeloElementInputs{x + e, kLanes, inv}, w, a.hidden,
+                                           a.layers, o);
+        for (int c = 0; c < kVeloOutputs; ++c) out[c * kLanes + e] = o[0][c];
       }
     }
     for (int e = 0; e < lanes; ++e) {

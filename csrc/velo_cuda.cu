@@ -204,11 +204,9 @@ apply_kernel(const __grid_constant__ Chunk c, const __grid_constant__ GroupDecay
     const ElementState s = element_state<K, false>(t, d, false, e);
     float x[F];
     velo_raw_features(s, K, x);
-LOPT_UNROLL
-    for (int f = 0; f < F; ++f) x[f] *= inv[f];
-    float out[kVeloOutputs];
-    velo_mlp(x, 1, w, K, h, l, out);
-    const float step = velo_step(out[0], out[1], exp_mult, scale, step_mult, lm);
+    float out[1][kVeloOutputs];
+    velo_mlp<float, K, H, L, 1, false>(VeloElementInputs{x, 1, inv}, w, h, l, out);
+    const float step = velo_step(out[0][0], out[0][1], exp_mult, scale, step_mult, lm);
     const float p = decay != 1.0f ? s.p * decay : s.p;
     store_value(t.p, t.dtype, e, p - lr * step);
   }

@@ -88,54 +88,112 @@ LOPT_HD void velo_side_partial(const float* v, int j, int k, const float* inv, c
   }
 }
 
-// VeLO's per-tensor MLP for one element; x[f * xs] are the normalized features. Weights per
-// tensor, flattened in upstream's leaf order and [in, out] layout: w0__0 .. w0__13, b0, then
-// per layer l = 1..layers: w_l, b_l (the last layer has 3 outputs). Layer 0 sums the groups
-// one by one (each group an FMA chain from 0, then added), as upstream's loop over groups.
+// VeLO's per-tensor MLP for G inputs at once, on lane values V (float: one element; the CPU's
+// lane vectors: 16), every input through exactly the same operations. Weights per tensor,
+// flattened in upstream's leaf order and [in, out] layout: w0__0 .. w0__13, b0, then per layer
+// l = 1..layers: w_l, b_l (the last layer has 3 outputs). Layer 0 sums the groups one by one
+// (each group an FMA chain from 0 over its normalized features, then added), as upstream's
+// loop over groups. `in.input(g, c)`: input g's normalized feature c (raw * normalizer); with
+// Sides, `in.side(g, s, o)`: input g's layer-0 partial of side group kVeloFirstSideGroup + s
+// for output o (velo_side_partial's chain, formed once per v_row / v_col entry). H, L > 0: the
+// sizes at compile time; 0: `hidden` and `layers` at run time. G > 1 interleaves independent
+// dependency chains (the CPU's pairs of lane groups).
 constexpr int kMaxVeloHidden = 16;
 constexpr int kVeloOutputs = 3;
 
-LOPT_HD void velo_mlp(const float* x, int xs, const float* w, int k, int hidden, int layers,
-                      float* out) {
-  float h[kMaxVeloHidden];
-  LOPT_UNROLL
-  for (int o = 0; o < hidden; ++o) h[o] = 0.0f;
+// With Sides and a side group j, adds in.side's partials to h and returns true.
+template <bool Sides, typename V, int G, int HM, typename In>
+LOPT_HD bool velo_add_side_partials(const In& in, int j, int hidden, V (&h)[G][HM]) {
+  if constexpr (Sides) {
+    if (!velo_side_group(j)) return false;
+    LOPT_UNROLL_ALL
+    for (int g = 0; g < G; ++g)
+      LOPT_UNROLL_ALL
+      for (int o = 0; o < hidden; ++o)
+        h[g][o] = lane_add(h[g][o], in.side(g, j - kVeloFirstSideGroup, o));
+    return true;
+  } else {
+    return false;
+  }
+}
+
+// Output o of a dense layer (weights w: [hidden, n_out], then the bias [n_out]) for G inputs:
+// an FMA chain over h's hidden values from 0, then + bias, into out[g][o].
+template <int G, typename V, int HM, int NO>
+LOPT_HD void velo_mlp_output(const V (&h)[G][HM], int hidden, const float* w, int n_out, int o,
+                             V (*out)[NO]) {
+  V acc[G];
+  LOPT_UNROLL_ALL
+  for (int g = 0; g < G; ++g) acc[g] = lane_splat<V>(0.0f);
+  LOPT_UNROLL_ALL
+  for (int i = 0; i < hidden; ++i)
+    LOPT_UNROLL_ALL
+    for (int g = 0; g < G; ++g) acc[g] = lane_fma(h[g][i], lane_splat<V>(w[i * n_out + o]), acc[g]);
+  LOPT_UNROLL_ALL
+  for (int g = 0; g < G; ++g) out[g][o] = lane_add(acc[g], lane_splat<V>(w[hidden * n_out + o]));
+}
+
+template <typename V, int K, int H, int L, int G, bool Sides, typename In>
+LOPT_HD void velo_mlp(const In& in, const float* w, int hidden_rt, int layers_rt,
+                      V (*out)[kVeloOutputs]) {
+  constexpr int HM = H > 0 ? H : kMaxVeloHidden;
+  const int hidden = H > 0 ? H : hidden_rt;
+  const int layers = H > 0 ? L : layers_rt;
+  V h[G][HM] = {};
   int col = 0;
-  LOPT_UNROLL
+  LOPT_UNROLL_ALL
   for (int j = 0; j < kVeloGroups; ++j) {
-    const int width = velo_group_width(j, k);
-    LOPT_UNROLL
-    for (int o = 0; o < hidden; ++o) {
-      float partial = 0.0f;
-      LOPT_UNROLL
-      for (int i = 0; i < width; ++i) partial = fmaf(x[(col + i) * xs], w[i * hidden + o], partial);
-      h[o] = h[o] + partial;
+    const int width = velo_group_width(j, K);
+    if (!velo_add_side_partials<Sides>(in, j, hidden, h)) {
+      V xn[G][kMaxDecays];
+      LOPT_UNROLL_ALL
+      for (int g = 0; g < G; ++g)
+        LOPT_UNROLL_ALL
+        for (int i = 0; i < width; ++i) xn[g][i] = in.input(g, col + i);
+      LOPT_UNROLL_ALL
+      for (int o = 0; o < hidden; ++o) {
+        V partial[G];
+        LOPT_UNROLL_ALL
+        for (int g = 0; g < G; ++g) partial[g] = lane_splat<V>(0.0f);
+        LOPT_UNROLL_ALL
+        for (int i = 0; i < width; ++i)
+          LOPT_UNROLL_ALL
+          for (int g = 0; g < G; ++g)
+            partial[g] = lane_fma(xn[g][i], lane_splat<V>(w[i * hidden + o]), partial[g]);
+        LOPT_UNROLL_ALL
+        for (int g = 0; g < G; ++g) h[g][o] = lane_add(h[g][o], partial[g]);
+      }
     }
     w += width * hidden;
     col += width;
   }
-  LOPT_UNROLL
-  for (int o = 0; o < hidden; ++o) h[o] = relu(h[o] + w[o]);
+  LOPT_UNROLL_ALL
+  for (int o = 0; o < hidden; ++o)
+    LOPT_UNROLL_ALL
+    for (int g = 0; g < G; ++g) h[g][o] = lane_relu(lane_add(h[g][o], lane_splat<V>(w[o])));
   w += hidden;
-  LOPT_UNROLL
-  for (int l = 1; l <= layers; ++l) {
-    const int n_out = l == layers ? kVeloOutputs : hidden;
-    float next[kMaxVeloHidden];
-    LOPT_UNROLL
-    for (int o = 0; o < n_out; ++o) {
-      float acc = 0.0f;
-      LOPT_UNROLL
-      for (int i = 0; i < hidden; ++i) acc = fmaf(h[i], w[i * n_out + o], acc);
-      next[o] = acc + w[hidden * n_out + o];
-    }
-    w += hidden * n_out + n_out;
-    LOPT_UNROLL
-    for (int o = 0; o < n_out; ++o) {
-      if (l == layers) out[o] = next[o];
-      else h[o] = relu(next[o]);
-    }
+  LOPT_UNROLL_ALL
+  for (int l = 1; l < layers; ++l) {
+    V next[G][HM] = {};
+    LOPT_UNROLL_ALL
+    for (int o = 0; o < hidden; ++o) velo_mlp_output<G>(h, hidden, w, hidden, o, next);
+    w += hidden * hidden + hidden;
+    LOPT_UNROLL_ALL
+    for (int o = 0; o < hidden; ++o)
+      LOPT_UNROLL_ALL
+      for (int g = 0; g < G; ++g) h[g][o] = lane_relu(next[g][o]);
   }
+  LOPT_UNROLL_ALL
+  for (int o = 0; o < kVeloOutputs; ++o) velo_mlp_output<G>(h, hidden, w, kVeloOutputs, o, out);
 }
+
+// velo_mlp's inputs for one element: raw features x[f * stride] times the normalizers inv.
+struct VeloElementInputs {
+  const float* x;
+  int stride;
+  const float* inv;
+  LOPT_HD float input(int, int c) const { return x[c * stride] * inv[c]; }
+};
 
 // Floats of one tensor's flattened MLP weights (velo_mlp's layout).
 LOPT_HD int velo_mlp_size(int k, int hidden, int layers) {
