@@ -6,7 +6,8 @@
 #include <cstdint>
 #include <vector>
 
-#include "small_fc_lopt_args.h"
+#include "reduction_order.h"
+#include "tensor_args.h"
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -158,13 +159,25 @@ inline void interleave(const float (*src)[kLanes], float* dst) {
 #endif
 }
 
-// out[r] = the lanes of acc[r] summed in lane order, for rows r < rows (a tile's partials).
-inline void sum_lanes(const double (*acc)[kLanes], int rows, double* out) {
-  for (int r = 0; r < rows; ++r) {
-    double total = 0.0;
-    for (int e = 0; e < kLanes; ++e) total += acc[r][e];
-    out[r] = total;
+// A lane group covers half of the kReduceLanes lanes of one round (reduction_order.h): the
+// group starting `offset` elements into its tile adds to lanes half(offset) * kLanes + e.
+static_assert(kReduceLanes == 2 * kLanes, "two lane groups per round");
+inline int half(int64_t offset) { return static_cast<int>((offset / kLanes) & 1); }
+
+// out[r] = lane_tree_sum(acc[r]) for rows r < rows (a tile's sums; acc is overwritten).
+inline void tree_sum_rows(double (*acc)[kReduceLanes], int rows, double* out) {
+  for (int r = 0; r < rows; ++r) out[r] = lane_tree_sum(acc[r]);
+}
+
+// Per entry e < entries, lane_tree_sum of the lane-major sums acc[l * entries + e].
+inline std::vector<double> entry_totals(const double* acc, int64_t entries) {
+  std::vector<double> total(entries);
+  for (int64_t e = 0; e < entries; ++e) {
+    double v[kReduceLanes];
+    for (int l = 0; l < kReduceLanes; ++l) v[l] = acc[l * entries + e];
+    total[e] = lane_tree_sum(v);
   }
+  return total;
 }
 
 // The header's per-element state for lane e.

@@ -10,7 +10,8 @@
 
 #include <cuda_runtime.h>
 
-#include "small_fc_lopt_args.h"
+#include "reduction_order.h"
+#include "tensor_args.h"
 
 // Launches and dynamic shared memory, spelled so that the emulated CUDA backend
 // (cuda_emulation/cuda_runtime.h, which defines both) compiles these sources unchanged:

@@ -30,13 +30,13 @@ using cpu::lane_state;
 
 constexpr int kOutTile = 8;
 
-// Phase 2 on one tile: sums of squares of the raw features, per lane in element order, then
-// the lanes in order, into out[F].
+// Phase 2 on one tile: sums of squares of the raw features in float64, in reduction order 1
+// (lane = offset in the tile mod 32, lane_tree_sum), into out[F].
 template <int K, bool Factored>
 void accumulate_tile_cpu(const TensorArgs& t, const GroupDecays& d, bool head_variant,
                          int64_t begin, int64_t end, double* out) {
   constexpr int F = 4 + 8 * K;
-  alignas(64) double acc[F][kLanes] = {};
+  alignas(64) double acc[F][kReduceLanes] = {};
   alignas(64) float raw[F * kLanes];
   LaneInputs in;
   FactoredCursor cur;
@@ -50,14 +50,15 @@ void accumulate_tile_cpu(const TensorArgs& t, const GroupDecays& d, bool head_va
     if (lanes < kLanes)  // the tile's last group: unused lanes add nothing
       for (int f = 0; f < F; ++f)
         for (int e = lanes; e < kLanes; ++e) raw[f * kLanes + e] = 0.0f;
+    const int h = cpu::half(i0 - begin) * kLanes;
     for (int f = 0; f < F; ++f)
 #pragma omp simd
       for (int e = 0; e < kLanes; ++e) {
         const double v = raw[f * kLanes + e];
-        acc[f][e] += v * v;
+        acc[f][h + e] += v * v;
       }
   }
-  cpu::sum_lanes(acc, F, out);
+  cpu::tree_sum_rows(acc, F, out);
 }
 
 // The MLP for kLanes elements at once, feature-major (x[i * kLanes + e], out likewise), a
@@ -198,18 +199,22 @@ void apply_k(const TensorArgs* t, int count, const GroupDecays& d, bool head_var
   }
 }
 
+// Phase 1's sums for one tensor in one pass over its elements, in reduction order 4: an
+// element's term goes to lane (its coordinate along d0) mod 32 of its v_row entry's sum and to
+// lane (its coordinate along d1) mod 32 of its v_col entry's (lane-major accumulators).
 void reduce_one(const TensorArgs& t, const GroupDecays& d) {
-  std::vector<double> row_sum(t.n_row, 0.0), col_sum(t.n_col, 0.0);
+  std::vector<double> row_acc(kReduceLanes * t.n_row, 0.0), col_acc(kReduceLanes * t.n_col, 0.0);
   FactoredCursor cur;
   cur.start(t.ix, 0);
   for (int64_t i = 0; i < t.n; ++i, cur.next()) {
     const float gs = factored_grad_sq(effective_grad(
         load_value(t.g, t.dtype, i), t.grad_wd != 0.0f ? load_value(t.p, t.dtype, i) : 0.0f,
         t.grad_wd, t.grad_clip));
-    row_sum[cur.row] += gs;
-    col_sum[cur.col] += gs;
+    row_acc[(cur.coord[t.d0] % kReduceLanes) * t.n_row + cur.row] += gs;
+    col_acc[(cur.coord[t.d1] % kReduceLanes) * t.n_col + cur.col] += gs;
   }
-  small_fc_reduce_finish(t, d, row_sum.data(), col_sum.data());
+  small_fc_reduce_finish(t, d, cpu::entry_totals(row_acc.data(), t.n_row).data(),
+                         cpu::entry_totals(col_acc.data(), t.n_col).data());
 }
 
 }  // namespace
@@ -242,8 +247,8 @@ void small_fc_reduce_finish(const TensorArgs& t, const GroupDecays& d, const dou
   for (int64_t q = 0; q < t.n_rcm; ++q) {
     const int64_t base = deleted_axis_base(row_shape, rank - 1, reduced_d1, q);
     for (int a = 0; a < k; ++a) {
-      double sum = 0.0;
-      for (int64_t x = 0; x < len; ++x) sum += t.v_row[(base + x * step) * k + a];
+      const double sum = lane_ordered_sum(
+          len, [&](int64_t x) { return static_cast<double>(t.v_row[(base + x * step) * k + a]); });
       const float mean = static_cast<float>(sum / n1);
       for (int64_t x = 0; x < len; ++x) {
         const int64_t r = (base + x * step) * k + a;

@@ -2,7 +2,7 @@
 // function takes every tensor of a parameter group at once.
 #pragma once
 
-#include "small_fc_lopt_args.h"
+#include "tensor_args.h"
 
 namespace lopt {
 

@@ -79,15 +79,17 @@ __global__ void factor_kernel(const __grid_constant__ Chunk c,
 }
 
 // ---------------------------------------------------------------------------------------
-// Phase 2: one block per tile of accumulate_tile(n) elements; per-tile partial sums of
-// squares (per thread in element order, then a fixed shuffle tree, then warps in order).
+// Phase 2: one warp per tile of accumulate_tile(n) elements; each tile's sums of squares of
+// the raw features in float64, in reduction order 1 (lane l takes the tile's elements l,
+// l + 32, ...; warp_sum's butterfly), into the tile's partial row.
 template <int K>
 __global__ void __launch_bounds__(kThreads)
 accumulate_kernel(const __grid_constant__ Chunk c, const __grid_constant__ GroupDecays d,
                   bool head_variant, double* partials) {
   constexpr int F = 4 + 8 * K;
-  __shared__ double warp_part[kWarps][F];
-  const int64_t unit = blockIdx.x;
+  const int64_t unit = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (unit >= c.offset[c.count]) return;
   const int i = find_tensor(c, unit);
   const TensorArgs& t = c.t[i];
   const int64_t tile_index = unit - c.offset[i];
@@ -96,21 +98,14 @@ accumulate_kernel(const __grid_constant__ Chunk c, const __grid_constant__ Group
   const int64_t end = begin + tile < t.n ? begin + tile : t.n;
   double s[F];
   for (int f = 0; f < F; ++f) s[f] = 0.0;
-  for (int64_t e = begin + threadIdx.x; e < end; e += kThreads) {
+  for (int64_t e = begin + lane; e < end; e += kReduceLanes) {
     float raw[F];
     raw_features(element_state<K, true>(t, d, head_variant, e), K, raw);
     for (int f = 0; f < F; ++f) s[f] += static_cast<double>(raw[f]) * raw[f];
   }
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   for (int f = 0; f < F; ++f) {
     const double v = warp_sum(s[f]);
-    if (lane == 0) warp_part[warp][f] = v;
-  }
-  __syncthreads();
-  if (threadIdx.x < F) {
-    double total = 0.0;
-    for (int w = 0; w < kWarps; ++w) total += warp_part[w][threadIdx.x];
-    partials[(c.part_offset[i] + tile_index) * F + threadIdx.x] = total;
+    if (lane == 0) partials[(c.part_offset[i] + tile_index) * F + f] = v;
   }
 }
 
@@ -204,8 +199,8 @@ int accumulate_k(const TensorArgs* tensors, int count, const GroupDecays& d, boo
           c.part_offset[i] = next_row;
           next_row += accumulate_tiles(c.t[i].n);
         }
-        LOPT_LAUNCH(static_cast<unsigned>(c.offset[c.count]), kThreads, 0, stream,
-                    accumulate_kernel<K>)(c, d, head, partials);
+        LOPT_LAUNCH(static_cast<unsigned>(blocks_for(c.offset[c.count], kWarps)), kThreads, 0,
+                    stream, accumulate_kernel<K>)(c, d, head, partials);
         int err = last_error();
         if (err != 0) return err;
         LOPT_LAUNCH(static_cast<unsigned>(blocks_for(c.count * F, kThreads)), kThreads, 0,

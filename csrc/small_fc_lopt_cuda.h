@@ -5,7 +5,7 @@
 // The caller sets the current device.
 #pragma once
 
-#include "small_fc_lopt_args.h"
+#include "tensor_args.h"
 
 extern "C" {
 

@@ -554,12 +554,15 @@ void apply_run_tile_dtype(const TensorArgs& t, const RunLayout& rl, const float*
 // ---------------------------------------------------------------------------------------
 // Phase A.
 
-// One pass over runs [q0, q1) of a run-layout tensor: the factored sums of g^2 + 1e-30 (each
-// run's total into its fixed-side entry, one run per entry; each element into the varying
-// side's entry in `vary`, this chunk's partial sums). Reads g only (and p with weight decay).
+// One pass over the runs of a run-layout tensor whose lane lies in [lane0, lane1) (reduction
+// order 4: a run's lane in its varying-side entries' sums is its coordinate along their
+// deleted axis, mod 32). Each run's sum of g^2 + 1e-30 is its fixed-side entry's whole sum
+// (one run per entry; lanes along the run) into fixed_sum; each element's term goes to the
+// run's lane of its varying-side entry (vary: lane-major, [32][n_vary]). Reads g only (and p
+// with weight decay).
 template <DType DT, bool Decayed>
-void run_sums(const TensorArgs& t, const RunLayout& rl, int64_t q0, int64_t q1,
-              double* fixed_sum, double* vary) {
+void run_sums(const TensorArgs& t, const RunLayout& rl, int lane0, int lane1,
+              double* fixed_sum, double* vary, int64_t n_vary) {
   const void* __restrict p = t.p;
   const void* __restrict g = t.g;
   const float wd = t.grad_wd, clip = t.grad_clip;
@@ -567,20 +570,25 @@ void run_sums(const TensorArgs& t, const RunLayout& rl, int64_t q0, int64_t q1,
     const float pv = Decayed ? load_value(p, DT, i) : 0.0f;
     return factored_grad_sq(effective_grad(load_value(g, DT, i), pv, Decayed ? wd : 0.0f, clip));
   };
-  for (int64_t q = q0; q < q1; ++q) {
+  const int vary_axis = rl.row_varies ? t.d0 : t.d1;
+  const int64_t runs = t.n / rl.len;
+  for (int64_t q = 0; q < runs; ++q) {
     const int64_t first = q * rl.len;
+    const int lane_q = static_cast<int>(axis_coordinate(t.ix, first, vary_axis) % kReduceLanes);
+    if (lane_q < lane0 || lane_q >= lane1) continue;
     int64_t row, col, rcm;
     factored_indices(t.ix, first, &row, &col, &rcm);
-    double* __restrict v = vary + (rl.row_varies ? row : col);
-    alignas(64) double lane[kLanes] = {};
+    double* __restrict v = vary + lane_q * n_vary + (rl.row_varies ? row : col);
+    alignas(64) double lane[kReduceLanes] = {};
     int64_t j0 = 0;
     for (; j0 + kLanes <= rl.len; j0 += kLanes) {
       const int64_t i0 = first + j0;
+      double* __restrict lh = lane + cpu::half(j0) * kLanes;
       alignas(64) float gs[kLanes];
 #pragma omp simd
       for (int e = 0; e < kLanes; ++e) {
         gs[e] = grad_sq(i0 + e);
-        lane[e] += gs[e];
+        lh[e] += gs[e];
       }
       if (rl.stride == 1) {
 #pragma omp simd
@@ -589,140 +597,167 @@ void run_sums(const TensorArgs& t, const RunLayout& rl, int64_t q0, int64_t q1,
         for (int e = 0; e < kLanes; ++e) v[(j0 + e) * rl.stride] += gs[e];
       }
     }
-    for (int e = 0; j0 + e < rl.len; ++e) {
-      const float gs = grad_sq(first + j0 + e);
-      lane[e] += gs;
-      v[(j0 + e) * rl.stride] += gs;
+    for (int64_t j = j0; j < rl.len; ++j) {
+      const float gs = grad_sq(first + j);
+      lane[j % kReduceLanes] += gs;
+      v[j * rl.stride] += gs;
     }
-    double total = 0.0;
-    for (int e = 0; e < kLanes; ++e) total += lane[e];
-    fixed_sum[rl.row_varies ? col : row] = total;
+    fixed_sum[rl.row_varies ? col : row] = lane_tree_sum(lane);
   }
 }
 
-constexpr int64_t kReduceChunks = 8;  // chunks of runs per tensor, whatever the thread count
+constexpr int kReduceJobs = 8;  // jobs per run-layout tensor (lanes split evenly)
 
-// Phase A's factored statistics (as small_fc_reduce_cpu): run-layout tensors by runs, in
-// chunks whose partial sums of the varying side are added in chunk order; other factored
-// tensors through small_fc_reduce_cpu.
+// Phase A's factored statistics (as small_fc_reduce_cpu, in the same reduction order):
+// run-layout tensors by runs, kReduceJobs jobs each taking its share of the lanes; other
+// factored tensors through small_fc_reduce_cpu.
 void velo_reduce(const TensorArgs* t, int count, const GroupDecays& d,
                  const std::vector<RunLayout>& layout) {
   std::vector<TensorArgs> others;
-  struct Job {
-    int tensor;
-    int64_t q0, q1;
-    double *fixed, *vary;
-  };
-  std::vector<Job> jobs;
-  std::vector<int64_t> offset(count + 1, 0), chunks(count, 0);
+  std::vector<int64_t> offset(count + 1, 0);
+  std::vector<bool> by_runs(count, false);
   for (int i = 0; i < count; ++i) {
     int64_t size = 0;
     if (t[i].factored && t[i].n > 0) {
       if (!layout[i].ok) {
         others.push_back(t[i]);
       } else {
-        chunks[i] = std::min<int64_t>(kReduceChunks, t[i].n / layout[i].len);
+        by_runs[i] = true;
         const bool rv = layout[i].row_varies;
-        size = (rv ? t[i].n_col : t[i].n_row) + chunks[i] * (rv ? t[i].n_row : t[i].n_col);
+        size = (rv ? t[i].n_col : t[i].n_row) + kReduceLanes * (rv ? t[i].n_row : t[i].n_col);
       }
     }
     offset[i + 1] = offset[i] + size;
   }
   small_fc_reduce_cpu(others.data(), static_cast<int>(others.size()), d);
   std::vector<double> sums(offset[count], 0.0);
-  for (int i = 0; i < count; ++i) {
-    if (chunks[i] == 0) continue;
-    const int64_t runs = t[i].n / layout[i].len;
-    const bool rv = layout[i].row_varies;
-    double* fixed = sums.data() + offset[i];
-    double* vary = fixed + (rv ? t[i].n_col : t[i].n_row);
-    const int64_t n_vary = rv ? t[i].n_row : t[i].n_col;
-    for (int64_t c = 0; c < chunks[i]; ++c)
-      jobs.push_back({i, runs * c / chunks[i], runs * (c + 1) / chunks[i], fixed,
-                      vary + c * n_vary});
-  }
+  struct Job {
+    int tensor, lane0, lane1;
+  };
+  std::vector<Job> jobs;
+  for (int i = 0; i < count; ++i)
+    if (by_runs[i])
+      for (int c = 0; c < kReduceJobs; ++c)
+        jobs.push_back({i, c * kReduceLanes / kReduceJobs, (c + 1) * kReduceLanes / kReduceJobs});
+  auto fixed_of = [&](int i) { return sums.data() + offset[i]; };
+  auto vary_of = [&](int i) {
+    return fixed_of(i) + (layout[i].row_varies ? t[i].n_col : t[i].n_row);
+  };
+  auto n_vary_of = [&](int i) { return layout[i].row_varies ? t[i].n_row : t[i].n_col; };
   const int64_t n_jobs = static_cast<int64_t>(jobs.size());
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t w = 0; w < n_jobs; ++w) {
     const Job& j = jobs[w];
     const TensorArgs& ti = t[j.tensor];
     const RunLayout& rl = layout[j.tensor];
+    double* fixed = fixed_of(j.tensor);
+    double* vary = vary_of(j.tensor);
+    const int64_t nv = n_vary_of(j.tensor);
     const bool decayed = ti.grad_wd != 0.0f;
     switch (ti.dtype) {
       case DType::kFloat32:
-        if (decayed) run_sums<DType::kFloat32, true>(ti, rl, j.q0, j.q1, j.fixed, j.vary);
-        else run_sums<DType::kFloat32, false>(ti, rl, j.q0, j.q1, j.fixed, j.vary);
+        if (decayed) run_sums<DType::kFloat32, true>(ti, rl, j.lane0, j.lane1, fixed, vary, nv);
+        else run_sums<DType::kFloat32, false>(ti, rl, j.lane0, j.lane1, fixed, vary, nv);
         break;
       case DType::kBFloat16:
-        if (decayed) run_sums<DType::kBFloat16, true>(ti, rl, j.q0, j.q1, j.fixed, j.vary);
-        else run_sums<DType::kBFloat16, false>(ti, rl, j.q0, j.q1, j.fixed, j.vary);
+        if (decayed) run_sums<DType::kBFloat16, true>(ti, rl, j.lane0, j.lane1, fixed, vary, nv);
+        else run_sums<DType::kBFloat16, false>(ti, rl, j.lane0, j.lane1, fixed, vary, nv);
         break;
       case DType::kFloat16:
-        if (decayed) run_sums<DType::kFloat16, true>(ti, rl, j.q0, j.q1, j.fixed, j.vary);
-        else run_sums<DType::kFloat16, false>(ti, rl, j.q0, j.q1, j.fixed, j.vary);
+        if (decayed) run_sums<DType::kFloat16, true>(ti, rl, j.lane0, j.lane1, fixed, vary, nv);
+        else run_sums<DType::kFloat16, false>(ti, rl, j.lane0, j.lane1, fixed, vary, nv);
         break;
     }
   }
 #pragma omp parallel for schedule(dynamic, 1)
   for (int i = 0; i < count; ++i) {
-    if (chunks[i] == 0) continue;
+    if (!by_runs[i]) continue;
     const bool rv = layout[i].row_varies;
-    double* fixed = sums.data() + offset[i];
-    double* vary = fixed + (rv ? t[i].n_col : t[i].n_row);
-    const int64_t n_vary = rv ? t[i].n_row : t[i].n_col;
-    for (int64_t c = 1; c < chunks[i]; ++c)
-      for (int64_t e = 0; e < n_vary; ++e) vary[e] += vary[c * n_vary + e];
-    small_fc_reduce_finish(t[i], d, rv ? vary : fixed, rv ? fixed : vary);
+    const std::vector<double> vary = cpu::entry_totals(vary_of(i), n_vary_of(i));
+    small_fc_reduce_finish(t[i], d, rv ? vary.data() : fixed_of(i),
+                           rv ? fixed_of(i) : vary.data());
   }
 }
 
-// The sums of the old state's moments that phase A's statistics come from, per tensor, in
-// float64: p^2 (squared in float, as upstream's mean(p^2)), m and m^2 (k each), rms, rms^2.
-// The variances follow in one pass as E[x^2] - 2 c E[x] + c^2 about a center c (the momentum
-// mean); squares of float32 values are exact in float64, so only the float64 sums round.
-template <int K>
-struct Moments {
-  static constexpr int kCount = 3 + 2 * K;
-  static constexpr int kP2 = 0, kM = 1, kM2 = 1 + K, kRms = 1 + 2 * K, kRms2 = 2 + 2 * K;
+// How phase A walks a tile: element by element (v_diag), by runs (RunLayout with a length
+// that is a multiple of kLanes) with the row (kRowRun) or the column (kColRun) entry varying
+// along the last axis, or lane groups through the factored cursor (other factored tensors).
+enum class Walk { kDiag, kRowRun, kColRun, kCursor };
+
+// A tile's sums in reduction orders 1 to 3 (reduction_order.h): the moments of the old state
+// (VeloMoments, per lane in float64) and the squares of the new state's features (square
+// blocks per lane). Lane groups are staged in order from the tile's start; group b of a block
+// of kBlockGroups covers half b % 2 of round b / 2, so a block holds kSquareRounds terms per
+// lane, summed column by column when it is full (each accumulator is then loaded and stored
+// once per block). Factored tensors leave out the side columns [6 + 3K, 6 + 7K) (side_sums).
+template <int K, bool Factored>
+struct TileSums {
+  static constexpr int F = 6 + 8 * K;
+  static constexpr int kBlockGroups = 2 * kSquareRounds;
+  static constexpr int kSkip0 = Factored ? 6 + 3 * K : F, kSkip1 = Factored ? 6 + 7 * K : F;
+  using M = VeloMoments<K>;
+  alignas(64) double mom[M::kCount][kReduceLanes] = {};
+  alignas(64) double sq[F][kReduceLanes] = {};
+  // The staged groups: features of the new state, and the old state's p, rms and m (k), both
+  // zero in lanes past the end.
+  alignas(64) float x[kBlockGroups][F * kLanes];
+  alignas(64) float old[kBlockGroups][2 + K][kLanes];
+  int staged = 0;
+
+  float* features() { return x[staged]; }
+  float (*old_state())[kLanes] { return old[staged]; }
+
+  // The current group is staged.
+  void next() {
+    if (++staged == kBlockGroups) flush(std::integral_constant<int, kBlockGroups>());
+  }
+
+  template <int N>
+  void flush(std::integral_constant<int, N>) {
+    for (int f = 0; f < F; ++f) {
+      if (f >= kSkip0 && f < kSkip1) continue;
+      for (int h = 0; h < 2; ++h)
+#pragma omp simd
+        for (int e = 0; e < kLanes; ++e) {
+          float block = 0.0f;
+          for (int b = h; b < N; b += 2) block = square_into(block, x[b][f * kLanes + e]);
+          sq[f][h * kLanes + e] += block;
+        }
+    }
+    for (int b = 0; b < N; ++b) {
+      double* const lanes = &mom[0][(b % 2) * kLanes];
+#pragma omp simd
+      for (int e = 0; e < kLanes; ++e) {
+        float m[K];
+        for (int a = 0; a < K; ++a) m[a] = old[b][2 + a][e];
+        velo_add_moments<K>(lanes + e, kReduceLanes, old[b][0][e], old[b][1][e], m);
+      }
+    }
+    staged = 0;
+  }
+
+  // The tile's sums: the last, partial block, then every column's lanes by lane_tree_sum.
+  void finish(double* mom_out, double* sq_out) {
+    static_assert(kBlockGroups == 8, "the cases below");
+    switch (staged) {
+      case 1: flush(std::integral_constant<int, 1>()); break;
+      case 2: flush(std::integral_constant<int, 2>()); break;
+      case 3: flush(std::integral_constant<int, 3>()); break;
+      case 4: flush(std::integral_constant<int, 4>()); break;
+      case 5: flush(std::integral_constant<int, 5>()); break;
+      case 6: flush(std::integral_constant<int, 6>()); break;
+      case 7: flush(std::integral_constant<int, 7>()); break;
+      default: break;
+    }
+    cpu::tree_sum_rows(mom, M::kCount, mom_out);
+    cpu::tree_sum_rows(sq, F, sq_out);
+  }
 };
 
-// Adds lanes [0, lanes) of a lane group's old state to the per-lane moment sums acc.
-template <int K>
-inline void add_moments(const LaneInputs& in, int lanes, double (*acc)[kLanes]) {
-  using M = Moments<K>;
-#pragma omp simd
-  for (int e = 0; e < kLanes; ++e) {
-    const bool ok = e < lanes;
-    const double p2 = ok ? static_cast<double>(in.p[e] * in.p[e]) : 0.0;
-    const double r = ok ? static_cast<double>(in.rms[e]) : 0.0;
-    acc[M::kP2][e] += p2;
-    acc[M::kRms][e] += r;
-    acc[M::kRms2][e] += r * r;
-  }
-  for (int a = 0; a < K; ++a)
-#pragma omp simd
-    for (int e = 0; e < kLanes; ++e) {
-      const double v = e < lanes ? static_cast<double>(in.m[a][e]) : 0.0;
-      acc[M::kM + a][e] += v;
-      acc[M::kM2 + a][e] += v * v;
-    }
-}
-
-// How phase A walks a tensor: element by element (v_diag), or by runs (RunLayout) with the
-// row (RowRun) or the column (ColRun) entry varying along the last axis.
-enum class Walk { kDiag, kRowRun, kColRun };
-
-// Squares of the features are summed per lane in float (fmaf) over kSquareBlock consecutive
-// lane groups, then in double: at most kSquareBlock roundings of float precision per block.
-constexpr int kSquareBlock = 4;
-
-// Phase A's one pass over the state, on one tile of lane groups: the moment sums of the old
-// state (Moments; mom), the moving averages (stored), and the sums of squares of the features
-// of the new state (sq[F]; for Walk::kDiag all of them, for runs the element columns only: the
-// side columns are summed per entry). Squares go per lane in kSquareBlock blocks, then lanes
-// in order; moments per lane in float64, then lanes in order. Each lane group stages its
-// features and old state; a block of kSquareBlock groups is then summed column by column, so
-// that each accumulator is loaded and stored once per block rather than once per group.
+// Phase A's one pass over the state, on one tile of lane groups (Walk::kDiag or a run walk):
+// the moment sums of the old state (mom), the moving averages (stored), and the sums of
+// squares of the new state's features (sq[F]; for runs the element columns only: the side
+// columns are summed per entry), formed in TileSums.
 template <DType DT, int K, Walk W>
 void update_tile(const TensorArgs& t, const GroupDecays& d, const RunLayout& rl,
                  int64_t begin, int64_t end, double* mom, double* sq) {
@@ -733,44 +768,7 @@ void update_tile(const TensorArgs& t, const GroupDecays& d, const RunLayout& rl,
   float* __restrict m = t.m;
   float* __restrict rms = t.rms;
   float* __restrict vd = t.v_diag;
-  using M = Moments<K>;
-  alignas(64) double amom[M::kCount][kLanes] = {};
-  alignas(64) double asq[F][kLanes] = {};
-  // The staged lane groups of the current block: features of the new state, and the old
-  // state's p, rms and m (k) (zero in lanes past the end).
-  alignas(64) float xs[kSquareBlock][F * kLanes];
-  alignas(64) float old[kSquareBlock][2 + K][kLanes];
-  int blocked = 0;
-  constexpr int kSkip0 = kRun ? 6 + 3 * K : F, kSkip1 = kRun ? 6 + 7 * K : F;
-  auto flush = [&](auto count) {
-    constexpr int n = decltype(count)::value;
-    for (int f = 0; f < F; ++f) {
-      if (f >= kSkip0 && f < kSkip1) continue;
-#pragma omp simd
-      for (int e = 0; e < kLanes; ++e) {
-        float block = 0.0f;
-        for (int b = 0; b < n; ++b) block = fmaf(xs[b][f * kLanes + e], xs[b][f * kLanes + e], block);
-        asq[f][e] += block;
-      }
-    }
-#pragma omp simd
-    for (int e = 0; e < kLanes; ++e)
-      for (int b = 0; b < n; ++b) {
-        const double r = old[b][1][e];
-        amom[M::kP2][e] += static_cast<double>(old[b][0][e] * old[b][0][e]);
-        amom[M::kRms][e] += r;
-        amom[M::kRms2][e] += r * r;
-      }
-    for (int a = 0; a < K; ++a)
-#pragma omp simd
-      for (int e = 0; e < kLanes; ++e)
-        for (int b = 0; b < n; ++b) {
-          const double v = old[b][2 + a][e];
-          amom[M::kM + a][e] += v;
-          amom[M::kM2 + a][e] += v * v;
-        }
-    blocked = 0;
-  };
+  TileSums<K, kRun> sums;
   LaneInputs in{};
   const float* vary_factor = kRowVaries ? t.row_factor : t.col_factor;
   const float* fixed_factor = kRowVaries ? t.col_factor : t.row_factor;
@@ -829,7 +827,7 @@ void update_tile(const TensorArgs& t, const GroupDecays& d, const RunLayout& rl,
       }
       // The old state staged for its moments (lanes past the end zero), then the moving
       // averages.
-      float (*const o)[kLanes] = old[blocked];
+      float (*const o)[kLanes] = sums.old_state();
 #pragma omp simd
       for (int e = 0; e < kLanes; ++e) {
         o[0][e] = e < lanes ? in.p[e] : 0.0f;
@@ -869,7 +867,7 @@ void update_tile(const TensorArgs& t, const GroupDecays& d, const RunLayout& rl,
         }
       }
       // Features of the new state, staged for their squares.
-      float* const x = xs[blocked];
+      float* const x = sums.features();
       if constexpr (kRun) {
 #pragma omp simd
         for (int e = 0; e < kLanes; ++e)
@@ -882,60 +880,47 @@ void update_tile(const TensorArgs& t, const GroupDecays& d, const RunLayout& rl,
       if (lanes < kLanes)
         for (int f = 0; f < F; ++f)
           for (int e = lanes; e < kLanes; ++e) x[f * kLanes + e] = 0.0f;
-      if (++blocked == kSquareBlock) flush(std::integral_constant<int, kSquareBlock>());
+      sums.next();
     }
     i = seg_end;
   }
-  static_assert(kSquareBlock == 4, "the tail's cases below");
-  switch (blocked) {
-    case 1: flush(std::integral_constant<int, 1>()); break;
-    case 2: flush(std::integral_constant<int, 2>()); break;
-    case 3: flush(std::integral_constant<int, 3>()); break;
-    default: break;
-  }
-  cpu::sum_lanes(amom, Moments<K>::kCount, mom);
-  cpu::sum_lanes(asq, F, sq);
+  sums.finish(mom, sq);
 }
 
-// As update_tile, for a factored tensor that runs cannot walk: lane groups through the
-// factored cursor (cpu::gather), every column per element (the side columns are then replaced
-// by side_sums).
+// Walk::kCursor, as update_tile: a factored tensor that runs cannot walk, by lane groups
+// through the factored cursor (cpu::gather), the element columns of every element.
 template <int K>
-void factored_lane_tile(const TensorArgs& t, const GroupDecays& d, int64_t begin, int64_t end,
-                        double* mom, double* sq) {
+void cursor_tile(const TensorArgs& t, const GroupDecays& d, int64_t begin, int64_t end,
+                 double* mom, double* sq) {
   constexpr int F = 6 + 8 * K;
-  alignas(64) double amom[Moments<K>::kCount][kLanes] = {};
-  alignas(64) double asq[F][kLanes] = {};
-  alignas(64) float raw[F * kLanes];
+  TileSums<K, true> sums;
   LaneInputs in;
   FactoredCursor cur;
   cur.start(t.ix, begin);
   for (int64_t i0 = begin; i0 < end; i0 += kLanes) {
     const int lanes = static_cast<int>(std::min<int64_t>(kLanes, end - i0));
-    for (int e = 0; e < lanes; ++e) {  // the old state, before gather updates it
-      in.p[e] = load_value(t.p, t.dtype, i0 + e);
-      in.rms[e] = t.rms[i0 + e];
-      for (int a = 0; a < K; ++a) in.m[a][e] = t.m[(i0 + e) * K + a];
+    float (*const o)[kLanes] = sums.old_state();  // before gather updates the state
+    for (int e = 0; e < kLanes; ++e) {
+      const int64_t i = i0 + e;
+      o[0][e] = e < lanes ? load_value(t.p, t.dtype, i) : 0.0f;
+      o[1][e] = e < lanes ? t.rms[i] : 0.0f;
+      for (int a = 0; a < K; ++a) o[2 + a][e] = e < lanes ? t.m[i * K + a] : 0.0f;
     }
-    add_moments<K>(in, lanes, amom);
     gather<K, true, true>(t, d, i0, lanes, cur, in);
+    float* const x = sums.features();
 #pragma omp simd
     for (int e = 0; e < kLanes; ++e)
-      velo_raw_features(lane_state<K, true>(in, e, false), K, raw + e, kLanes);
+      velo_element_features(lane_state<K, true>(in, e, false), K, x + e, kLanes);
     for (int f = 0; f < F; ++f)
-#pragma omp simd
-      for (int e = 0; e < kLanes; ++e) {
-        const double v = e < lanes ? raw[f * kLanes + e] : 0.0f;
-        asq[f][e] += v * v;
-      }
+      for (int e = lanes; e < kLanes; ++e) x[f * kLanes + e] = 0.0f;
+    sums.next();
   }
-  cpu::sum_lanes(amom, Moments<K>::kCount, mom);
-  cpu::sum_lanes(asq, F, sq);
+  sums.finish(mom, sq);
 }
 
-// Side columns of a factored tensor's feature sums of squares, from its (updated) v_row and
-// v_col entries: each entry's features squared, summed over the entries in order, times the
-// number of elements sharing the entry.
+// Side columns of a factored tensor's feature sums of squares, in reduction order 5: per
+// column, each (updated) v_row or v_col entry's feature squared in float64, the entries in
+// lanes, times the number of elements sharing an entry.
 template <int K>
 void side_sums(const TensorArgs& t, double* sq) {
   const int c0 = 6 + 3 * K;
@@ -945,11 +930,10 @@ void side_sums(const TensorArgs& t, double* sq) {
     const double share = static_cast<double>(t.n / entries);
     for (int rs = 0; rs < 2; ++rs)
       for (int a = 0; a < K; ++a) {
-        double total = 0.0;
-        for (int64_t r = 0; r < entries; ++r) {
+        const double total = lane_ordered_sum(entries, [&](int64_t r) {
           const double f = velo_side_feature(v[r * K + a], rs == 1);
-          total += f * f;
-        }
+          return f * f;
+        });
         sq[c0 + (2 * rs + side) * K + a] = total * share;
       }
   }
@@ -966,14 +950,21 @@ void update_tile_walk(const TensorArgs& t, const GroupDecays& d, const RunLayout
 template <int K>
 void accumulate_k(const TensorArgs* t, int count, const GroupDecays& d, float* stats) {
   constexpr int F = 6 + 8 * K;
-  using M = Moments<K>;
+  using M = VeloMoments<K>;
   constexpr int W = M::kCount + F;
   std::vector<RunLayout> layout(count);
   for (int i = 0; i < count; ++i) layout[i] = run_layout(t[i]);
   velo_reduce(t, count, d, layout);
-  // A factored tensor the runs cannot walk: the lane path with a factored gather.
-  for (int i = 0; i < count; ++i)
-    if (t[i].factored && !layout[i].ok) layout[i].len = -1;
+  // Phase A walks runs in whole lane groups (reduction order 1 numbers lanes by the offset in
+  // the tile); a factored tensor with runs of another length walks by cursor.
+  std::vector<Walk> walk(count, Walk::kDiag);
+  for (int i = 0; i < count; ++i) {
+    if (!t[i].factored) continue;
+    const RunLayout& rl = layout[i];
+    walk[i] = !rl.ok || rl.len % kLanes != 0 ? Walk::kCursor
+              : rl.row_varies                ? Walk::kRowRun
+                                             : Walk::kColRun;
+  }
   const std::vector<WorkItem> items = cpu::accumulate_items(t, count);
   const int64_t n_items = static_cast<int64_t>(items.size());
   std::vector<double> part(items.size() * W);
@@ -984,8 +975,8 @@ void accumulate_k(const TensorArgs* t, int count, const GroupDecays& d, float* s
     const RunLayout& rl = layout[it.tensor];
     double* mom = part.data() + w * W;
     double* sq = mom + M::kCount;
-    if (rl.len < 0) {
-      factored_lane_tile<K>(ti, d, it.begin, it.end, mom, sq);
+    if (walk[it.tensor] == Walk::kCursor) {
+      cursor_tile<K>(ti, d, it.begin, it.end, mom, sq);
       continue;
     }
     switch (ti.dtype) {
@@ -1000,19 +991,7 @@ void accumulate_k(const TensorArgs* t, int count, const GroupDecays& d, float* s
     if (t[i].factored) side_sums<K>(t[i], sums.data() + i * W + M::kCount);
   const int S = velo_stats_count(K);
   for (int i = 0; i < count; ++i) {
-    const double n = static_cast<double>(t[i].n);
-    const double* mo = sums.data() + i * W;
-    float* s = stats + i * S;
-    const double mean_rms = mo[M::kRms] / n, mean_rms2 = mo[M::kRms2] / n;
-    s[0] = static_cast<float>(mo[M::kP2] / n);
-    for (int a = 0; a < K; ++a) {
-      const double mean = mo[M::kM + a] / n;
-      s[1 + a] = static_cast<float>(mean);
-      s[1 + K + a] = static_cast<float>(std::max(0.0, mo[M::kM2 + a] / n - mean * mean));
-      s[2 + 2 * K + a] = static_cast<float>(
-          std::max(0.0, mean_rms2 - 2.0 * mean * mean_rms + mean * mean));
-    }
-    s[1 + 2 * K] = static_cast<float>(mean_rms);
+    velo_stats<K>(sums.data() + i * W, t[i].n, stats + i * S);
     for (int f = 0; f < F; ++f) t[i].sumsq[f] = static_cast<float>(sums[i * W + M::kCount + f]);
   }
 }

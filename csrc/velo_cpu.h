@@ -2,18 +2,15 @@
 // which runs in torch between them.
 #pragma once
 
-#include "small_fc_lopt_args.h"
+#include "tensor_args.h"
+#include "velo_math.h"
 
 namespace lopt {
 
-// Per-tensor statistics written by phase A, 2 + 3k floats per tensor, all of the state
-// *before* this step's update: mean p^2, mean m (k), mean (m - mean m)^2 (k), mean rms,
-// mean (rms - mean m)^2 (k) (upstream's var_rms quirk: about the momentum mean).
-inline int velo_stats_count(int k) { return 2 + 3 * k; }
-
-// Phase A: the statistics above; the factored statistics (as small_fc_reduce_cpu); the
-// moving averages; the per-feature sums of squares of the 6 + 8k features into sumsq.
-// Gradients are effective_grad (weight decay, clip) throughout.
+// Phase A: each tensor's statistics of the state before this step's update (velo_stats,
+// velo_math.h: velo_stats_count(k) floats per tensor); the factored statistics (as
+// small_fc_reduce_cpu); the moving averages; the per-feature sums of squares of the 6 + 8k
+// features into sumsq. Gradients are effective_grad (weight decay, clip) throughout.
 void velo_accumulate_cpu(const TensorArgs* t, int count, const GroupDecays& d, float* stats);
 
 struct VeloApplyArgs {

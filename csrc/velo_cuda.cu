@@ -1,17 +1,14 @@
-// CUDA backend of the fused VeLO step (see velo_cuda.h): velo_cpu.cpp's quantities, summed in
-// the same fixed tiles of accumulate_tile(n), with the header's per-element math. Pure CUDA
-// C++, no torch headers; the chunking and the per-element state are multi_tensor_cuda.cuh's.
+// CUDA backend of the fused VeLO step (see velo_cuda.h): velo_cpu.cpp's quantities in the same
+// reduction orders (reduction_order.h), with the header's per-element math. Pure CUDA C++, no
+// torch headers; the chunking and the per-element state are multi_tensor_cuda.cuh's.
 //
 // Phase A, after lopt_small_fc_reduce_cuda (the factored statistics), per chunk of tensors:
-//   sums_kernel    per tile: sums of p^2, m (k) and rms of the old state (the CPU's pass 1);
-//   totals_kernel  per tensor: those tiles in order;
-//   update_kernel  per tile: squared deviations of the old m and rms about the momentum means
-//                  (pass 2), then the moving averages and the sums of squares of the new
-//                  state's features (pass 3), from one read of the state;
-//   stats_kernel   per tensor: the tiles in order, into stats and sumsq.
-// Deterministic: within a tile each thread sums its elements (stride kThreads) in order, then
-// a fixed shuffle tree and the warps in order; tiles are summed in order by one thread. No
-// atomics, so results depend on the data only.
+//   update_kernel  one warp per tile: the moments of the old state, the moving averages
+//                  (stored) and the squares of the new state's features, lanes as in
+//                  reduction orders 1-3, into the tile's partial row;
+//   side_kernel    one warp per side column of each factored tensor (reduction order 5);
+//   stats_kernel   one block per tensor: the tiles' rows in order, velo_stats, sumsq.
+// No atomics: results depend on the data only.
 // Phase B: apply_kernel, one block per kApplyTile elements of one tensor, with that tensor's
 // MLP weights in shared memory.
 #include "velo_cuda.h"
@@ -26,32 +23,14 @@ namespace {
 using namespace lopt;
 using namespace lopt::gpu;
 
-// Partial-row widths for k decays: pass 1 sums p^2, m (k) and rms; the update pass sums the
-// squared deviations of m (k) and of rms (k), then the squares of the 6 + 8k features.
-__host__ __device__ constexpr int sums_width(int k) { return 2 + k; }
-__host__ __device__ constexpr int update_width(int k) { return 2 * k + 6 + 8 * k; }
+// A tile's partial row: the moments (VeloMoments), then the F feature columns.
+__host__ __device__ constexpr int row_width(int k) { return velo_moment_count(k) + 6 + 8 * k; }
 
-// Block-wide sums of acc[0, W) into out[0, W): each warp by warp_sum's fixed butterfly, then
-// thread f adds the warps' sums of column f in warp order. Every thread of the block calls it.
-template <int W>
-__device__ __forceinline__ void block_sum(const double (&acc)[W], double* out) {
-  __shared__ double warp_part[kWarps][W];
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-LOPT_UNROLL
-  for (int f = 0; f < W; ++f) {
-    const double v = warp_sum(acc[f]);
-    if (lane == 0) warp_part[warp][f] = v;
-  }
-  __syncthreads();
-  if (threadIdx.x < W) {
-    double total = 0.0;
-    for (int w = 0; w < kWarps; ++w) total += warp_part[w][threadIdx.x];
-    out[threadIdx.x] = total;
-  }
-}
+// Side columns per tensor: (2 * rs + side) * K + a for side (v_row, v_col), rs (value, rsqrt).
+__host__ __device__ constexpr int side_columns(int k) { return 4 * k; }
 
-// Reduction block `unit`: tile `index` (accumulate_tile(n) elements, [begin, end)) of tensor
-// `tensor` of the chunk.
+// Reduction unit `unit` (a warp): tile `index` (accumulate_tile(n) elements, [begin, end)) of
+// tensor `tensor` of the chunk.
 struct Tile {
   int tensor;
   int64_t index, begin, end;
@@ -71,109 +50,111 @@ __device__ __forceinline__ Tile tile_of(const Chunk& c, int64_t unit) {
 // ---------------------------------------------------------------------------------------
 // Phase A.
 
-// Pass 1, one block per tile: sums of p^2 (the square in float32), m (k) and rms, of the state
-// before this step's update, into the tile's partial row.
+// One warp per tile. Lane l takes the tile's elements l, l + 32, ... in order: the old state's
+// moments in float64, then this step's moving averages (stored) and the squares of the new
+// state's features in square blocks of kSquareRounds elements (a factored tensor's side
+// columns excepted: side_kernel), then warp_sum per column into the tile's partial row.
 template <int K>
 __global__ void __launch_bounds__(kThreads)
-sums_kernel(const __grid_constant__ Chunk c, double* part) {
-  constexpr int W = sums_width(K);
-  const Tile tl = tile_of(c, blockIdx.x);
-  const TensorArgs& t = c.t[tl.tensor];
-  double acc[W];
-LOPT_UNROLL
-  for (int f = 0; f < W; ++f) acc[f] = 0.0;
-  for (int64_t e = tl.begin + threadIdx.x; e < tl.end; e += kThreads) {
-    const float p = load_value(t.p, t.dtype, e);
-    acc[0] += static_cast<double>(p * p);
-LOPT_UNROLL
-    for (int a = 0; a < K; ++a) acc[1 + a] += t.m[e * K + a];
-    acc[1 + K] += t.rms[e];
-  }
-  block_sum<W>(acc, part + (c.part_offset[tl.tensor] + tl.index) * W);
-}
-
-// Pass 1, per tensor: its tiles' sums in tile order, into totals[first + i] (one thread per
-// tensor and column).
-template <int K>
-__global__ void totals_kernel(const __grid_constant__ Chunk c, int first, const double* part,
-                              double* totals) {
-  constexpr int W = sums_width(K);
-  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (j >= static_cast<int64_t>(c.count) * W) return;
-  const int i = static_cast<int>(j / W);
-  const int f = static_cast<int>(j % W);
-  const int64_t tiles = accumulate_tiles(c.t[i].n);
-  double total = 0.0;
-  for (int64_t b = 0; b < tiles; ++b) total += part[(c.part_offset[i] + b) * W + f];
-  totals[(static_cast<int64_t>(first) + i) * W + f] = total;
-}
-
-// Passes 2 and 3, one block per tile. Per element: the squared deviations of the old m and of
-// the old rms about the momentum means mean_a = sum(m_a) / n (upstream's var_rms quirk: rms
-// about the momentum mean too), then this step's moving averages (stored) and the squares of
-// the new state's 6 + 8K features. Partial row: deviations of m (K), of rms (K), features.
-template <int K>
-__global__ void __launch_bounds__(kThreads)
-update_kernel(const __grid_constant__ Chunk c, const __grid_constant__ GroupDecays d, int first,
-              const double* totals, double* part) {
-  constexpr int W = update_width(K);
+update_kernel(const __grid_constant__ Chunk c, const __grid_constant__ GroupDecays d,
+              double* part) {
   constexpr int F = 6 + 8 * K;
-  const Tile tl = tile_of(c, blockIdx.x);
+  constexpr int M = VeloMoments<K>::kCount;
+  constexpr int W = row_width(K);
+  const int64_t unit = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (unit >= c.offset[c.count]) return;
+  const Tile tl = tile_of(c, unit);
   const TensorArgs& t = c.t[tl.tensor];
-  const double n = static_cast<double>(t.n);
-  const double* sums = totals + (static_cast<int64_t>(first) + tl.tensor) * sums_width(K);
-  double mean[K];
-LOPT_UNROLL
-  for (int a = 0; a < K; ++a) mean[a] = sums[1 + a] / n;
+  const int skip0 = t.factored ? 6 + 3 * K : F, skip1 = t.factored ? 6 + 7 * K : F;
   double acc[W];
-LOPT_UNROLL
-  for (int f = 0; f < W; ++f) acc[f] = 0.0;
-  for (int64_t e = tl.begin + threadIdx.x; e < tl.end; e += kThreads) {
-    const float rms_old = t.rms[e];
-LOPT_UNROLL
-    for (int a = 0; a < K; ++a) {
-      const double dm = t.m[e * K + a] - mean[a];
-      const double dr = rms_old - mean[a];
-      acc[a] += dm * dm;
-      acc[K + a] += dr * dr;
+  float block[F];
+  LOPT_UNROLL
+  for (int w = 0; w < W; ++w) acc[w] = 0.0;
+  LOPT_UNROLL
+  for (int f = 0; f < F; ++f) block[f] = 0.0f;
+  int round = 0;
+  for (int64_t e = tl.begin + lane; e < tl.end; e += kReduceLanes, ++round) {
+    float m_old[K];
+    LOPT_UNROLL
+    for (int a = 0; a < K; ++a) m_old[a] = t.m[e * K + a];
+    velo_add_moments<K>(acc, 1, load_value(t.p, t.dtype, e), t.rms[e], m_old);
+    float x[F];
+    velo_raw_features(element_state<K, true>(t, d, false, e), K, x);
+    const bool flush = round % kSquareRounds == kSquareRounds - 1 || e + kReduceLanes >= tl.end;
+    LOPT_UNROLL
+    for (int f = 0; f < F; ++f) {
+      if (f >= skip0 && f < skip1) continue;
+      block[f] = square_into(block[f], x[f]);
+      if (flush) {
+        acc[M + f] += block[f];
+        block[f] = 0.0f;
+      }
     }
-    float raw[F];
-    velo_raw_features(element_state<K, true>(t, d, false, e), K, raw);
-LOPT_UNROLL
-    for (int f = 0; f < F; ++f) acc[2 * K + f] += static_cast<double>(raw[f]) * raw[f];
   }
-  block_sum<W>(acc, part + (c.part_offset[tl.tensor] + tl.index) * W);
+  double* row = part + (c.part_offset[tl.tensor] + tl.index) * W;
+  LOPT_UNROLL
+  for (int w = 0; w < W; ++w) {
+    const double v = warp_sum(acc[w]);
+    if (lane == 0) row[w] = v;
+  }
 }
 
-// Per tensor, one thread per output: stats[first + i] in velo_stats_count's layout (mean p^2,
-// mean m (K), var m (K), mean rms, var rms (K)), each sum / n cast to float32 once, and sumsq;
-// the update pass's partials summed in tile order.
+// One warp per side column of each factored tensor (reduction order 5): the entries' features
+// squared in float64, in lanes, times the number of elements sharing an entry, into
+// side[(first + i) * side_columns(K) + column].
 template <int K>
-__global__ void stats_kernel(const __grid_constant__ Chunk c, int first, const double* totals,
-                             const double* part, float* stats) {
-  constexpr int W1 = sums_width(K);
-  constexpr int W = update_width(K);
-  constexpr int S = 2 + 3 * K;
-  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (j >= static_cast<int64_t>(c.count) * (W1 + W)) return;
-  const int i = static_cast<int>(j / (W1 + W));
-  const int q = static_cast<int>(j % (W1 + W));
+__global__ void __launch_bounds__(kThreads)
+side_kernel(const __grid_constant__ Chunk c, int first, double* side) {
+  const int64_t unit = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (unit >= c.offset[c.count]) return;
+  const int i = find_tensor(c, unit);
+  const TensorArgs& t = c.t[i];
+  const int q = static_cast<int>(unit - c.offset[i]);
+  const int a = q % K, is_col = (q / K) % 2, rsqrt_group = q / (2 * K);
+  const float* v = is_col ? t.v_col : t.v_row;
+  const int64_t entries = is_col ? t.n_col : t.n_row;
+  double s = 0.0;
+  for (int64_t r = lane; r < entries; r += kReduceLanes) {
+    const double f = velo_side_feature(v[r * K + a], rsqrt_group != 0);
+    s += f * f;
+  }
+  s = warp_sum(s);
+  if (lane == 0)
+    side[(static_cast<int64_t>(first) + i) * side_columns(K) + q] =
+        s * static_cast<double>(t.n / entries);
+}
+
+// One block per tensor of the chunk: thread w < W adds column w of the tensor's tiles' rows in
+// tile order; then stats (velo_stats) and sumsq (the side columns of a factored tensor from
+// side_kernel).
+template <int K>
+__global__ void __launch_bounds__(kThreads)
+stats_kernel(const __grid_constant__ Chunk c, int first, const double* part, const double* side,
+             float* stats) {
+  constexpr int F = 6 + 8 * K;
+  constexpr int M = VeloMoments<K>::kCount;
+  constexpr int W = row_width(K);
+  __shared__ double total[W];
+  const int i = blockIdx.x;
   const TensorArgs& t = c.t[i];
   const int64_t index = static_cast<int64_t>(first) + i;
-  const double n = static_cast<double>(t.n);
-  float* s = stats + index * S;
-  if (q < W1) {  // sum p^2 -> s[0], sum m_a -> s[1 + a], sum rms -> s[1 + 2K]
-    s[q <= K ? q : 1 + 2 * K] = static_cast<float>(totals[index * W1 + q] / n);
-    return;
+  if (threadIdx.x < W) {
+    const int64_t tiles = accumulate_tiles(t.n);
+    double s = 0.0;
+    for (int64_t b = 0; b < tiles; ++b) s += part[(c.part_offset[i] + b) * W + threadIdx.x];
+    total[threadIdx.x] = s;
   }
-  const int r = q - W1;
-  const int64_t tiles = accumulate_tiles(t.n);
-  double total = 0.0;
-  for (int64_t b = 0; b < tiles; ++b) total += part[(c.part_offset[i] + b) * W + r];
-  if (r < 2 * K)  // deviations of m_a (r = a) -> s[1 + K + a], of rms (r = K + a) -> s[2 + 2K + a]
-    s[r < K ? 1 + K + r : 2 + K + r] = static_cast<float>(total / n);
-  else
-    t.sumsq[r - 2 * K] = static_cast<float>(total);
+  __syncthreads();
+  if (threadIdx.x == 0) velo_stats<K>(total, t.n, stats + index * velo_stats_count(K));
+  if (threadIdx.x < F) {
+    const int f = threadIdx.x;
+    const int c0 = 6 + 3 * K;
+    const bool from_side = t.factored && f >= c0 && f < c0 + side_columns(K);
+    t.sumsq[f] = static_cast<float>(from_side ? side[index * side_columns(K) + f - c0]
+                                              : total[M + f]);
+  }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -239,16 +220,13 @@ LOPT_UNROLL
 template <int K>
 int accumulate_k(const TensorArgs* tensors, int count, const GroupDecays& d, float* stats,
                  double* partials, cudaStream_t stream) {
-  constexpr int W1 = sums_width(K);
-  constexpr int W = update_width(K);
   if (const int err = lopt_small_fc_reduce_cuda(tensors, count, &d, stream); err != 0) return err;
   int64_t tiles = 0;
   for (int i = 0; i < count; ++i) tiles += accumulate_tiles(tensors[i].n);
-  // Scratch: pass 1 partial rows [tiles, W1], their per-tensor totals [count, W1], the
-  // update pass's partial rows [tiles, W] (lopt_velo_partials).
-  double* sums_part = partials;
-  double* totals = sums_part + tiles * W1;
-  double* update_part = totals + static_cast<int64_t>(count) * W1;
+  // Scratch (lopt_velo_partials): the tiles' partial rows [tiles, W], then the side columns
+  // [count, side_columns(K)].
+  double* part = partials;
+  double* side = part + tiles * row_width(K);
   // Partial rows are numbered across all chunks, so each chunk's tensors get their own.
   int64_t next_row = 0;
   return for_each_chunk(
@@ -258,20 +236,22 @@ int accumulate_k(const TensorArgs* tensors, int count, const GroupDecays& d, flo
           c.part_offset[i] = next_row;
           next_row += accumulate_tiles(c.t[i].n);
         }
-        const unsigned tile_blocks = static_cast<unsigned>(c.offset[c.count]);
-        LOPT_LAUNCH(tile_blocks, kThreads, 0, stream, sums_kernel<K>)(c, sums_part);
+        LOPT_LAUNCH(static_cast<unsigned>(blocks_for(c.offset[c.count], kWarps)), kThreads, 0,
+                    stream, update_kernel<K>)(c, d, part);
         int err = last_error();
         if (err != 0) return err;
-        LOPT_LAUNCH(static_cast<unsigned>(blocks_for(c.count * W1, kThreads)), kThreads, 0,
-                    stream, totals_kernel<K>)(c, first, sums_part, totals);
-        err = last_error();
-        if (err != 0) return err;
-        LOPT_LAUNCH(tile_blocks, kThreads, 0, stream, update_kernel<K>)(c, d, first, totals,
-                                                                         update_part);
-        err = last_error();
-        if (err != 0) return err;
-        LOPT_LAUNCH(static_cast<unsigned>(blocks_for(c.count * (W1 + W), kThreads)), kThreads,
-                    0, stream, stats_kernel<K>)(c, first, totals, update_part, stats);
+        // The side columns' units: side_columns(K) warps per factored tensor.
+        Chunk sides = c;
+        for (int i = 0; i < c.count; ++i)
+          sides.offset[i + 1] = sides.offset[i] + (c.t[i].factored ? side_columns(K) : 0);
+        if (sides.offset[c.count] > 0) {
+          LOPT_LAUNCH(static_cast<unsigned>(blocks_for(sides.offset[c.count], kWarps)),
+                      kThreads, 0, stream, side_kernel<K>)(sides, first, side);
+          err = last_error();
+          if (err != 0) return err;
+        }
+        LOPT_LAUNCH(static_cast<unsigned>(c.count), kThreads, 0, stream, stats_kernel<K>)(
+            c, first, part, side, stats);
         return last_error();
       });
 }
@@ -335,7 +315,7 @@ int lopt_velo_accumulate_cuda(const TensorArgs* tensors, int count, const GroupD
 int64_t lopt_velo_partials(const TensorArgs* tensors, int count, int k) {
   int64_t tiles = 0;
   for (int i = 0; i < count; ++i) tiles += accumulate_tiles(tensors[i].n);
-  return tiles * (sums_width(k) + update_width(k)) + static_cast<int64_t>(count) * sums_width(k);
+  return tiles * row_width(k) + static_cast<int64_t>(count) * side_columns(k);
 }
 
 int lopt_velo_apply_cuda(const TensorArgs* tensors, int count, const GroupDecays* decays,

@@ -7,7 +7,8 @@
 
 #include <cstdint>
 
-#include "small_fc_lopt_args.h"
+#include "tensor_args.h"
+#include "velo_math.h"
 
 extern "C" {
 

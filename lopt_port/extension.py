@@ -38,9 +38,9 @@ import torch
 CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
 SOURCES = ("bind.cpp", "small_fc_lopt_cpu.cpp", "velo_cpu.cpp")
 CUDA_SOURCES = ("small_fc_lopt_cuda.cu", "velo_cuda.cu")
-HEADERS = ("small_fc_lopt_math.h", "small_fc_lopt_args.h", "small_fc_lopt_cpu.h",
-           "small_fc_lopt_cuda.h", "cpu_lanes.h", "velo_cpu.h", "velo_cuda.h",
-           "multi_tensor_cuda.cuh")
+HEADERS = ("scalar_math.h", "factored_index.h", "reduction_order.h", "small_fc_lopt_math.h",
+           "velo_math.h", "tensor_args.h", "small_fc_lopt_cpu.h", "small_fc_lopt_cuda.h",
+           "cpu_lanes.h", "velo_cpu.h", "velo_cuda.h", "multi_tensor_cuda.cuh")
 CUDA_LAUNCHERS = ("lopt_small_fc_reduce_cuda", "lopt_small_fc_accumulate_cuda",
                   "lopt_small_fc_apply_cuda", "lopt_small_fc_partials",
                   "lopt_velo_accumulate_cuda", "lopt_velo_apply_cuda", "lopt_velo_partials",

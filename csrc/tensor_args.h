@@ -1,9 +1,10 @@
-// Arguments of the fused small_fc_lopt phases: plain structs of sizes and raw pointers,
-// filled by the torch binding and read by the CPU and CUDA backends alike.
+// Arguments of the fused phases (small_fc_lopt and VeLO): plain structs of sizes and raw
+// pointers, filled by the torch binding and read by the CPU and CUDA backends alike.
 #pragma once
 
 #include <cstdint>
 
+#include "factored_index.h"
 #include "small_fc_lopt_math.h"
 
 namespace lopt {
