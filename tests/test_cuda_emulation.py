@@ -44,12 +44,13 @@ class Mutation(NamedTuple):
 #: The mutation controls, all in CUDA-only code (the .cu files and multi_tensor_cuda.cuh; the
 #: shared header would break the CPU backend alike, and the comparison could not see it).
 MUTATIONS: list[Mutation] = [
-    # VeLO's block_sum without its barrier: thread f sums the warps' partials of column f
-    # before the other warps have written them (shuffled order), reading the poison (NaN), so
-    # VeLO's statistics and everything after them are NaN; small_fc_lopt is untouched.
-    Mutation("no-barrier-in-velo-block-sum", "velo_cuda.cu",
-             "    if (lane == 0) warp_part[warp][f] = v;\n  }\n  __syncthreads();\n",
-             "    if (lane == 0) warp_part[warp][f] = v;\n  }\n",
+    # VeLO's stats_kernel without its barrier: thread 0 forms the tensor's statistics from the
+    # column totals in shared memory before the other threads have written them (shuffled
+    # order), reading the poison (NaN), so VeLO's statistics and everything after them are
+    # NaN; small_fc_lopt is untouched.
+    Mutation("no-barrier-in-velo-stats", "velo_cuda.cu",
+             "    total[threadIdx.x] = s;\n  }\n  __syncthreads();\n",
+             "    total[threadIdx.x] = s;\n  }\n",
              (r"^ok SmallFCLOpt float32", r"^FAIL VeLO float32: max inf ulps",
               r"param 0 \(130, 70\): .* vs emulated nan$")),
     # The warp butterfly starts at offset 8: each lane sums only its half-warp, so every
