@@ -41,9 +41,13 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __grid_constant__
-// Static shared arrays live in one section of the emulated library, filled with NaN bytes
-// at each block's start (blocks run one at a time).
-#define __shared__ static __attribute__((section("lopt_emu_shared"), aligned(16)))
+// Static shared arrays are thread-local statics of the emulated library: its thread-local
+// segment (the launching OS thread's instance, which every fiber of the launch sees) is the
+// block's shared memory, filled with NaN bytes at each block's start (blocks run one at a
+// time). So nothing else in a library built with this header may be thread_local. (Not a
+// linker section: GCC silently ignores section attributes on the statics of function
+// templates, GCC bug 70435, and the kernels' shared arrays are in templates.)
+#define __shared__ static thread_local __attribute__((aligned(16)))
 
 struct uint3 {
   unsigned x, y, z;
@@ -150,7 +154,10 @@ T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = warpSize) {
 
 template <typename F>
 cudaError_t cudaFuncSetAttribute(F* kernel, cudaFuncAttribute attr, int value) {
-  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaErrorInvalidValue;
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) {
+    ::lopt_emu::set_last_error(cudaErrorInvalidValue);
+    return cudaErrorInvalidValue;
+  }
   return static_cast<cudaError_t>(
       ::lopt_emu::set_max_dynamic_smem(reinterpret_cast<const void*>(kernel), value));
 }

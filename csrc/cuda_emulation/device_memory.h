@@ -43,8 +43,8 @@ class DeviceCopies {
   std::string finish() {
     std::string error;
     for (const Buffer& b : buffers_) {
-      if (error.empty()) error = check(b.device - kGuardBytes, kGuardBytes, b, "before");
-      if (error.empty()) error = check(b.device + b.bytes, kGuardBytes, b, "after");
+      if (error.empty()) error = check(b, true);
+      if (error.empty()) error = check(b, false);
       std::memcpy(b.host, b.device, b.bytes);
     }
     buffers_.clear();
@@ -60,14 +60,19 @@ class DeviceCopies {
     unsigned char* device;
   };
 
-  static std::string check(const unsigned char* guard, size_t n, const Buffer& b,
-                           const char* side) {
-    for (size_t i = 0; i < n; ++i)
-      if (guard[i] != kPoison) {
-        const size_t off = side[0] == 'b' ? n - i : i;
-        return "a kernel wrote " + std::to_string(off) + " bytes " + side + " " + b.what +
-               " (" + std::to_string(b.bytes) + " bytes)";
-      }
+  // "" or where a kernel wrote into the guard before (`before`) or after the buffer: the
+  // changed byte nearest to the buffer, as an offset from the buffer's start.
+  static std::string check(const Buffer& b, bool before) {
+    const unsigned char* guard = before ? b.device - kGuardBytes : b.device + b.bytes;
+    for (size_t k = 0; k < kGuardBytes; ++k) {
+      const size_t i = before ? kGuardBytes - 1 - k : k;
+      if (guard[i] == kPoison) continue;
+      const std::string offset = before ? "-" + std::to_string(k + 1)
+                                        : std::to_string(b.bytes + k);
+      return std::string("a kernel wrote ") + (before ? "before the start" : "past the end") +
+             " of " + b.what + " (" + std::to_string(b.bytes) + " bytes), at byte offset " +
+             offset;
+    }
     return "";
   }
 

@@ -2,6 +2,7 @@
 // warp shuffles, launch-limit checks and fault exposure. See that header for the model.
 #include "cuda_runtime.h"
 
+#include <link.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -23,14 +24,6 @@ uint3 g_block_idx{0, 0, 0};
 dim3 g_block_dim, g_grid_dim;
 
 }  // namespace lopt_emu
-
-// The static __shared__ arrays of every kernel (one section); an anchor keeps the section
-// defined even in a build without kernels.
-static __attribute__((section("lopt_emu_shared"), used)) char g_shared_anchor[16];
-extern "C" {
-__attribute__((visibility("hidden"))) extern char __start_lopt_emu_shared[];
-__attribute__((visibility("hidden"))) extern char __stop_lopt_emu_shared[];
-}
 
 namespace lopt_emu {
 namespace {
@@ -92,6 +85,49 @@ uint64_t splitmix(uint64_t& s) {
 template <typename T>
 void shuffle_order(std::vector<T>& v, uint64_t& rng) {
   for (size_t i = v.size(); i > 1; --i) std::swap(v[i - 1], v[splitmix(rng) % i]);
+}
+
+// ---------------------------------------------------------------------------------------
+// Static shared memory: the static __shared__ arrays of every kernel are thread-local statics
+// of this library (cuda_runtime.h), so the calling OS thread's instance of the library's
+// thread-local segment holds them all, and nothing else but this anchor.
+
+thread_local char g_tls_anchor;
+
+struct Segment {
+  unsigned char* data = nullptr;
+  size_t bytes = 0;
+};
+
+// This thread's instance of the library's thread-local segment (data null if not found).
+Segment shared_segment() {
+  *static_cast<volatile char*>(&g_tls_anchor) = 0;  // allocates this thread's instance if not yet
+  struct Query {
+    uintptr_t code;  // an address in this library
+    Segment segment;
+  } query{reinterpret_cast<uintptr_t>(&shared_segment), {}};
+  dl_iterate_phdr(
+      [](dl_phdr_info* info, size_t, void* arg) -> int {
+        auto* q = static_cast<Query*>(arg);
+        bool mine = false;
+        size_t tls_bytes = 0;
+        for (int i = 0; i < info->dlpi_phnum; ++i) {
+          const ElfW(Phdr)& ph = info->dlpi_phdr[i];
+          const uintptr_t start = info->dlpi_addr + ph.p_vaddr;
+          if (ph.p_type == PT_LOAD && q->code >= start && q->code < start + ph.p_memsz)
+            mine = true;
+          if (ph.p_type == PT_TLS) tls_bytes = ph.p_memsz;
+        }
+        if (!mine) return 0;
+        q->segment.data = static_cast<unsigned char*>(info->dlpi_tls_data);
+        q->segment.bytes = tls_bytes;
+        return 1;
+      },
+      &query);
+  const auto* anchor = reinterpret_cast<const unsigned char*>(&g_tls_anchor);
+  Segment& seg = query.segment;
+  if (seg.data == nullptr || anchor < seg.data || anchor >= seg.data + seg.bytes) return {};
+  return seg;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -206,55 +242,63 @@ std::string where(const Thread& t) {
 // ---------------------------------------------------------------------------------------
 // The scheduler of one block.
 
-// Releases the warps whose shuffle every lane of the mask has reached, computing each lane's
-// result; appends them to `ready`. "" or what is wrong.
+// Releases the shuffles that every lane of their mask has reached, computing each lane's
+// result; appends those lanes to `ready`. "" or what is wrong. The lanes of a warp waiting in
+// __shfl_xor_sync form one group per mask: divergent parts of a warp may shuffle among
+// themselves with disjoint masks. Lanes that one mask names must call with that mask; every
+// group is checked before any is released, so that the order in which lanes arrived does not
+// change what is reported.
 std::string release_shuffles(int n, std::vector<int>& ready) {
   const int warps = (n + 31) / 32;
+  char hex[64];
   for (int w = 0; w < warps; ++w) {
-    const Thread* first = nullptr;
-    for (int l = 0; l < 32 && w * 32 + l < n; ++l)
-      if (g_threads[w * 32 + l].state == State::kShuffle) {
-        first = &g_threads[w * 32 + l];
-        break;
-      }
-    if (first == nullptr) continue;
-    const unsigned mask = first->mask;
-    bool complete = true;
-    for (int l = 0; l < 32; ++l) {
-      const int i = w * 32 + l;
-      const bool in_mask = (mask >> l) & 1u;
-      if (i >= n) {
-        if (in_mask)
-          return where(*first) + ": __shfl_xor_sync's mask names lane " + std::to_string(l) +
+    const int lanes = n - w * 32 < 32 ? n - w * 32 : 32;
+    unsigned seen = 0, complete_masks[32];
+    int complete = 0;
+    for (int f = 0; f < lanes; ++f) {
+      const Thread& first = g_threads[w * 32 + f];
+      if (first.state != State::kShuffle || ((seen >> f) & 1u)) continue;
+      const unsigned mask = first.mask;  // names f (checked at the call)
+      seen |= mask;
+      bool arrived = true;
+      for (int l = 0; l < 32; ++l) {
+        if (!((mask >> l) & 1u)) continue;
+        if (l >= lanes)
+          return where(first) + ": __shfl_xor_sync's mask names lane " + std::to_string(l) +
                  ", which the block does not have";
-        continue;
+        const Thread& t = g_threads[w * 32 + l];
+        if (t.state == State::kDone)
+          return where(first) + ": __shfl_xor_sync's mask names lane " + std::to_string(l) +
+                 ", which has exited";
+        if (t.state == State::kShuffle && t.mask != mask) {
+          std::snprintf(hex, sizeof hex, " (0x%08x by lane %d, 0x%08x by lane %d)", mask, f,
+                        t.mask, l);
+          return where(t) + ": lanes of one warp call __shfl_xor_sync with different masks" +
+                 hex;
+        }
+        arrived &= t.state == State::kShuffle;
       }
-      const Thread& t = g_threads[i];
-      if (t.state == State::kShuffle && t.mask != mask)
-        return where(t) + ": lanes of one warp call __shfl_xor_sync with different masks";
-      if (!in_mask) continue;
-      if (t.state == State::kDone)
-        return where(*first) + ": __shfl_xor_sync's mask names lane " + std::to_string(l) +
-               ", which has exited";
-      if (t.state != State::kShuffle) complete = false;
+      if (arrived) complete_masks[complete++] = mask;
     }
-    if (!complete) continue;
-    for (int l = 0; l < 32; ++l) {
-      if (!((mask >> l) & 1u)) continue;
-      Thread& t = g_threads[w * 32 + l];
-      int src = l ^ t.lane_mask;
-      // A source in a later group of `width` lanes gives the caller's own value.
-      if ((src & ~(t.width - 1)) > (l & ~(t.width - 1))) src = l;
-      if (src < 0 || src >= 32 || !((mask >> src) & 1u))
-        return where(t) + ": __shfl_xor_sync reads lane " + std::to_string(src) +
-               ", outside the mask";
-      t.result = g_threads[w * 32 + src].value;
-    }
-    for (int l = 0; l < 32; ++l)
-      if ((mask >> l) & 1u) {
-        g_threads[w * 32 + l].state = State::kReady;
-        ready.push_back(w * 32 + l);
+    for (int g = 0; g < complete; ++g) {
+      const unsigned mask = complete_masks[g];
+      for (int l = 0; l < 32; ++l) {
+        if (!((mask >> l) & 1u)) continue;
+        Thread& t = g_threads[w * 32 + l];
+        int src = l ^ t.lane_mask;
+        // A source in a later group of `width` lanes gives the caller's own value.
+        if ((src & ~(t.width - 1)) > (l & ~(t.width - 1))) src = l;
+        if (src < 0 || src >= 32 || !((mask >> src) & 1u))
+          return where(t) + ": __shfl_xor_sync reads lane " + std::to_string(src) +
+                 ", outside the mask";
+        t.result = g_threads[w * 32 + src].value;
       }
+      for (int l = 0; l < 32; ++l)
+        if ((mask >> l) & 1u) {
+          g_threads[w * 32 + l].state = State::kReady;
+          ready.push_back(w * 32 + l);
+        }
+    }
   }
   return "";
 }
@@ -275,10 +319,9 @@ std::string describe_deadlock(int n) {
 }
 
 // Runs one block; "" or why it failed.
-std::string run_block(int n, bool faults, uint64_t rng) {
+std::string run_block(int n, bool faults, uint64_t rng, const Segment& shared) {
   if (faults) {
-    std::memset(__start_lopt_emu_shared, kPoison,
-                static_cast<size_t>(__stop_lopt_emu_shared - __start_lopt_emu_shared));
+    std::memset(shared.data, kPoison, shared.bytes);
     std::memset(g_dynamic.data(), kPoison, g_dynamic_bytes);
   }
   std::vector<int> ready(n);
@@ -381,14 +424,18 @@ int run_launch(const LaunchConfig& config, void (*body)(void*), void* closure) {
   const auto limit = g_max_dynamic.find(config.kernel);
   const size_t max_dynamic =
       limit == g_max_dynamic.end() ? kDefaultSharedBytes : static_cast<size_t>(limit->second);
-  const size_t static_bytes =
-      static_cast<size_t>(__stop_lopt_emu_shared - __start_lopt_emu_shared);
+  const Segment shared = shared_segment();
+  if (shared.data == nullptr) {
+    g_detail = "the emulator cannot find its thread-local segment (the static shared memory)";
+    return cudaErrorLaunchFailure;
+  }
+  const size_t static_bytes = shared.bytes;
   if (config.dynamic_smem > max_dynamic || static_bytes + config.dynamic_smem > kOptInSharedBytes) {
     g_detail = "the launch asks for " + std::to_string(config.dynamic_smem) +
                " bytes of dynamic shared memory; the kernel may use " +
                std::to_string(max_dynamic) + " (cudaFuncSetAttribute raises it up to " +
-               std::to_string(kOptInSharedBytes) + " minus its static " +
-               std::to_string(static_bytes) + ")";
+               std::to_string(kOptInSharedBytes) + " minus the static shared memory, " +
+               std::to_string(static_bytes) + " bytes counted over all kernels)";
     return cudaErrorInvalidValue;
   }
   const int n = static_cast<int>(config.block.x * config.block.y * config.block.z);
@@ -409,7 +456,7 @@ int run_launch(const LaunchConfig& config, void (*body)(void*), void* closure) {
     g_block_idx = uint3{static_cast<unsigned>(b % config.grid.x),
                         static_cast<unsigned>((b / config.grid.x) % config.grid.y),
                         static_cast<unsigned>(b / (uint64_t{config.grid.x} * config.grid.y))};
-    const std::string e = run_block(n, faults, rng + b);
+    const std::string e = run_block(n, faults, rng + b, shared);
     if (!e.empty()) {
       g_detail = e;
       return cudaErrorLaunchFailure;
@@ -424,6 +471,7 @@ int set_max_dynamic_smem(const void* kernel, int bytes) {
     g_detail = "cudaFuncSetAttribute: " + std::to_string(bytes) +
                " bytes of dynamic shared memory exceed the opt-in maximum " +
                std::to_string(kOptInSharedBytes);
+    g_last_error = cudaErrorInvalidValue;  // as every failed runtime call, for cudaGetLastError
     return cudaErrorInvalidValue;
   }
   g_max_dynamic[kernel] = bytes;
