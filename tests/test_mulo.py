@@ -22,6 +22,10 @@ from parity.tasks import make_task
 from tests.conftest import checkpoint_dir
 
 SRC = checkpoint_dir("mulo_h32_sm0p01")
+# The eager path, then the fused path on each backend of the kernels (LOPT_PORT_FUSED_BACKEND):
+# the CPU backend and the CUDA kernels under emulation, at the same tolerances.
+IMPLS_AND_BACKENDS = [("eager", "cpu"), ("fused", "cpu"), ("fused", "cuda-emulated")]
+BACKEND_IDS = ["eager", "fused", "fused-emulated"]
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +74,9 @@ def _violations(records):
     return [f"{r.tensor} {r.quantity} {r.error:.3g}" for r in records if r.violates]
 
 
-@pytest.mark.parametrize("impl", ["eager", "fused"])
-def test_lockstep_with_mixed_scales(impl):
+@pytest.mark.parametrize("impl, backend", IMPLS_AND_BACKENDS, ids=BACKEND_IDS)
+def test_lockstep_with_mixed_scales(impl, backend, monkeypatch):
+    monkeypatch.setenv("LOPT_PORT_FUSED_BACKEND", backend)
     """The harness's tolerances (parity/tolerances.py, each justified there) hold, on a task
     where hidden matrices of uneven fan-in get s = 4 / fan_in and the rest s = 1."""
     task = make_task(7, 4)
@@ -126,8 +131,9 @@ def test_nan_to_num_matches_jax_bit_for_bit(weights):
         assert np.array_equal(ours.float().numpy(), np.asarray(theirs, np.float32))
 
 
-@pytest.mark.parametrize("impl", ["eager", "fused"])
-def test_infinite_gradients_follow_the_reference(impl):
+@pytest.mark.parametrize("impl, backend", IMPLS_AND_BACKENDS, ids=BACKEND_IDS)
+def test_infinite_gradients_follow_the_reference(impl, backend, monkeypatch):
+    monkeypatch.setenv("LOPT_PORT_FUSED_BACKEND", backend)
     """inf -> float32 max, whose square overflows the rms accumulator: both sides then agree
     on which elements become NaN and on every finite value (the same tolerances)."""
     task = _with_nonfinite(make_task(5, 2), [np.inf, -np.inf])

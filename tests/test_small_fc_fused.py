@@ -165,8 +165,10 @@ def test_low_precision_zero_step_keeps_every_value(small_fc_weights, dtype, devi
     assert torch.equal(p.view(torch.int16), before.view(torch.int16))
 
 
+@pytest.mark.parametrize("backend", ["cpu", "cuda-emulated"])
 @pytest.mark.parametrize("name", SMALL_FC_CHECKPOINTS)
-def test_golden_vectors_with_fused(tmp_path, name):
+def test_golden_vectors_with_fused(tmp_path, name, backend, monkeypatch):
+    monkeypatch.setenv("LOPT_PORT_FUSED_BACKEND", backend)  # the CUDA kernels, emulated, too
     import converters
     from tests.conftest import checkpoint_dir
     path = tmp_path / "w.safetensors"

@@ -356,8 +356,10 @@ def test_fused_matches_eager_hypothesis(weights, task, dtype):
     _fused_lockstep(weights, task, dtype)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "cuda-emulated"])
 @pytest.mark.parametrize("teacher_forced", [True, False], ids=["teacher", "free"])
-def test_golden_with_fused(teacher_forced):
+def test_golden_with_fused(teacher_forced, backend, monkeypatch):
+    monkeypatch.setenv("LOPT_PORT_FUSED_BACKEND", backend)  # the CUDA kernels, emulated, too
     reports = replay_velo(_weights(checkpoint_dir("velo_small")),
                           load_case(os.path.join(CHECKPOINTS, "golden",
                                                  "velo_small__taskA.npz")),
