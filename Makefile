@@ -1,12 +1,13 @@
 # Two entry points; each sets up .venv from the project's own files on first use.
 #   make demo   convert the bundled checkpoints, check the round trip, replay upstream's run
-#   make test   ruff + the parity gate + the test suite (what CI runs)
+#   make test   ruff + the parity gate + the test suite + the CUDA-torch build check (CI)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TORCH_VERSION := 2.13.0
 
-.PHONY: demo test install clean
+.PHONY: demo test install check-cuda-torch clean
 
 install: $(STAMP)
 
@@ -17,10 +18,26 @@ install: $(STAMP)
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) torch==2.13.0
+	$(PIP) torch==$(TORCH_VERSION)
 	$(PIP) -e '.[test]'
 	$(PIP) --no-deps learned-optimization==0.0.1
 	touch $(STAMP)
+
+# A second venv with torch's CUDA build of the same version (what a GPU user installs; about
+# 5.5 GB, installed once: the stamp), where scripts/check_cuda_torch_build.py builds the fused
+# kernels and checks their ops and CUDA launchers (no GPU needed). `===` matches the version
+# string exactly, so that a local `+cpu` wheel of that version is never taken for it.
+CUDA_VENV := .venv-cuda
+CUDA_STAMP := $(CUDA_VENV)/.installed
+CUDA_PIP := $(CUDA_VENV)/bin/python -m pip install --quiet --disable-pip-version-check
+$(CUDA_STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(CUDA_VENV)
+	$(CUDA_PIP) 'torch===$(TORCH_VERSION)' numpy ninja
+	$(CUDA_PIP) -e .
+	touch $(CUDA_STAMP)
+
+check-cuda-torch: $(CUDA_STAMP)
+	$(CUDA_VENV)/bin/python scripts/check_cuda_torch_build.py
 
 GATE_SRC := checkpoints/small_fc_h32_sm0p01
 VELO_SRC := checkpoints/velo_small
@@ -31,7 +48,7 @@ CELO_ADAM_SRC := checkpoints/celo_adam
 demo: $(STAMP)
 	$(BIN)/python scripts/main_job.py
 
-test: $(STAMP)
+test: $(STAMP) check-cuda-torch
 	$(BIN)/ruff check .
 	$(BIN)/lopt-parity $(GATE_SRC) --gate --reference builtin --tasks 16 --steps 20 \
 		--free-task mlp --free-steps 200
@@ -41,18 +58,26 @@ test: $(STAMP)
 		--steps 20 --free-task conv --free-steps 100
 	$(BIN)/lopt-parity $(GATE_SRC) --gate --impl fused --reference upstream --tasks 4 \
 		--steps 20 --free-steps 0
+	$(BIN)/lopt-parity $(GATE_SRC) --gate --impl cuda-emulated --reference builtin --tasks 2 \
+		--steps 20 --free-task conv --free-steps 20
 	$(BIN)/lopt-parity $(VELO_SRC) --gate --reference builtin --tasks 8 --steps 30 \
 		--num-steps 50 --free-task mlp --free-steps 100
 	$(BIN)/lopt-parity $(VELO_SRC) --gate --impl fused --reference builtin --tasks 8 \
 		--steps 30 --num-steps 50 --free-task conv --free-steps 100
+	$(BIN)/lopt-parity $(VELO_SRC) --gate --impl cuda-emulated --reference builtin --tasks 1 \
+		--steps 20 --num-steps 50 --free-task conv --free-steps 20
 	$(BIN)/lopt-parity $(MULO_SRC) --gate --reference builtin --tasks 4 --steps 10 \
 		--free-task mlp --free-steps 50
 	$(BIN)/lopt-parity $(MULO_SRC) --gate --impl fused --reference builtin --tasks 4 \
 		--steps 10 --free-task conv --free-steps 50
+	$(BIN)/lopt-parity $(MULO_SRC) --gate --impl cuda-emulated --reference builtin --tasks 1 \
+		--steps 20 --free-steps 0
 	$(BIN)/lopt-parity $(CELO_SRC) --gate --reference builtin --tasks 6 --steps 20 \
 		--num-steps 50 --free-task mlp --free-steps 100
 	$(BIN)/lopt-parity $(CELO_SRC) --gate --impl fused --reference builtin --tasks 6 \
 		--steps 20 --num-steps 50 --free-task conv --free-steps 100
+	$(BIN)/lopt-parity $(CELO_SRC) --gate --impl cuda-emulated --reference builtin --tasks 1 \
+		--steps 20 --num-steps 50 --free-steps 0
 	$(BIN)/lopt-parity $(CELO_ADAM_SRC) --gate --reference builtin --tasks 6 --steps 20 \
 		--num-steps 50 --free-task mlp --free-steps 100
 	$(BIN)/lopt-parity $(CELO_ADAM_SRC) --gate --impl fused --reference builtin --tasks 6 \
@@ -60,4 +85,4 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 clean:
-	rm -rf $(VENV) out build *.egg-info
+	rm -rf $(VENV) $(CUDA_VENV) out build *.egg-info

@@ -42,7 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", type=int, default=16, help="lockstep tasks (default 16)")
     p.add_argument("--steps", type=int, default=20, help="steps per lockstep task (20)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--impl", choices=["eager", "fused"], default="eager")
+    p.add_argument("--impl", choices=list(harness.IMPLS), default="eager",
+                   help="eager: the torch path; fused: the fused path (on the backend "
+                        "LOPT_PORT_FUSED_BACKEND selects: the CPU kernels by default); "
+                        "cuda-emulated: the CUDA kernels run on the CPU under emulation "
+                        "(small_fc_lopt, VeLO, MuLO, Celo; same tolerances as fused)")
     p.add_argument("--reference", choices=["builtin", "upstream"], default="builtin",
                    help="builtin: parity.reference; upstream: the real learned_optimization")
     p.add_argument("--variant", choices=["head", "pypi-0.0.1"],
@@ -76,7 +80,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     info = result.info
     variant = f" ({info['variant']})" if info.get("variant") else ""
-    print(f"{info['kind']}{variant} from {info['source']}: {info['impl']} vs "
+    backend = info.get("fused_backend")
+    impl = (f"{info['impl']} ({backend} backend)"
+            if info["impl"] == "fused" and backend not in (None, "auto") else info["impl"])
+    print(f"{info['kind']}{variant} from {info['source']}: {impl} vs "
           f"{info['reference']}" + (f" [{info['upstream']}]" if info.get("upstream") else "")
           + f"; {info['tasks']} tasks x {info['steps']} steps"
           + (f" (horizon {info['num_steps']})"

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 import converters
-from lopt_port import Celo, CeloAdam, SmallFCLOpt, VeLO
+from lopt_port import Celo, CeloAdam, SmallFCLOpt, VeLO, extension
 from lopt_port.weights import LoadedWeights
 from parity import tolerances
 from parity.errors import (
@@ -60,7 +60,12 @@ from parity.state_map import small_fc_state_errors, small_fc_state_from_upstream
 from parity.tasks import REAL_TASKS, RealTask, Task, make_task
 
 Reference = Literal["builtin", "upstream"]
-Impl = Literal["eager", "fused"]
+Impl = Literal["eager", "fused", "cuda-emulated"]
+#: ``eager``: the optimizer's torch path; ``fused``: its fused path (the extension's backend
+#: for CPU tensors, the CPU kernels unless ``LOPT_PORT_FUSED_BACKEND`` says otherwise);
+#: ``cuda-emulated``: the fused path with ``LOPT_PORT_FUSED_BACKEND=cuda-emulated`` for the
+#: run, so the CUDA kernels (``csrc/*.cu``) run on CPU tensors under emulation.
+IMPLS: tuple[str, ...] = ("eager", "fused", "cuda-emulated")
 CELO_KINDS = ("celo", "celo_adam")
 INTERMEDIATES = ("features_raw", "mlp_input", "fac_g", "mlp_pre0", "mlp_pre1", "mlp_pre2",
                  "mlp_output", "update")
@@ -68,6 +73,32 @@ INTERMEDIATES = ("features_raw", "mlp_input", "fac_g", "mlp_pre0", "mlp_pre1", "
 
 class HarnessError(ValueError):
     """Bad input to the harness (unreadable source, unknown option, unavailable side)."""
+
+
+BACKEND_ENV = "LOPT_PORT_FUSED_BACKEND"
+
+
+@contextlib.contextmanager
+def fused_backend_for(impl: str) -> Iterator[None]:
+    """Select the fused backend ``impl`` needs while the block runs.
+
+    ``cuda-emulated`` sets ``LOPT_PORT_FUSED_BACKEND=cuda-emulated`` (read by
+    :mod:`lopt_port.extension` when an optimizer is built and at every fused step) and
+    restores the previous value, or its absence, on exit, also when the block raises. Other
+    implementations leave the environment as it is. Nesting is allowed.
+    """
+    if impl != "cuda-emulated":
+        yield
+        return
+    previous = os.environ.get(BACKEND_ENV)
+    os.environ[BACKEND_ENV] = "cuda-emulated"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(BACKEND_ENV, None)
+        else:
+            os.environ[BACKEND_ENV] = previous
 
 
 @dataclass
@@ -120,9 +151,29 @@ class Sides:
 
 def build_sides(src: str | os.PathLike, reference: Reference = "builtin",
                 impl: Impl = "eager", variant: str | None = None) -> Sides:
-    """Both sides from one upstream checkpoint folder or converted weights file."""
-    if impl not in ("eager", "fused"):
-        raise HarnessError(f"unknown implementation {impl!r} (eager, fused)")
+    """Both sides from one upstream checkpoint folder or converted weights file.
+
+    For a fused ``impl``, the optimizer is built once here so that an unavailable fused
+    path fails early with its reason; ``info["fused_backend"]`` names the extension backend
+    that runs the fused steps (``LOPT_PORT_FUSED_BACKEND``; ``None`` for ``eager`` and for
+    Celo-Adam, whose fused path is torch ops).
+    """
+    if impl not in IMPLS:
+        raise HarnessError(f"unknown implementation {impl!r} ({', '.join(IMPLS)})")
+    with fused_backend_for(impl):
+        sides = _build_sides(src, reference, impl, variant)
+        backend = None
+        if impl != "eager" and sides.info["kind"] != "celo_adam":
+            try:
+                backend = extension.fused_backend()
+            except extension.ExtensionUnavailable as e:
+                raise HarnessError(f"--impl {impl}: {e}") from None
+        sides.info["fused_backend"] = backend
+    return sides
+
+
+def _build_sides(src: str | os.PathLike, reference: Reference, impl: Impl,
+                 variant: str | None) -> Sides:
     try:
         conv = converters.convert(src)
     except converters.CheckpointError as e:
@@ -162,20 +213,20 @@ def build_sides(src: str | os.PathLike, reference: Reference = "builtin",
     info["variant"] = variant
 
     def make_torch(params: list[torch.Tensor], num_steps: int = 1) -> SmallFCLOpt:
-        return SmallFCLOpt(params, weights, variant=variant, fused=impl == "fused")
+        return SmallFCLOpt(params, weights, variant=variant, fused=impl != "eager")
 
     return _checked_sides(ref, make_torch, impl, info)
 
 
 def _checked_sides(ref: Any, make_torch: Callable[..., torch.optim.Optimizer], impl: Impl,
                    info: dict[str, Any]) -> Sides:
-    """The sides, once an optimizer was built: ``--impl fused`` fails early, with the reason,
-    where the fused path cannot run."""
-    if impl == "fused":
+    """The sides, once an optimizer was built: ``--impl fused`` (or ``cuda-emulated``) fails
+    early, with the reason, where the fused path cannot run."""
+    if impl != "eager":
         try:
             make_torch([torch.zeros(1)])
         except RuntimeError as e:
-            raise HarnessError(f"--impl fused: {e}") from None
+            raise HarnessError(f"--impl {impl}: {e}") from None
     return Sides(ref, make_torch, info)
 
 
@@ -190,7 +241,7 @@ def _velo_sides(theta: dict[str, Any], weights: LoadedWeights, reference: Refere
     info["variant"] = None
 
     def make_torch(params: list[torch.Tensor], num_steps: int = 1) -> VeLO:
-        return VeLO(params, weights, num_steps=num_steps, fused=impl == "fused")
+        return VeLO(params, weights, num_steps=num_steps, fused=impl != "eager")
 
     return _checked_sides(ref, make_torch, impl, info)
 
@@ -202,7 +253,7 @@ def _mulo_sides(theta: dict[str, Any], weights: LoadedWeights, reference: Refere
     from parity.harness_mulo import mulo_sides
     try:
         ref, make_torch = mulo_sides(theta, weights, reference, impl, info, clip_grad=clip_grad)
-        if impl == "fused":
+        if impl != "eager":
             make_torch([torch.zeros(1)])
     except (ValueError, RuntimeError) as e:
         raise HarnessError(str(e)) from None
@@ -215,13 +266,17 @@ def _celo_sides(theta: dict[str, Any], weights: LoadedWeights, reference: Refere
         raise HarnessError("reference 'upstream': the Celo authors' package is not installed "
                            "here; Celo is compared with their code through their golden runs "
                            "(tests/test_celo.py) and here with the builtin JAX reference")
+    if impl == "cuda-emulated" and weights.kind == "celo_adam":
+        raise HarnessError("--impl cuda-emulated: Celo-Adam has no CUDA kernels to emulate (its "
+                           "fused path is multi-tensor torch ops, the same on every device); "
+                           "use --impl fused")
     from parity.reference import CeloReference
     ref = CeloReference(theta, weights.kind, weights.hparams)
     info["variant"] = None
     cls = Celo if weights.kind == "celo" else CeloAdam
 
     def make_torch(params: list[torch.Tensor], num_steps: int = 1) -> VeLO:
-        return cls(params, weights, num_steps=num_steps, fused=impl == "fused")
+        return cls(params, weights, num_steps=num_steps, fused=impl != "eager")
 
     return _checked_sides(ref, make_torch, impl, info)
 
@@ -240,8 +295,14 @@ def _upstream_leaf(state: dict[str, Any], name: str) -> Callable[[str], np.ndarr
 def lockstep(sides: Sides, task: Task, num_steps: int = 1000) -> list[ErrorRecord]:
     """Teacher-forced comparison of every step of ``task``; returns all error values.
 
-    ``num_steps`` is the training horizon given to both sides (VeLO uses it).
+    ``num_steps`` is the training horizon given to both sides (VeLO uses it). The fused
+    backend of the sides' implementation is selected while it runs (:func:`fused_backend_for`).
     """
+    with fused_backend_for(sides.info["impl"]):
+        return _lockstep(sides, task, num_steps)
+
+
+def _lockstep(sides: Sides, task: Task, num_steps: int) -> list[ErrorRecord]:
     if sides.info["kind"] in ("velo", *CELO_KINDS):
         from parity.harness_velo import velo_lockstep
         out: list[ErrorRecord] = []
@@ -265,7 +326,7 @@ def lockstep(sides: Sides, task: Task, num_steps: int = 1000) -> list[ErrorRecor
                                                         iteration)
         # The fused kernels keep their intermediates in registers: fused runs compare the
         # params and every state leaf.
-        fused = sides.info["impl"] == "fused"
+        fused = sides.info["impl"] != "eager"
         with contextlib.nullcontext({}) if fused else opt.capture_intermediates() as captured:
             opt.step()
         ref_params, ref_state, inter = ref.step(ref_state, ref_params,
@@ -301,7 +362,13 @@ def lockstep(sides: Sides, task: Task, num_steps: int = 1000) -> list[ErrorRecor
 
 
 def free_running(sides: Sides, real: RealTask, steps: int) -> FreeResult:
-    """Train ``real`` on both sides for ``steps`` steps; compare losses and final params."""
+    """Train ``real`` on both sides for ``steps`` steps; compare losses and final params
+    (with the fused backend of the sides' implementation selected, as :func:`lockstep`)."""
+    with fused_backend_for(sides.info["impl"]):
+        return _free_running(sides, real, steps)
+
+
+def _free_running(sides: Sides, real: RealTask, steps: int) -> FreeResult:
     ref = sides.reference
     ref_params = _as_jax(real.init_params)
     ref_state = ref.init(ref_params, steps)
@@ -384,13 +451,25 @@ def run(src: str | os.PathLike, *, tasks: int = 16, steps: int = 20, seed: int =
         free_steps: int = 200, free_task: str = "mlp", num_steps: int = 50,
         progress: Callable[[str, int, int], None] | None = None) -> ParityResult:
     """Lockstep ``tasks`` random tasks of ``steps`` steps (training horizon ``num_steps``,
-    used by VeLO), then one free-running task (horizon ``free_steps``)."""
+    used by VeLO), then one free-running task (horizon ``free_steps``).
+
+    ``impl="cuda-emulated"`` runs the fused path with ``LOPT_PORT_FUSED_BACKEND=cuda-emulated``
+    set for the whole run and restored afterwards, even on error (:func:`fused_backend_for`).
+    """
     if tasks < 0 or steps < 1 or free_steps < 0 or num_steps < 1:
         raise HarnessError("--tasks must be >= 0, --steps >= 1, --free-steps >= 0, "
                            "--num-steps >= 1")
     if free_task not in REAL_TASKS:
         raise HarnessError(f"unknown free-running task {free_task!r} "
                            f"({', '.join(REAL_TASKS)})")
+    with fused_backend_for(impl):
+        return _run(src, tasks, steps, seed, reference, impl, variant, free_steps, free_task,
+                    num_steps, progress)
+
+
+def _run(src: str | os.PathLike, tasks: int, steps: int, seed: int, reference: Reference,
+         impl: Impl, variant: str | None, free_steps: int, free_task: str, num_steps: int,
+         progress: Callable[[str, int, int], None] | None) -> ParityResult:
     sides = build_sides(src, reference, impl, variant)
     info = {**sides.info, "tasks": tasks, "steps": steps, "seed": seed, "num_steps": num_steps,
             "free_task": free_task if free_steps else None, "free_steps": free_steps}

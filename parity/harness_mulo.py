@@ -71,6 +71,6 @@ def mulo_sides(theta: dict[str, Any], weights: LoadedWeights, reference: str, im
         del num_steps  # μLO does not use the horizon
         scales = {p: shape_scale(tuple(p.shape)) for p in params}
         return MuLO(params, weights, scales=scales, clip_grad=clip_grad,
-                    fused=impl == "fused")
+                    fused=impl != "eager")
 
     return ref, make_torch

@@ -68,7 +68,7 @@ def velo_lockstep(sides: Any, task: Task, num_steps: int,
     tensors = {n: torch.tensor(task.params[n]) for n in names}
     opt = sides.make_torch(list(tensors.values()), num_steps)
     hp = opt.hparams
-    fused = sides.info["impl"] == "fused"
+    fused = sides.info["impl"] != "eager"  # fused or cuda-emulated
     for t in range(task.steps):
         before = ref_params
         for n, p in tensors.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import jsonschema
 import matplotlib.pyplot as plt
@@ -12,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 
 import converters.small_fc_lopt as mapping
 import lopt_port.small_fc_lopt as torch_side
+from lopt_port import extension
 from lopt_port.accumulators import FactoredResult, factored_dims, safe_rsqrt
 from parity import cli, harness, report
 from parity.tasks import task_strategy
@@ -160,3 +162,53 @@ def test_free_running_conv_net():
     # Measured 3.0e-7 after 30 steps; 1e-4 leaves room for float32 drift amplified by the
     # training dynamics, while the injected bugs above move params by >= 9e-4 in one step.
     assert result.final_params_error <= 1e-4, result.final_params_error
+
+
+def backend_spy(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The backend selected at each fused-op lookup (every fused step asks ``extension.ops``)."""
+    seen: list[str] = []
+    real = extension.ops
+
+    def spy() -> object:
+        seen.append(extension.fused_backend())
+        return real()
+
+    monkeypatch.setattr(extension, "ops", spy)
+    return seen
+
+
+def test_cuda_emulated_gate_passes(tmp_path, monkeypatch, capsys):
+    """--impl cuda-emulated: the .cu kernels, run under emulation, pass the fused gate; the
+    backend is selected for the run only."""
+    monkeypatch.setenv(harness.BACKEND_ENV, "auto")
+    seen = backend_spy(monkeypatch)
+    out = tmp_path / "rep"
+    assert cli.main([SRC, "--impl", "cuda-emulated", "--tasks", "1", "--steps", "3",
+                     "--free-task", "conv", "--free-steps", "4", "--gate", "--report",
+                     str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "cuda-emulated vs builtin" in text.splitlines()[0]
+    assert "parity gate: passed" in text
+    assert len(seen) == 1 * 3 + 4 and set(seen) == {"cuda-emulated"}, seen
+    assert os.environ[harness.BACKEND_ENV] == "auto"
+    data = json.loads((out / "report.json").read_text())
+    jsonschema.validate(data, report.schema())
+    assert data["info"]["impl"] == data["info"]["fused_backend"] == "cuda-emulated"
+    assert {"params", "state/momentum", "state/v_row", "state/v_col"} <= set(data["worst"])
+
+
+def test_cuda_emulated_backend_restored_on_error(monkeypatch):
+    def failing_lockstep(*args, **kwargs):
+        if os.environ.get(harness.BACKEND_ENV) != "cuda-emulated":
+            raise AssertionError("the emulated backend is not selected during the run")
+        raise RuntimeError("lockstep failed")
+
+    monkeypatch.setattr(harness, "lockstep", failing_lockstep)
+    for before in (None, "cpu"):
+        if before is None:
+            monkeypatch.delenv(harness.BACKEND_ENV, raising=False)
+        else:
+            monkeypatch.setenv(harness.BACKEND_ENV, before)
+        with pytest.raises(RuntimeError, match="lockstep failed"):
+            harness.run(SRC, impl="cuda-emulated", tasks=1, steps=1, free_steps=0)
+        assert os.environ.get(harness.BACKEND_ENV) == before

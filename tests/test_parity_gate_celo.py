@@ -8,11 +8,13 @@ sees the difference.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from lopt_port import Celo, CeloAdam, VeLO
-from parity import harness
+from parity import cli, harness
 from parity.tasks import make_task
 from tests.conftest import checkpoint_dir
 
@@ -81,3 +83,14 @@ def test_gate_catches_an_uncorrected_adam(adam_sides, task, monkeypatch):
     _, violations = _violations(adam_sides, task)
     assert any(" params:" in v for v in violations)
     assert any("m_hat" in v for v in violations)
+
+
+def test_cuda_emulated_refused_for_celo_adam(monkeypatch, capsys):
+    """Celo-Adam's fused path is torch ops, not kernels: nothing to emulate, a clear error."""
+    monkeypatch.delenv(harness.BACKEND_ENV, raising=False)
+    assert cli.main([checkpoint_dir("celo_adam"), "--impl", "cuda-emulated", "--gate"]) == 2
+    err = capsys.readouterr().err
+    assert "--impl cuda-emulated" in err and "Celo-Adam" in err and "--impl fused" in err
+    assert harness.BACKEND_ENV not in os.environ
+    with pytest.raises(harness.HarnessError, match="no CUDA kernels"):
+        harness.build_sides(checkpoint_dir("celo_adam"), impl="cuda-emulated")

@@ -6,6 +6,8 @@ the PyTorch side only, so each negative control shows that the gate sees the dif
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -15,6 +17,7 @@ from lopt_port import velo as torch_side
 from parity import harness
 from parity.tasks import make_task
 from tests.conftest import checkpoint_dir
+from tests.test_parity_gate import backend_spy
 
 SRC = checkpoint_dir("velo_small")
 
@@ -107,3 +110,19 @@ def test_ff_mult_passes_the_gate(tmp_path, task, impl):
     assert sides.info["hparams"]["ff_mult"] == 1.0
     _, violations = _violations(sides, task)
     assert violations == []
+
+
+def test_cuda_emulated_lockstep_passes(task, monkeypatch):
+    """VeLO's .cu kernels under emulation pass the gate with the fused tolerances; lockstep
+    selects the emulated backend by itself (sides built outside :func:`harness.run`)."""
+    monkeypatch.delenv(harness.BACKEND_ENV, raising=False)
+    sides = harness.build_sides(SRC, impl="cuda-emulated")
+    assert sides.info["impl"] == sides.info["fused_backend"] == "cuda-emulated"
+    seen = backend_spy(monkeypatch)
+    result, violations = _violations(sides, task)
+    assert violations == []
+    # two fused ops (accumulate, apply) per step, every one on the emulated backend
+    assert len(seen) == 2 * task.steps and set(seen) == {"cuda-emulated"}, seen
+    assert {"params", "state/momentum", "state/rms", "state/v_row", "state/lstm_hidden",
+            "state/loss_means"} <= set(result.worst())
+    assert harness.BACKEND_ENV not in os.environ
