@@ -214,8 +214,11 @@ def load_emulated(kernel_dir: str | None = None) -> str:
     ``kernel_dir`` (default ``csrc/``) holds the ``.cu`` sources and ``cuda_emulation/``
     to compile (the mutation tests point it at a mutated copy; the binding and the headers it
     shares with the CPU backend always come from ``csrc/``). One emulated backend per process:
-    asking for a second ``kernel_dir`` raises :class:`ExtensionUnavailable`.
+    without ``kernel_dir``, the one loaded (else ``csrc/``'s); asking for a second
+    ``kernel_dir`` raises :class:`ExtensionUnavailable`.
     """
+    if _emulated and kernel_dir is None:
+        return _emulated["path"]
     kernel_dir = os.path.abspath(kernel_dir or CSRC)
     if _emulated:
         if _emulated["kernel_dir"] != kernel_dir:

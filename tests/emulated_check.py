@@ -245,18 +245,6 @@ def foreign_thread_locals(library: str) -> list[str] | None:
     return sorted({n for n in names if not SHARED_TLS.match(n)})
 
 
-def _only(kernel_dir: str, loader: Callable[..., str]) -> Callable[..., str]:
-    """load_emulated for `kernel_dir` alone. The optimizers and extension.ops() call
-    ``load_emulated()`` without a directory, which means ``csrc/`` and would be refused as a
-    second emulated backend once `kernel_dir` is loaded; they get this one instead."""
-
-    @functools.wraps(loader)
-    def load(kernel_dir_arg: str | None = None) -> str:
-        return loader(kernel_dir_arg or kernel_dir)
-
-    return load
-
-
 def main(argv: list[str]) -> int:
     """Build, run, compare; the exit status (module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -278,7 +266,6 @@ def main(argv: list[str]) -> int:
         print(f"FAIL the emulated library has thread-local variables that are not kernel shared "
               f"memory (the emulator would poison them): {', '.join(foreign)}")
         return 1
-    extension.load_emulated = _only(kernel_dir, extension.load_emulated)
     built = time.perf_counter()
     print(f"emulated_check: kernels of {kernel_dir}, built/loaded in {built - start:.1f} s")
     failed = False
