@@ -113,8 +113,8 @@ void gather(const TensorArgs& t, const GroupDecays& d, int64_t i0, int lanes,
     in.p[e] = p;
     float* m = t.m + i * K;
     if (Update) {
-      for (int a = 0; a < K; ++a) m[a] = ema(d.mom[a], m[a], d.mom_mix[a] * g);
-      t.rms[i] = ema(d.rms, t.rms[i], d.rms_mix * (g * g));
+      for (int a = 0; a < K; ++a) m[a] = momentum_update(d, a, m[a], g);
+      t.rms[i] = rms_update(d, t.rms[i], g);
     }
     in.rms[e] = t.rms[i];
     for (int a = 0; a < K; ++a) in.m[a][e] = m[a];
@@ -129,8 +129,7 @@ void gather(const TensorArgs& t, const GroupDecays& d, int64_t i0, int lanes,
     } else {
       float* v = t.v_diag + i * K;
       if (Update) {
-        const float gs = factored_grad_sq(g);
-        for (int a = 0; a < K; ++a) v[a] = ema(d.fac[a], v[a], d.fac_mix[a] * gs);
+        for (int a = 0; a < K; ++a) v[a] = diag_update(d, a, v[a], g);
       }
       for (int a = 0; a < K; ++a) in.vr[a][e] = v[a];
     }
@@ -180,7 +179,7 @@ struct Permutes {
 // dst[a][e] = src[e * K + a] for kLanes elements of a [n, K] state (deinterleave), and back.
 // With AVX-512 each output register is K masked permutes of the K source registers.
 template <int K>
-inline void deinterleave(const float* src, float (*dst)[kLanes]) {
+LOPT_HD void deinterleave(const float* src, float (*dst)[kLanes]) {
 #if defined(__AVX512F__)
   static_assert(kLanes == 16, "one AVX-512 register per lane group");
   __m512 r[K];
@@ -199,7 +198,7 @@ inline void deinterleave(const float* src, float (*dst)[kLanes]) {
 }
 
 template <int K>
-inline void interleave(const float (*src)[kLanes], float* dst) {
+LOPT_HD void interleave(const float (*src)[kLanes], float* dst) {
 #if defined(__AVX512F__)
   __m512 r[K];
   for (int a = 0; a < K; ++a) r[a] = _mm512_load_ps(src[a]);

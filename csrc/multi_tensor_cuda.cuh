@@ -57,8 +57,8 @@ __device__ __forceinline__ ElementState element_state(const TensorArgs& t, const
   const float g = effective_grad(load_value(t.g, t.dtype, i), p, t.grad_wd, t.grad_clip);
   float m[K];
   float* mp = t.m + i * K;
-  for (int a = 0; a < K; ++a) m[a] = Update ? ema(d.mom[a], mp[a], d.mom_mix[a] * g) : mp[a];
-  float rms = Update ? ema(d.rms, t.rms[i], d.rms_mix * (g * g)) : t.rms[i];
+  for (int a = 0; a < K; ++a) m[a] = Update ? momentum_update(d, a, mp[a], g) : mp[a];
+  float rms = Update ? rms_update(d, t.rms[i], g) : t.rms[i];
   if (Update) {
     for (int a = 0; a < K; ++a) mp[a] = m[a];
     t.rms[i] = rms;
@@ -77,9 +77,8 @@ __device__ __forceinline__ ElementState element_state(const TensorArgs& t, const
   }
   float v[K];
   float* vp = t.v_diag + i * K;
-  const float gs = factored_grad_sq(g);
   for (int a = 0; a < K; ++a) {
-    v[a] = Update ? ema(d.fac[a], vp[a], d.fac_mix[a] * gs) : vp[a];
+    v[a] = Update ? diag_update(d, a, vp[a], g) : vp[a];
     if (Update) vp[a] = v[a];
   }
   return diag_state(g, p, rms, m, v, K, head_variant);

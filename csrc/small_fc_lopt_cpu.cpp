@@ -62,14 +62,15 @@ void accumulate_tile_cpu(const TensorArgs& t, const GroupDecays& d, bool head_va
 // The MLP for kLanes elements at once: the header's mlp_layer on 16-lane values (one
 // AVX-512 register per quantity). x: feature-major inputs (x[i * kLanes + e]); out likewise.
 void mlp_forward_lanes(const MlpView& net, const float* x, float* out) {
-  constexpr int kWidth = kMaxHidden > kMaxMlpInput ? kMaxHidden : kMaxMlpInput;
-  Lanes16 buf[2][kWidth];
-  for (int i = 0; i < net.sizes[0]; ++i) buf[0][i] = load_lanes16(x + i * kLanes);
-  for (int l = 0; l < net.layers; ++l)
-    mlp_layer<Lanes16>(net.w[l], net.b[l], net.sizes[l], net.sizes[l + 1], l != net.layers - 1,
-                       buf[l % 2], buf[(l + 1) % 2]);
-  for (int o = 0; o < net.sizes[net.layers]; ++o)
-    store_lanes16(out + o * kLanes, buf[net.layers % 2][o]);
+  Lanes16 buf[2][kMaxHidden];
+  // x and out hold kLanes floats per quantity, Lanes16's layout.
+  const Lanes16* in = reinterpret_cast<const Lanes16*>(x);
+  for (int l = 0; l < net.layers; ++l) {
+    const bool last = l == net.layers - 1;
+    Lanes16* target = last ? reinterpret_cast<Lanes16*>(out) : buf[l % 2];
+    mlp_layer<Lanes16>(net.w[l], net.b[l], net.sizes[l], net.sizes[l + 1], !last, in, target);
+    in = target;
+  }
 }
 
 // Phase 3 on elements [begin, end) of one tensor; inv[f] is the feature's normalizer.
@@ -173,12 +174,12 @@ void small_fc_reduce_finish(const TensorArgs& t, const GroupDecays& d, const dou
   for (int64_t r = 0; r < t.n_row; ++r) {
     const float mean = static_cast<float>(row_sum[r] / n0);
     for (int a = 0; a < k; ++a)
-      t.v_row[r * k + a] = ema(d.fac[a], t.v_row[r * k + a], d.fac_mix[a] * mean);
+      t.v_row[r * k + a] = factored_update(d, a, t.v_row[r * k + a], mean);
   }
   for (int64_t c = 0; c < t.n_col; ++c) {
     const float mean = static_cast<float>(col_sum[c] / n1);
     for (int a = 0; a < k; ++a)
-      t.v_col[c * k + a] = ema(d.fac[a], t.v_col[c * k + a], d.fac_mix[a] * mean);
+      t.v_col[c * k + a] = factored_update(d, a, t.v_col[c * k + a], mean);
   }
   // Row factors: v_row over its mean along the remaining copy of d1 (upstream's
   // reduced_d1), per decay; the header's index math walks that axis per mean entry.

@@ -38,7 +38,7 @@ __global__ void rowcol_kernel(const __grid_constant__ Chunk c,
   if (lane < d.k) {
     const float mean = static_cast<float>(s / static_cast<double>(len));
     float* v = (is_row ? t.v_row : t.v_col) + e * d.k + lane;
-    *v = ema(d.fac[lane], *v, d.fac_mix[lane] * mean);
+    *v = factored_update(d, lane, *v, mean);
   }
 }
 

@@ -18,6 +18,22 @@ struct GroupDecays {
   float fac[kMaxDecays], fac_mix[kMaxDecays];
 };
 
+// This step's moving averages of one element's accumulators (the same FMA in every backend):
+// momentum a, rms, non-factored v_diag a, and a factored v_row / v_col entry a from the mean
+// of g^2 + 1e-30 over its elements.
+LOPT_HD float momentum_update(const GroupDecays& d, int a, float m, float g) {
+  return ema(d.mom[a], m, d.mom_mix[a] * g);
+}
+LOPT_HD float rms_update(const GroupDecays& d, float rms, float g) {
+  return ema(d.rms, rms, d.rms_mix * (g * g));
+}
+LOPT_HD float diag_update(const GroupDecays& d, int a, float v, float g) {
+  return ema(d.fac[a], v, d.fac_mix[a] * factored_grad_sq(g));
+}
+LOPT_HD float factored_update(const GroupDecays& d, int a, float v, float mean) {
+  return ema(d.fac[a], v, d.fac_mix[a] * mean);
+}
+
 // One parameter tensor and its state. Params and grads are `dtype`; state is float32. All
 // contiguous, on the device the phase runs on.
 struct TensorArgs {

@@ -246,7 +246,7 @@ inline void write_step(const float* out, const float* p, const StepScalars& sc, 
 // Lanes 0..15 = elements i0 .. i0 + 15: parameter, effective gradient, rms and momentum
 // (deinterleaved from its [n, K] layout).
 template <DType DT, int K>
-inline void load_lanes(const void* __restrict p, const void* __restrict g,
+LOPT_HD void load_lanes(const void* __restrict p, const void* __restrict g,
                        const float* __restrict m, const float* __restrict rms, float wd,
                        float clip, int64_t i0, LaneInputs& in) {
 #pragma omp simd
@@ -502,7 +502,11 @@ void velo_reduce(const TensorArgs* t, int count, const GroupDecays& d,
     offset[i + 1] = offset[i] + size;
   }
   small_fc_reduce_cpu(others.data(), static_cast<int>(others.size()), d);
-  std::vector<double> sums(offset[count], 0.0);
+  // Scratch kept across steps (per calling thread): a fresh allocation of this size costs its
+  // page faults on every step.
+  static thread_local std::vector<double> scratch;
+  scratch.assign(offset[count], 0.0);
+  double* const sums = scratch.data();  // the OpenMP threads below see this thread's scratch
   struct Job {
     int tensor, lane0, lane1;
   };
@@ -511,7 +515,7 @@ void velo_reduce(const TensorArgs* t, int count, const GroupDecays& d,
     if (by_runs[i])
       for (int c = 0; c < kReduceJobs; ++c)
         jobs.push_back({i, c * kReduceLanes / kReduceJobs, (c + 1) * kReduceLanes / kReduceJobs});
-  auto fixed_of = [&](int i) { return sums.data() + offset[i]; };
+  auto fixed_of = [&](int i) { return sums + offset[i]; };
   auto vary_of = [&](int i) {
     return fixed_of(i) + (layout[i].row_varies ? t[i].n_col : t[i].n_row);
   };
@@ -596,14 +600,26 @@ struct TileSums {
           sq[f][h * kLanes + e] += block;
         }
     }
-    for (int b = 0; b < N; ++b) {
-      double* const lanes = &mom[0][(b % 2) * kLanes];
+    // velo_add_moments' terms, column by column so that each column vectorizes across the
+    // lanes: per lane the groups of its half in order.
+    for (int h = 0; h < 2; ++h) {
+      double* const lanes = &mom[0][h * kLanes];
 #pragma omp simd
-      for (int e = 0; e < kLanes; ++e) {
-        float m[K];
-        for (int a = 0; a < K; ++a) m[a] = old[b][2 + a][e];
-        velo_add_moments<K>(lanes + e, kReduceLanes, old[b][0][e], old[b][1][e], m);
-      }
+      for (int e = 0; e < kLanes; ++e)
+        for (int b = h; b < N; b += 2) {
+          const double r = old[b][1][e];
+          lanes[M::kP2 * kReduceLanes + e] += static_cast<double>(old[b][0][e] * old[b][0][e]);
+          lanes[M::kRms * kReduceLanes + e] += r;
+          lanes[M::kRms2 * kReduceLanes + e] += r * r;
+        }
+      for (int a = 0; a < K; ++a)
+#pragma omp simd
+        for (int e = 0; e < kLanes; ++e)
+          for (int b = h; b < N; b += 2) {
+            const double v = old[b][2 + a][e];
+            lanes[(M::kM + a) * kReduceLanes + e] += v;
+            lanes[(M::kM2 + a) * kReduceLanes + e] += v * v;
+          }
     }
     staged = 0;
   }
@@ -626,6 +642,77 @@ struct TileSums {
   }
 };
 
+// Lanes 0..15 of a lane group at i0 with `lanes` elements: the old state (lanes past the end
+// repeat the last element): parameter, effective gradient, rms, momentum and, with Diag,
+// v_diag (deinterleaved from their [n, K] layout).
+template <DType DT, int K, bool Diag>
+LOPT_HD void load_old_state(const TensorArgs& t, int64_t i0, int lanes, LaneInputs& in) {
+  if (lanes == kLanes) {
+    load_lanes<DT, K>(t.p, t.g, t.m, t.rms, t.grad_wd, t.grad_clip, i0, in);
+    if constexpr (Diag) cpu::deinterleave<K>(t.v_diag + i0 * K, in.vr);
+    return;
+  }
+  alignas(64) float mm[K * kLanes], vv[K * kLanes];
+  for (int e = 0; e < kLanes; ++e) {
+    const int64_t ie = i0 + std::min(e, lanes - 1);
+    in.p[e] = load_value(t.p, DT, ie);
+    in.g[e] = effective_grad(load_value(t.g, DT, ie), in.p[e], t.grad_wd, t.grad_clip);
+    in.rms[e] = t.rms[ie];
+    for (int a = 0; a < K; ++a) {
+      mm[e * K + a] = t.m[ie * K + a];
+      if constexpr (Diag) vv[e * K + a] = t.v_diag[ie * K + a];
+    }
+  }
+  cpu::deinterleave<K>(mm, in.m);
+  if constexpr (Diag) cpu::deinterleave<K>(vv, in.vr);
+}
+
+// The old state's p, rms and m (k) into a TileSums slot for its moments, zero past `lanes`.
+template <int K>
+LOPT_HD void stage_old_state(const LaneInputs& in, int lanes, float (*o)[kLanes]) {
+#pragma omp simd
+  for (int e = 0; e < kLanes; ++e) {
+    o[0][e] = e < lanes ? in.p[e] : 0.0f;
+    o[1][e] = e < lanes ? in.rms[e] : 0.0f;
+  }
+  for (int a = 0; a < K; ++a)
+#pragma omp simd
+    for (int e = 0; e < kLanes; ++e) o[2 + a][e] = e < lanes ? in.m[a][e] : 0.0f;
+}
+
+// This step's moving averages of the lanes (momentum, rms and, with Diag, v_diag).
+template <int K, bool Diag>
+LOPT_HD void update_accumulators(const GroupDecays& d, LaneInputs& in) {
+  for (int a = 0; a < K; ++a)
+#pragma omp simd
+    for (int e = 0; e < kLanes; ++e) in.m[a][e] = momentum_update(d, a, in.m[a][e], in.g[e]);
+#pragma omp simd
+  for (int e = 0; e < kLanes; ++e) in.rms[e] = rms_update(d, in.rms[e], in.g[e]);
+  if constexpr (Diag)
+    for (int a = 0; a < K; ++a)
+#pragma omp simd
+      for (int e = 0; e < kLanes; ++e) in.vr[a][e] = diag_update(d, a, in.vr[a][e], in.g[e]);
+}
+
+// Stores lanes [0, lanes) of the new state (interleaved back to [n, K]).
+template <int K, bool Diag>
+LOPT_HD void store_new_state(const TensorArgs& t, int64_t i0, int lanes, const LaneInputs& in) {
+  if (lanes == kLanes) {
+    cpu::interleave<K>(in.m, t.m + i0 * K);
+    std::copy(in.rms, in.rms + kLanes, t.rms + i0);
+    if constexpr (Diag) cpu::interleave<K>(in.vr, t.v_diag + i0 * K);
+    return;
+  }
+  alignas(64) float buf[K * kLanes];
+  cpu::interleave<K>(in.m, buf);
+  std::copy(buf, buf + K * lanes, t.m + i0 * K);
+  std::copy(in.rms, in.rms + lanes, t.rms + i0);
+  if constexpr (Diag) {
+    cpu::interleave<K>(in.vr, buf);
+    std::copy(buf, buf + K * lanes, t.v_diag + i0 * K);
+  }
+}
+
 // Phase A's one pass over the state, on one tile of lane groups (Walk::kDiag or a run walk):
 // the moment sums of the old state (mom), the moving averages (stored), and the sums of
 // squares of the new state's features (sq[F]; for runs the element columns only: the side
@@ -635,11 +722,6 @@ void update_tile(const TensorArgs& t, const GroupDecays& d, const RunLayout& rl,
                  int64_t begin, int64_t end, double* mom, double* sq) {
   constexpr int F = 6 + 8 * K;
   constexpr bool kRun = W != Walk::kDiag, kRowVaries = W == Walk::kRowRun;
-  const void* __restrict p = t.p;
-  const void* __restrict g = t.g;
-  float* __restrict m = t.m;
-  float* __restrict rms = t.rms;
-  float* __restrict vd = t.v_diag;
   TileSums<K, kRun> sums;
   LaneInputs in{};
   const float* vary_factor = kRowVaries ? t.row_factor : t.col_factor;
@@ -662,31 +744,7 @@ void update_tile(const TensorArgs& t, const GroupDecays& d, const RunLayout& rl,
     for (int64_t i0 = i; i0 < seg_end; i0 += kLanes) {
       const int lanes = static_cast<int>(std::min<int64_t>(kLanes, seg_end - i0));
       const int64_t entry0 = vary0 + (i0 - i) * rl.stride;
-      // Old state into the lanes (lanes past the end repeat the last element).
-      alignas(64) float mm[K * kLanes], vv[K * kLanes];
-      if (lanes == kLanes) {
-#pragma omp simd
-        for (int e = 0; e < kLanes; ++e) {
-          in.p[e] = load_value(p, DT, i0 + e);
-          in.g[e] = effective_grad(load_value(g, DT, i0 + e), in.p[e], t.grad_wd, t.grad_clip);
-          in.rms[e] = rms[i0 + e];
-        }
-        cpu::deinterleave<K>(m + i0 * K, in.m);
-        if constexpr (!kRun) cpu::deinterleave<K>(vd + i0 * K, in.vr);
-      } else {
-        for (int e = 0; e < kLanes; ++e) {
-          const int64_t ie = i0 + std::min(e, lanes - 1);
-          in.p[e] = load_value(p, DT, ie);
-          in.g[e] = effective_grad(load_value(g, DT, ie), in.p[e], t.grad_wd, t.grad_clip);
-          in.rms[e] = rms[ie];
-          for (int a = 0; a < K; ++a) {
-            mm[e * K + a] = m[ie * K + a];
-            if constexpr (!kRun) vv[e * K + a] = vd[ie * K + a];
-          }
-        }
-        cpu::deinterleave<K>(mm, in.m);
-        if constexpr (!kRun) cpu::deinterleave<K>(vv, in.vr);
-      }
+      load_old_state<DT, K, !kRun>(t, i0, lanes, in);
       if constexpr (kRun) {
         if (rl.stride == 1 && lanes == kLanes) {
           cpu::deinterleave<K>(vary_factor + entry0 * K, vary_lanes);
@@ -697,47 +755,9 @@ void update_tile(const TensorArgs& t, const GroupDecays& d, const RunLayout& rl,
                   vary_factor[(entry0 + std::min(e, lanes - 1) * rl.stride) * K + a];
         }
       }
-      // The old state staged for its moments (lanes past the end zero), then the moving
-      // averages.
-      float (*const o)[kLanes] = sums.old_state();
-#pragma omp simd
-      for (int e = 0; e < kLanes; ++e) {
-        o[0][e] = e < lanes ? in.p[e] : 0.0f;
-        o[1][e] = e < lanes ? in.rms[e] : 0.0f;
-      }
-      for (int a = 0; a < K; ++a)
-#pragma omp simd
-        for (int e = 0; e < kLanes; ++e) o[2 + a][e] = e < lanes ? in.m[a][e] : 0.0f;
-      for (int a = 0; a < K; ++a) {
-        const float mom = d.mom[a], mom_mix = d.mom_mix[a];
-#pragma omp simd
-        for (int e = 0; e < kLanes; ++e) in.m[a][e] = ema(mom, in.m[a][e], mom_mix * in.g[e]);
-      }
-#pragma omp simd
-      for (int e = 0; e < kLanes; ++e)
-        in.rms[e] = ema(d.rms, in.rms[e], d.rms_mix * (in.g[e] * in.g[e]));
-      if constexpr (!kRun) {
-        for (int a = 0; a < K; ++a) {
-          const float fac = d.fac[a], fac_mix = d.fac_mix[a];
-#pragma omp simd
-          for (int e = 0; e < kLanes; ++e)
-            in.vr[a][e] = ema(fac, in.vr[a][e], fac_mix * factored_grad_sq(in.g[e]));
-        }
-      }
-      // Store the new state.
-      if (lanes == kLanes) {
-        cpu::interleave<K>(in.m, m + i0 * K);
-        std::copy(in.rms, in.rms + kLanes, rms + i0);
-        if constexpr (!kRun) cpu::interleave<K>(in.vr, vd + i0 * K);
-      } else {
-        cpu::interleave<K>(in.m, mm);
-        std::copy(mm, mm + K * lanes, m + i0 * K);
-        std::copy(in.rms, in.rms + lanes, rms + i0);
-        if constexpr (!kRun) {
-          cpu::interleave<K>(in.vr, vv);
-          std::copy(vv, vv + K * lanes, vd + i0 * K);
-        }
-      }
+      stage_old_state<K>(in, lanes, sums.old_state());
+      update_accumulators<K, !kRun>(d, in);
+      store_new_state<K, !kRun>(t, i0, lanes, in);
       // Features of the new state, staged for their squares.
       float* const x = sums.features();
       if constexpr (kRun) {
