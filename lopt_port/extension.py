@@ -93,9 +93,11 @@ def nvcc_flags(archs: list[str]) -> list[str]:
 def emulation_flags(kernel_dir: str = CSRC) -> list[str]:
     """Host compiler flags of the emulated CUDA backend: the ``.cu`` files compile as C++ with
     ``cuda_emulation/`` first on the include path (its ``cuda_runtime.h``), and, as the CPU
-    backend, no floating-point contraction (the header's FMAs only)."""
+    backend, no floating-point contraction (the header's FMAs only). ``LOPT_CUDA_EMULATION`` is
+    defined before any header (``cuda_runtime.h`` defines it too, but the kernels' own headers
+    come first)."""
     return ["-O2", "-march=native", "-std=c++17", "-fPIC", "-ffp-contract=off",
-            "-fno-math-errno", "-Wall", "-Werror",
+            "-fno-math-errno", "-Wall", "-Werror", "-DLOPT_CUDA_EMULATION=1",
             f"-I{os.path.join(kernel_dir, 'cuda_emulation')}", f"-I{kernel_dir}", f"-I{CSRC}"]
 
 
