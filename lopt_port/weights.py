@@ -1,7 +1,7 @@
 """Converted weights files: the metadata schema and a loader that needs torch only.
 
 A converted file is a PyTorch state dict of the optimizer's own network (names per optimizer,
-documented in the README) plus string metadata:
+documented in docs/conversion.md) plus string metadata:
 
 =====================  ==================================================================
 key                    value

@@ -306,7 +306,7 @@ def test_resume_across_fused_and_eager(weights, kind, first, second):
 def test_fused_refusal_and_fallback(weights, kind):
     """fused=True raises where its path cannot run: VeLO's kernels take no float64 (Celo);
     the multi-tensor path needs one device (Celo-Adam). fused=None never raises, and Celo-Adam
-    keeps its per-parameter path on the CPU (faster there, README)."""
+    keeps its per-parameter path on the CPU (faster there, docs/benchmarks.md)."""
     if kind == "celo":
         params = [torch.zeros(3, dtype=torch.float64)]
     else:
