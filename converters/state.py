@@ -32,7 +32,7 @@ import torch
 
 from converters import flax_msgpack
 from converters.errors import CheckpointError
-from lopt_port.accumulators import factored_dims
+from lopt_port.state_layout import factored_dims
 
 STATE_FORMAT = "lopt-port-state"
 STATE_FORMAT_VERSION = "1"
@@ -119,7 +119,7 @@ class MigratedState:
                                       f"{tuple(p.shape)}")
             out[index] = dict(self.state[name])
         if self.global_state:  # VeLO keeps it in its first parameter's state
-            from lopt_port.velo import GLOBAL_STATE
+            from lopt_port.state_layout import GLOBAL_STATE
             out[ids[0]][GLOBAL_STATE] = self.global_state
         return {"state": out, "param_groups": saved["param_groups"]}
 

@@ -14,7 +14,8 @@ gradient changed sign), where one rounding more is a large relative error.
 * rms: ``v' = c*v + (1-c)*g^2`` with ``c = clip(d, 0, 1)``
 * factored (Adafactor-style), ``gs = g^2 + 1e-30``, ``c = clip(d, 0, 1)``:
 
-  - factored tensors (rank >= 2, dims ``(d1, d0)`` from :func:`factored_dims`):
+  - factored tensors (rank >= 2, dims ``(d1, d0)`` from
+    :func:`lopt_port.state_layout.factored_dims`):
     ``v_row' = c*v_row + (1-c)*mean(gs, d0)``, ``v_col' = c*v_col + (1-c)*mean(gs, d1)``,
     ``row_factor = safe_rsqrt(v_row' / (mean(v_row', rd1) + 1e-9))`` with
     ``rd1 = d1 - 1 if d1 > d0 else d1``, ``col_factor = safe_rsqrt(v_col')``,
@@ -26,9 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
-import numpy as np
 import torch
 
 from lopt_port.constants import (
@@ -38,24 +37,6 @@ from lopt_port.constants import (
     SAFE_RSQRT_FLOOR,
 )
 from lopt_port.sharding import Mean, run_local
-
-TieBreak = Literal["numpy", "stable"]
-
-
-def factored_dims(shape: Sequence[int], tie_break: TieBreak = "numpy") -> tuple[int, int] | None:
-    """Upstream's rule: ``None`` below rank 2, else ``(d1, d0)`` = the two largest dims.
-
-    ``d0`` is the largest dim and ``d1`` the second largest, as ordered by
-    ``numpy.argsort(shape)``. With ``tie_break="numpy"`` this is the very call upstream makes
-    (default sort kind), so equal dims resolve exactly as upstream resolves them on this machine;
-    numpy's default sort is not stable for some tie shapes on AVX-512 builds (e.g. ``(6,6,3,3)``
-    gives ``(1, 0)``). ``tie_break="stable"`` uses a stable sort, as older numpy builds did.
-    """
-    if len(shape) < 2:
-        return None
-    kind = "stable" if tie_break == "stable" else None
-    order = np.argsort(np.asarray(tuple(shape), dtype=np.int64), kind=kind)
-    return int(order[-2]), int(order[-1])
 
 
 def learned_decays(initial: Sequence[float], offsets: torch.Tensor) -> torch.Tensor:
@@ -93,19 +74,6 @@ class FactoredResult:
     fac_g: torch.Tensor
     row_factor: torch.Tensor | None
     col_factor: torch.Tensor | None
-
-
-def factored_state_shapes(shape: Sequence[int], dims: tuple[int, int] | None,
-                          k: int) -> dict[str, tuple[int, ...]]:
-    """Shapes of the factored accumulators for a tensor: ``v_row``/``v_col`` or ``v_diag``."""
-    shape = tuple(shape)
-    if dims is None:
-        return {"v_diag": (*shape, k)}
-    d1, d0 = dims
-    return {
-        "v_row": (*(s for i, s in enumerate(shape) if i != d0), k),
-        "v_col": (*(s for i, s in enumerate(shape) if i != d1), k),
-    }
 
 
 def update_factored(state: dict[str, torch.Tensor], g: torch.Tensor, decays: torch.Tensor,

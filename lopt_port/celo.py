@@ -38,9 +38,10 @@ import numpy as np
 import torch
 
 from lopt_port import celo_config as cfg
-from lopt_port.accumulators import TieBreak, update_momentum, update_rms
+from lopt_port.accumulators import update_momentum, update_rms
 from lopt_port.constants import VELO_GRAD_CLIP
 from lopt_port.sharding import Rounds, is_dtensor, local, state_zeros
+from lopt_port.state_layout import TieBreak
 from lopt_port.velo import VeLO, weight_decay_loss
 from lopt_port.weights import LoadedWeights
 

@@ -30,9 +30,9 @@ import numpy as np
 import torch
 
 from lopt_port import mulo_config
-from lopt_port.accumulators import TieBreak
 from lopt_port.sharding import is_dtensor
 from lopt_port.small_fc_lopt import SmallFCLOpt
+from lopt_port.state_layout import TieBreak
 from lopt_port.weights import LoadedWeights
 
 HiddenSelector = Iterable[str] | Callable[[str, torch.Tensor], bool]

@@ -32,9 +32,6 @@ from lopt_port import small_fc_lopt_config as cfg
 from lopt_port import small_fc_lopt_fused as fused_path
 from lopt_port.accumulators import (
     FactoredResult,
-    TieBreak,
-    factored_dims,
-    factored_state_shapes,
     learned_decays,
     update_factored,
     update_factored_rounds,
@@ -49,6 +46,7 @@ from lopt_port.constants import (
 )
 from lopt_port.features import mlp_forward, second_moment_normalize, time_features, timescales
 from lopt_port.sharding import Mean, Rounds, local, run_rounds, shard_spec, state_zeros
+from lopt_port.state_layout import TieBreak, factored_dims, factored_state_shapes
 from lopt_port.weights import LoadedWeights, WeightsError, load_weights
 
 _STATE_TENSORS = ("momentum", "rms", "v_row", "v_col", "v_diag")

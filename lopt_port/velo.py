@@ -38,9 +38,6 @@ from lopt_port import velo_config as cfg
 from lopt_port import velo_fused as fused_path
 from lopt_port.accumulators import (
     FactoredResult,
-    TieBreak,
-    factored_dims,
-    factored_state_shapes,
     update_factored,
     update_factored_rounds,
     update_momentum,
@@ -75,9 +72,9 @@ from lopt_port.sharding import (
     shard_spec,
     state_zeros,
 )
+from lopt_port.state_layout import GLOBAL_STATE, TieBreak, factored_dims, factored_state_shapes
 from lopt_port.weights import LoadedWeights, WeightsError, load_weights
 
-GLOBAL_STATE = "velo"
 N_GROUPS = 14
 _PER_ELEMENT = ("momentum", "rms", "v_diag")
 

@@ -5,9 +5,9 @@ kernels (every CUDA thread a fiber, see ``csrc/cuda_emulation``); with ``cpu`` t
 backend. Both run the same per-element math (``csrc/small_fc_lopt_math.h``) and are meant to
 give the same bits. The agreement matrix (optimizer and MLP width x parameter dtype x shape
 class, 20 free-running steps from identical inputs) is defined once, in
-``scripts/emulated_bitwise_table.py``, which also prints it as the table of docs/cuda-emulation.md; here every
-case is one test, and a failure names the optimizer, dtype, shape class, tensor, quantity,
-step and distance.
+``scripts/emulated_bitwise_table.py``, which also prints it as the table of
+``docs/cuda-emulation.md``; here every case is one test, and a failure names the optimizer,
+dtype, shape class, tensor, quantity, step and distance.
 
 Both backends form every sum in one order (``csrc/reduction_order.h``) with one exp
 (``exp_poly``), so every case must give identical bits, params and state, after every step.

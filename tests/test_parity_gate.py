@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, given, settings
 import converters.small_fc_lopt as mapping
 import lopt_port.small_fc_lopt as torch_side
 from lopt_port import extension
-from lopt_port.accumulators import FactoredResult, factored_dims, safe_rsqrt
+from lopt_port.accumulators import FactoredResult, safe_rsqrt
+from lopt_port.state_layout import factored_dims
 from parity import cli, harness, report
 from parity.tasks import task_strategy
 from tests.conftest import checkpoint_dir

@@ -22,7 +22,7 @@ import torch
 
 import converters
 from lopt_port import SmallFCLOpt
-from lopt_port.accumulators import factored_dims
+from lopt_port.state_layout import factored_dims
 from parity.golden import decay_errors, load_case, replay_small_fc
 from tests.conftest import SMALL_FC_CHECKPOINTS, checkpoint_dir, golden_case_path
 

@@ -8,7 +8,7 @@ import torch
 
 from lopt_port import SmallFCLOpt, WeightsError
 from lopt_port import small_fc_lopt_config as cfg
-from lopt_port.accumulators import factored_dims
+from lopt_port.state_layout import factored_dims
 
 # (d1, d0) measured on the project's machine (upstream-spec section 0 and golden README);
 # only non-tie shapes and ties whose result does not depend on the sort's stability.

@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 
 import converters
 from lopt_port import VeLO, WeightsError
-from lopt_port.velo import GLOBAL_STATE, loss_buffer_decays
+from lopt_port.state_layout import GLOBAL_STATE
+from lopt_port.velo import loss_buffer_decays
 from lopt_port.weights import LoadedWeights
 from parity.errors import relative
 from parity.golden import load_case

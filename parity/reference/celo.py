@@ -40,7 +40,7 @@ import jax.numpy as jnp
 
 from converters import flax_msgpack
 from lopt_port import celo_config
-from lopt_port.accumulators import factored_dims
+from lopt_port.state_layout import factored_dims
 from parity.reference.small_fc_lopt import _factored_update
 from parity.reference.velo import (
     F32,

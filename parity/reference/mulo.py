@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from lopt_port import mulo_config
-from lopt_port.accumulators import TieBreak
+from lopt_port.state_layout import TieBreak
 from parity.reference.small_fc_lopt import F32, SmallFCLOptReference
 
 

@@ -28,8 +28,8 @@ import numpy as onp
 import optax
 
 from lopt_port import small_fc_lopt_config as cfg
-from lopt_port.accumulators import TieBreak, factored_dims
 from lopt_port.constants import TIME_FEATURE_TIMESCALES
+from lopt_port.state_layout import TieBreak, factored_dims
 
 # Parity needs true float32 matmuls: JAX defaults to TF32 on Ampere/Hopper GPUs.
 jax.config.update("jax_default_matmul_precision", "highest")

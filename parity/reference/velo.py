@@ -64,7 +64,7 @@ import optax
 
 from converters import flax_msgpack
 from converters.gin_config import read_gin
-from lopt_port.accumulators import factored_dims
+from lopt_port.state_layout import factored_dims
 from parity.reference.small_fc_lopt import _factored_update, _normalize
 
 # Parity needs true float32 matmuls: JAX defaults to TF32 on Ampere/Hopper GPUs.
