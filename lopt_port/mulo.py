@@ -21,19 +21,27 @@ model state (``mup_lrs_to_use``). Here every parameter's ``s`` is explicit:
 
 from __future__ import annotations
 
+import contextlib
 import math
-import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
 from lopt_port import mulo_config
+from lopt_port.optimizer import (
+    LearnedOptimizer,
+    ParamsArg,
+    WeightsArg,
+    WeightsKind,
+    check_lr,
+)
 from lopt_port.sharding import is_dtensor
-from lopt_port.small_fc_lopt import SmallFCLOpt
+from lopt_port.small_fc_lopt import SmallFCLOptNetwork, fused_path_of, small_fc_lopt
 from lopt_port.state_layout import TieBreak
-from lopt_port.weights import LoadedWeights
+
+KIND = WeightsKind(mulo_config.KIND, mulo_config.resolve_hparams, mulo_config.check_state_dict)
 
 HiddenSelector = Iterable[str] | Callable[[str, torch.Tensor], bool]
 
@@ -109,7 +117,7 @@ def mup_scales(named_params: Iterable[tuple[str, torch.Tensor]] | Mapping[str, t
     return out
 
 
-class MuLO(SmallFCLOpt):
+class MuLO(LearnedOptimizer):
     """μLO with upstream ``MuAdafacMLPLOpt`` semantics (eager and fused paths).
 
     Args:
@@ -133,17 +141,16 @@ class MuLO(SmallFCLOpt):
     :attr:`scales` and :meth:`scale_of` show every parameter's ``s``; the param groups record
     them (``"scales"``, in ``params`` order), so :meth:`state_dict` carries them and
     :meth:`load_state_dict` refuses a state trained with other scales. The per-parameter
-    state is SmallFCLOpt's.
+    state is small_fc_lopt's; the step is :func:`lopt_port.small_fc_lopt.small_fc_lopt`'s with
+    the scales, on the gradients of :func:`mulo_grads`.
     """
 
-    _config = mulo_config
-
-    def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-                 weights: str | os.PathLike | Mapping[str, torch.Tensor] | LoadedWeights, *,
+    def __init__(self, params: ParamsArg, weights: WeightsArg, *,
                  scales: Mapping[torch.Tensor, float] | None = None, lr: float = 1.0,
                  hparams: Mapping[str, Any] | None = None, clip_grad: bool = False,
                  default_scale: float | None = None, tie_break: TieBreak = "numpy",
                  fused: bool | None = None) -> None:
+        lr = check_lr("lr", lr)
         if not isinstance(clip_grad, bool):
             raise ValueError(f"clip_grad must be a bool, got {clip_grad!r}")
         self.clip_grad = clip_grad
@@ -155,13 +162,44 @@ class MuLO(SmallFCLOpt):
                 raise ValueError(f"scales must be keyed by parameter tensors, got "
                                  f"{type(p).__name__}")
             self._explicit[p] = _as_scale(s, f"scale of a tensor of shape {tuple(p.shape)}")
-        self._scale_by_param: dict[torch.Tensor, float] = {}
-        super().__init__(params, weights, lr=lr, hparams=hparams, tie_break=tie_break,
-                         fused=fused)
-        unused = [p for p in self._explicit if p not in self._scale_by_param]
+        sd = self._load_weights(weights, KIND, hparams)
+        self.network = SmallFCLOptNetwork(self.hparams, sd, tie_break)
+        super().__init__(params, {"lr": lr}, fused=fused, tie_break=tie_break,
+                         fused_path=fused_path_of(self.hparams))
+        unused = [p for p in self._explicit if p not in self.scales]
         if unused:
             raise ValueError(f"scales names {len(unused)} tensor(s) that are not parameters "
                              f"of this optimizer (first: shape {tuple(unused[0].shape)})")
+
+    @property
+    def decays(self) -> dict[str, torch.Tensor]:
+        """Effective float32 decays after the learned offsets (``momentum``, ``rms``,
+        ``adafactor``)."""
+        return {k: v.clone() for k, v in self.network.decays.items()}
+
+    def initial_state(self, p: torch.Tensor) -> dict[str, Any]:
+        """small_fc_lopt's: zeros, step 0, and the parameter's factored dims."""
+        return self.network.initial_state(p)
+
+    def capture_intermediates(self) -> contextlib.AbstractContextManager[
+            dict[torch.Tensor, dict[str, torch.Tensor]]]:
+        """As :meth:`lopt_port.SmallFCLOpt.capture_intermediates` (``update`` includes
+        ``s``)."""
+        return self._capturing({})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None, *, loss: Any = None) -> Any:
+        """One μLO update of every parameter that has a gradient; returns the closure's loss
+        (a loss given is ignored: μLO does not use it)."""
+        inputs = self._begin_step(closure, loss)
+        grads = iter(mulo_grads(inputs.grads, self.clip_grad))
+        for lists in inputs.groups:
+            scale_of = dict(zip(lists.group["params"], lists.group["scales"], strict=True))
+            small_fc_lopt(lists.params, [next(grads) for _ in lists.params], lists.states,
+                          network=self.network, lr=lists.group["lr"],
+                          scales=[scale_of[p] for p in lists.params],
+                          fused=self._fused_flags(lists.params), capture=self._capture)
+        return inputs.returned
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """torch's ``add_param_group``, plus each parameter's scale (see the class doc)."""
@@ -186,7 +224,6 @@ class MuLO(SmallFCLOpt):
                              + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
                              + ". Pass scales=, a group 'scale' or default_scale=.")
         group["scales"] = resolved
-        self._scale_by_param.update(zip(group["params"], resolved, strict=True))
 
     @property
     def scales(self) -> dict[torch.Tensor, float]:
@@ -196,28 +233,10 @@ class MuLO(SmallFCLOpt):
 
     def scale_of(self, p: torch.Tensor) -> float:
         """The scale ``s`` of parameter ``p``; ``KeyError`` if ``p`` is not a parameter."""
-        if p not in self._scale_by_param:
+        scales = self.scales
+        if p not in scales:
             raise KeyError(f"not a parameter of this optimizer (shape {tuple(p.shape)})")
-        return self._scale_by_param[p]
-
-    def _step_scale(self, p: torch.Tensor) -> float:
-        return self._scale_by_param[p]
-
-    def _step_grads(self) -> dict[torch.Tensor, torch.Tensor]:
-        """The gradients after the optional global-norm clip and ``nan_to_num`` (in the
-        gradient's dtype, as upstream; ``p.grad`` itself is left as it is)."""
-        grads = super()._step_grads()
-        if self.clip_grad and grads:
-            if any(is_dtensor(g) for g in grads.values()):
-                raise NotImplementedError("MuLO: clip_grad with sharded (DTensor) parameters "
-                                          "is not supported")
-            device = next(iter(grads.values())).device
-            total = torch.stack([g.to(torch.float32).square().sum().to(device)
-                                 for g in grads.values()]).sum()
-            norm = total.sqrt()
-            grads = {p: torch.where(norm.to(g.device) < 1.0, g, g / norm.to(g.device, g.dtype))
-                     for p, g in grads.items()}
-        return {p: torch.nan_to_num(g) for p, g in grads.items()}
+        return scales[p]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state from :meth:`state_dict`; refuses one whose recorded scales differ
@@ -243,3 +262,21 @@ class MuLO(SmallFCLOpt):
             raise ValueError("the state does not fit this optimizer's scales: "
                              + "; ".join(problems[:5]))
         super().load_state_dict(state_dict)
+
+
+def mulo_grads(grads: Sequence[torch.Tensor], clip_grad: bool) -> list[torch.Tensor]:
+    """The gradients μLO's update reads: after the optional global-norm clip
+    (``g / n`` when ``n = sqrt(sum of all g^2) >= 1``) and ``nan_to_num``, in the gradient's
+    dtype as upstream (``p.grad`` itself is left as it is)."""
+    grads = list(grads)
+    if clip_grad and grads:
+        if any(is_dtensor(g) for g in grads):
+            raise NotImplementedError("MuLO: clip_grad with sharded (DTensor) parameters "
+                                      "is not supported")
+        device = grads[0].device
+        total = torch.stack([g.to(torch.float32).square().sum().to(device)
+                             for g in grads]).sum()
+        norm = total.sqrt()
+        grads = [torch.where(norm.to(g.device) < 1.0, g, g / norm.to(g.device, g.dtype))
+                 for g in grads]
+    return [torch.nan_to_num(g) for g in grads]

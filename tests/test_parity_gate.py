@@ -47,11 +47,11 @@ def _row_col_mean_over_decay_axis(state, g, decays, dims):
 
 
 torch_side_update_factored = torch_side.update_factored
-_raw = torch_side.SmallFCLOpt._raw_features
+_raw = torch_side.raw_features
 
 
-def _swapped_columns(self, *args):
-    raw = _raw(self, *args)
+def _swapped_columns(*args):
+    raw = _raw(*args)
     return raw[..., [0, 1, 3, 2, *range(4, raw.shape[-1])]]
 
 
@@ -80,8 +80,7 @@ def _w1_not_transposed_to_upstream(sd, hparams):
 BUGS = {
     "row_col_mean over the decay axis": [(torch_side, "update_factored",
                                           _row_col_mean_over_decay_axis)],
-    "two feature columns swapped": [(torch_side.SmallFCLOpt, "_raw_features",
-                                     _swapped_columns)],
+    "two feature columns swapped": [(torch_side, "raw_features", _swapped_columns)],
     "dropped rsqrt(rms + 1e-6) epsilon": [(torch_side, "RMS_FEATURE_EPS", 0.0)],
     "square tensor with swapped factored dims": [(torch_side, "factored_dims",
                                                   _square_tie_swapped)],

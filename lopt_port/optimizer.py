@@ -1,0 +1,370 @@
+"""``LearnedOptimizer``: what the five optimizers share, written once.
+
+Each optimizer is a subclass that holds only its math, in torch.optim's shape (``adam.py``):
+its ``step()`` gathers the parameters, gradients and state once (:meth:`LearnedOptimizer.
+_begin_step`) and calls module-level functions, ``_eager_<kind>`` and ``_fused_<kind>`` (or
+``_foreach_<kind>``), which take the same arguments. The base class owns:
+
+- the weights: loading, the kind check, completing and checking the hyperparameters against
+  the weights' names and shapes (:class:`~lopt_port.weights.WeightsError` when they do not fit);
+- validation of the options every optimizer shares (``lr``, ``weight_decay``, ``tie_break``,
+  ``num_steps``);
+- the step preamble: the closure (run with gradients enabled), the loss (``step(loss=...)``, or
+  a tensor or float given positionally), and per param group the parameters that have a
+  gradient, their gradients and their state (created on first use);
+- the fused-path decision (:class:`FusedPath`): ``fused=True`` raises where the fused path
+  cannot run, ``None`` falls back to the eager path with one warning per reason, ``False`` is
+  always eager, and capturing intermediates is always eager;
+- ``load_state_dict``: everything is checked against the state a parameter would start with
+  (names, shapes, factored axes) before anything changes, and the state stays float32 on each
+  parameter's device (torch.optim would cast it to the parameter's dtype, and bf16 would lose
+  the accumulators' precision);
+- the step-wide state of the optimizers that have one (VeLO, Celo, Celo-Adam): kept under the
+  key :data:`~lopt_port.state_layout.GLOBAL_STATE` in the first parameter's state, so that
+  every key of ``state_dict()["state"]`` is a parameter (``torch.distributed.checkpoint``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from lopt_port import extension
+from lopt_port.state_layout import GLOBAL_STATE, TieBreak, factored_state_shapes
+from lopt_port.weights import LoadedWeights, WeightsError, load_weights
+
+WeightsArg = str | os.PathLike | Mapping[str, torch.Tensor] | LoadedWeights
+ParamsArg = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
+_FACTORED = ("v_row", "v_col", "v_diag")
+
+
+@dataclass(frozen=True)
+class WeightsKind:
+    """A weights kind as an optimizer reads it: its name, and its config's two rules."""
+
+    kind: str
+    #: ``(given hparams, {name: shape}) -> complete hparams``; ``ValueError`` if they do not fit.
+    resolve_hparams: Callable[[Mapping[str, Any], Mapping[str, tuple[int, ...]]], dict[str, Any]]
+    #: ``(state dict, hparams, origin)``; ``ValueError`` naming every mismatch.
+    check_state_dict: Callable[[Mapping[str, Any], Mapping[str, Any], str], None]
+
+
+@dataclass(frozen=True)
+class FusedPath:
+    """How an optimizer decides whether a step's parameters take its fused path."""
+
+    #: Why these hyperparameters cannot run fused (``None``: they can).
+    config_reason: str | None
+    #: Why one parameter cannot (``None``: it can).
+    param_reason: Callable[[torch.Tensor], str | None]
+    #: The fused path runs the compiled kernels (:mod:`lopt_port.extension`), loaded up front.
+    uses_extension: bool = True
+    #: Every parameter of a step takes the fused path, or none does (the per-tensor network of
+    #: VeLO's family sees all tensors at once); otherwise each parameter decides alone.
+    all_or_none: bool = False
+    #: ``fused=None`` takes the fused path only on these device types (``None``: on any).
+    auto_devices: tuple[str, ...] | None = None
+
+
+@dataclass
+class GroupLists:
+    """One param group's parameters that have a gradient, with their gradients and state."""
+
+    group: dict[str, Any]
+    params: list[torch.Tensor] = field(default_factory=list)
+    grads: list[torch.Tensor] = field(default_factory=list)
+    states: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class StepInputs:
+    """What :meth:`LearnedOptimizer._begin_step` gathered for one step."""
+
+    #: What ``step()`` returns: the closure's value.
+    returned: Any
+    #: The training loss (a tensor or float), ``None`` if none was given.
+    loss: Any
+    groups: list[GroupLists]
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return [p for g in self.groups for p in g.params]
+
+    @property
+    def grads(self) -> list[torch.Tensor]:
+        return [x for g in self.groups for x in g.grads]
+
+    @property
+    def states(self) -> list[dict[str, Any]]:
+        return [s for g in self.groups for s in g.states]
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Each parameter's group, in :attr:`params` order."""
+        return [g.group for g in self.groups for _ in g.params]
+
+
+def check_lr(name: str, value: Any) -> float:
+    """A non-negative float option (``lr``, ``weight_decay``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ValueError(f"{name} must be a non-negative float, got {value!r}")
+    return float(value)
+
+
+def check_num_steps(num_steps: Any) -> int:
+    """The training horizon: a positive int."""
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps must be a positive int (the training horizon), got "
+                         f"{num_steps!r}")
+    return num_steps
+
+
+class LearnedOptimizer(torch.optim.Optimizer):
+    """The base of every lopt-port optimizer (module docstring).
+
+    Subclasses call ``super().__init__`` with their weights kind, their param-group defaults
+    and their :class:`FusedPath`, after setting :attr:`hparams` through :meth:`_load_weights`
+    (which the fused-path rules read), and implement :meth:`initial_state` and ``step()``.
+    """
+
+    #: ``step()`` needs the training loss (``step(loss=...)``, positionally, or a closure).
+    requires_loss: ClassVar[bool] = False
+
+    hparams: dict[str, Any]
+
+    def _load_weights(self, weights: WeightsArg, kind: WeightsKind,
+                      overrides: Mapping[str, Any] | None) -> dict[str, torch.Tensor]:
+        """Load ``weights`` of ``kind``, complete :attr:`hparams` (the weights' metadata, then
+        ``overrides``) and check the state dict against them; the weights as float32 CPU
+        tensors. Raises :class:`~lopt_port.weights.WeightsError`."""
+        loaded = load_weights(weights)
+        if loaded.kind not in (None, kind.kind):
+            raise WeightsError(f"weights are for {loaded.kind!r}, not {kind.kind!r}")
+        given = {**loaded.hparams, **(overrides or {})}
+        shapes = {k: tuple(v.shape) for k, v in loaded.state_dict.items()}
+        try:
+            self.hparams = kind.resolve_hparams(given, shapes)
+            kind.check_state_dict(loaded.state_dict, self.hparams, "weights")
+        except ValueError as e:
+            raise WeightsError(str(e)) from None
+        return {k: v.detach().to(device="cpu", dtype=torch.float32).contiguous().clone()
+                for k, v in loaded.state_dict.items()}
+
+    def __init__(self, params: ParamsArg, defaults: dict[str, Any], *, fused: bool | None,
+                 fused_path: FusedPath, tie_break: TieBreak = "numpy",
+                 global_state: Callable[[torch.device], dict[str, Any]] | None = None) -> None:
+        if tie_break not in ("numpy", "stable"):
+            raise ValueError(f"tie_break must be 'numpy' or 'stable', got {tie_break!r}")
+        if fused not in (None, True, False):
+            raise ValueError(f"fused must be None, True or False, got {fused!r}")
+        self.tie_break: TieBreak = tie_break
+        self.fused = fused
+        self._fused_path = fused_path
+        self._fused_reason = fused_path.config_reason
+        if self._fused_reason is None and fused is not False and fused_path.uses_extension:
+            try:
+                extension.load_backend()
+            except extension.ExtensionUnavailable as e:
+                self._fused_reason = str(e)
+        if fused is True and self._fused_reason is not None:
+            raise RuntimeError(f"fused=True, but {self._fused_reason}")
+        self._warned: set[str] = set()
+        self._capture: Any = None
+        self._new_global_state = global_state
+        super().__init__(params, defaults)
+        # The step-wide state lives in the first parameter's state (see global_state).
+        self._anchor = self.param_groups[0]["params"][0]
+
+    # ----------------------------------------------------------------------------- state
+    def initial_state(self, p: torch.Tensor) -> dict[str, Any]:
+        """The state a parameter starts with."""
+        raise NotImplementedError
+
+    @property
+    def global_state(self) -> dict[str, Any]:
+        """The step-wide state (optimizers that have one), created on first use and kept
+        under :data:`~lopt_port.state_layout.GLOBAL_STATE` in the first parameter's state."""
+        if self._new_global_state is None:
+            raise AttributeError(f"{type(self).__name__} has no step-wide state")
+        st = self.state[self._anchor]
+        if GLOBAL_STATE not in st:
+            st[GLOBAL_STATE] = self._new_global_state(self._anchor.device)
+        return st[GLOBAL_STATE]
+
+    # ------------------------------------------------------------------------------ step
+    def _begin_step(self, closure: Any, loss: Any, *, skip_empty: bool = False) -> StepInputs:
+        """The step preamble: run the closure, take the loss, and gather per param group the
+        parameters with a gradient (not the zero-size ones with ``skip_empty``), their
+        gradients and their state (created on first use).
+
+        ``closure`` may be the loss itself (a tensor or a float) instead of a callable. An
+        optimizer that :attr:`requires_loss` and gets none raises, except in a step where
+        every group's ``lr`` is 0: that is how ``torch.distributed.checkpoint`` creates an
+        optimizer's state, so the state is created and nothing else happens (no groups)."""
+        returned = None
+        if isinstance(closure, (torch.Tensor, int, float)) and not isinstance(closure, bool):
+            if loss is not None:
+                raise TypeError("the loss was given twice (positionally and as loss=)")
+            closure, loss = None, closure
+        if closure is not None:
+            if not callable(closure):
+                raise TypeError(f"step() takes a closure, or the loss as a tensor or float; "
+                                f"got {type(closure).__name__}")
+            with torch.enable_grad():
+                returned = closure()
+            if loss is None:
+                loss = returned
+        groups = []
+        for group in self.param_groups:
+            lists = GroupLists(group)
+            for p in group["params"]:
+                if p.grad is None or (skip_empty and p.numel() == 0):
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse "
+                                       f"gradients")
+                state = self.state[p]
+                if not state.keys() - {GLOBAL_STATE}:
+                    state.update(self.initial_state(p))
+                lists.params.append(p)
+                lists.grads.append(p.grad)
+                lists.states.append(state)
+            if lists.params:
+                groups.append(lists)
+        if groups and self.requires_loss and loss is None:
+            if all(float(g["lr"]) == 0.0 for g in self.param_groups):
+                self.global_state  # noqa: B018 (creates it)
+                return StepInputs(returned, None, [])
+            raise RuntimeError(f"{type(self).__name__} needs the training loss: call "
+                               f"step(loss=loss) or pass a closure that returns it")
+        return StepInputs(returned, loss, groups)
+
+    def _fused_flags(self, params: list[torch.Tensor]) -> list[bool]:
+        """Per parameter, whether it takes the fused path (:class:`FusedPath`): ``fused=True``
+        raises where it cannot; ``None`` warns once per reason and runs those eagerly."""
+        path = self._fused_path
+        if self.fused is False or self._capture is not None or not params:
+            return [False] * len(params)
+        if (self.fused is None and path.auto_devices is not None
+                and any(p.device.type not in path.auto_devices for p in params)):
+            return [False] * len(params)
+        # A zero-size parameter has nothing to compute: it takes the eager path, no reason.
+        reasons = [self._fused_reason or path.param_reason(p) if p.numel() else None
+                   for p in params]
+        if path.all_or_none:
+            if len({p.device for p in params}) > 1:
+                reasons.append("the parameters are on several devices")
+            first = next((r for r in reasons if r is not None), None)
+            reasons = [first] * len(params)
+        for p, reason in zip(params, reasons, strict=True):
+            if reason is None:
+                continue
+            if self.fused is True:
+                where = "" if path.all_or_none else f" (parameter of shape {tuple(p.shape)})"
+                raise RuntimeError(f"fused=True, but {reason}{where}")
+            if reason not in self._warned:
+                self._warned.add(reason)
+                warnings.warn(f"{type(self).__name__}: using the eager path: {reason}",
+                              stacklevel=5)
+        return [r is None and p.numel() > 0 for p, r in zip(params, reasons, strict=True)]
+
+    @contextlib.contextmanager
+    def _capturing(self, container: Any) -> Iterator[Any]:
+        """Steps inside the ``with`` block record their intermediates into ``container``
+        (always on the eager path)."""
+        previous, self._capture = self._capture, container
+        try:
+            yield container
+        finally:
+            self._capture = previous
+
+    # ------------------------------------------------------------------------ state dicts
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a :meth:`state_dict`: validates everything before changing anything, and keeps
+        the state float32 on each parameter's device (the step count on the CPU)."""
+        saved_state = state_dict["state"]
+        params = [p for g in self.param_groups for p in g["params"]]
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        if len(params) != len(saved_ids):
+            raise ValueError(f"state dict has {len(saved_ids)} parameters, the optimizer "
+                             f"{len(params)}")
+        # The step-wide state sits in one parameter's entry (state dicts of earlier lopt-port
+        # commits kept it under its own top-level key; they load too).
+        saved_global = saved_state.get(GLOBAL_STATE)
+        restored: dict[Any, Any] = {}
+        for index, (pid, p) in enumerate(zip(saved_ids, params, strict=True)):
+            if pid not in saved_state:
+                continue
+            entry = dict(saved_state[pid])
+            if GLOBAL_STATE in entry:
+                saved_global = entry.pop(GLOBAL_STATE)
+            restored[p] = self._restore_param_state(entry, p, index) if entry else {}
+        glob = None
+        if saved_global is not None:
+            if self._new_global_state is None:
+                raise ValueError(f"the state dict has a step-wide state ({GLOBAL_STATE!r}), "
+                                 f"which {type(self).__name__} does not keep")
+            glob = _restore_like(saved_global, self._new_global_state(self._anchor.device),
+                                 f"the step-wide state ({GLOBAL_STATE!r})")
+        super().load_state_dict({**state_dict, "state": {}})
+        self.state.update(restored)
+        if glob is not None:
+            self.state[self._anchor][GLOBAL_STATE] = glob
+
+    def _restore_param_state(self, saved: Mapping[str, Any], p: torch.Tensor,
+                             index: int) -> dict[str, Any]:
+        """``saved`` checked against :meth:`initial_state` (names and shapes; the factored
+        statistics against the saved factored axes, which a resumed run keeps)."""
+        where = f"state of parameter {index} (shape {tuple(p.shape)})"
+        template = self.initial_state(p)
+        expected = {k: v for k, v in template.items() if k not in _FACTORED}
+        if "factored_dims" in template:
+            shape = tuple(p.shape)
+            dims = tuple(saved.get("factored_dims", (None,)))
+            valid = (dims == () and len(shape) < 2) or (
+                len(dims) == 2 and len(shape) >= 2 and dims[0] != dims[1]
+                and all(isinstance(d, int) and 0 <= d < len(shape) for d in dims))
+            if not valid:
+                raise ValueError(f"{where}: factored_dims {dims!r} do not fit the parameter")
+            k = next(template[n].shape[-1] for n in _FACTORED if n in template)
+            for name, fshape in factored_state_shapes(shape, dims or None, k).items():
+                expected[name] = torch.empty(fshape, device="meta")
+            expected["factored_dims"] = dims
+        return _restore_like(saved, expected, where, p.device,
+                             problem_suffix=" does not fit these weights")
+
+
+def _restore_like(saved: Mapping[str, Any], template: Mapping[str, Any], where: str,
+                  device: torch.device | None = None, *,
+                  problem_suffix: str = " does not fit") -> dict[str, Any]:
+    """``saved`` as ``template``'s names, shapes, dtypes and devices (a ``meta`` template
+    tensor: ``device``), or ``ValueError`` listing every problem. A non-tensor entry of the
+    template must be equal in ``saved``, except ``factored_dims``, which the caller checked."""
+    problems = [f"missing {name}" for name in template if name not in saved]
+    problems += [f"unexpected {name}" for name in saved if name not in template]
+    out: dict[str, Any] = {}
+    for name, want in template.items():
+        if name not in saved:
+            continue
+        value = saved[name]
+        if not isinstance(want, torch.Tensor):
+            if name != "factored_dims" and value != want:
+                problems.append(f"the state was saved with {name}={value!r}, this optimizer "
+                                f"has {name}={want!r}")
+            out[name] = want
+            continue
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(want.shape):
+            found = tuple(value.shape) if isinstance(value, torch.Tensor) else repr(value)
+            problems.append(f"{name}: expected {tuple(want.shape)}, found {found}")
+            continue
+        target = device if want.device.type == "meta" else want.device
+        out[name] = value.detach().to(device=target, dtype=want.dtype).clone()
+    if problems:
+        raise ValueError(f"{where}{problem_suffix}: {'; '.join(problems)}")
+    return out
