@@ -1,6 +1,7 @@
 """lopt-port: learned optimizers from google/learned_optimization as torch.optim optimizers."""
 
-from lopt_port.celo import Celo, CeloAdam
+from lopt_port.celo import Celo
+from lopt_port.celo_adam import CeloAdam
 from lopt_port.mulo import MuLO, mup_scales
 from lopt_port.pretrained import from_pretrained, load_pretrained
 from lopt_port.small_fc_lopt import SmallFCLOpt

@@ -62,3 +62,11 @@ VELO_MAX_TRAINING_STEPS = 150_000
 #: Elements per chunk of VeLO's eager per-parameter pass (its [chunk, 30] feature matrix is
 #: 32 MB at 2^18; larger tensors take two passes: sums of squares, then features and MLP).
 VELO_CHUNK_ELEMENTS = 1 << 18
+
+# --- Celo and Celo-Adam (amoudgl/celo) -----------------------------------------------------
+#: ``lr_mult = 0.1 * exp(h W_s + b_s)``, the learned schedule.
+CELO_LR_MULT_SCALE = 0.1
+#: Celo's per-parameter MLP weights are ``mean_k(controls[k] * bank[k])``: no x100.
+CELO_FF_MULT = 1.0
+#: Celo-Adam: ``sqrt(v_hat + 1e-10)`` under the epsilon.
+CELO_ADAM_SQRT_EPS = 1e-10

@@ -26,7 +26,8 @@ from typing import Any
 
 import torch
 
-from lopt_port.celo import Celo, CeloAdam
+from lopt_port.celo import Celo
+from lopt_port.celo_adam import CeloAdam
 from lopt_port.mulo import MuLO
 from lopt_port.small_fc_lopt import SmallFCLOpt
 from lopt_port.velo import VeLO

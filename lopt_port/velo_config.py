@@ -138,6 +138,8 @@ NUM_LOSS_FEATURES = 9
 NUM_RANK_FEATURES = 5
 #: Outputs of the per-parameter MLP: direction, magnitude, and one upstream never reads.
 NUM_FF_OUTPUTS = 3
+#: Feature groups of the per-parameter MLP's first layer (``ff.w0__0`` .. ``ff.w0__13``).
+NUM_FF_GROUPS = 14
 #: The LSTM's gate linear stacks the four gates i, g, f, o.
 NUM_GATES = 4
 

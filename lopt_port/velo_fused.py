@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from lopt_port import extension
+from lopt_port.constants import VELO_GRAD_CLIP
 from lopt_port.small_fc_lopt_fused import (
     decays_unsupported_reason,
     param_unsupported_reason,
@@ -32,7 +33,6 @@ from lopt_port.small_fc_lopt_fused import (
 __all__ = ["config_unsupported_reason", "param_unsupported_reason", "phase_a", "phase_b"]
 
 MAX_HIDDEN = 16
-GRAD_CLIP = 1000.0
 
 
 def config_unsupported_reason(hparams: Mapping[str, Any]) -> str | None:
@@ -45,12 +45,13 @@ def config_unsupported_reason(hparams: Mapping[str, Any]) -> str | None:
     return None
 
 
-def phase_a(params: Sequence[torch.Tensor], states: Sequence[dict[str, Any]],
-            decays: torch.Tensor, grad_wd: Sequence[float]
+def phase_a(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+            states: Sequence[dict[str, Any]], decays: torch.Tensor, grad_wd: Sequence[float]
             ) -> tuple[tuple[list, ...], torch.Tensor, torch.Tensor]:
     """Run ``velo_accumulate``; ``(the op's tensor lists, stats [n, 2+3k], sumsq [n, F])``."""
-    lists = state_lists(params, states)
-    stats, sumsq = extension.ops().velo_accumulate(*lists, decays, list(grad_wd), GRAD_CLIP)
+    lists = state_lists(params, states, grads)
+    stats, sumsq = extension.ops().velo_accumulate(*lists, decays, list(grad_wd),
+                                                   VELO_GRAD_CLIP)
     return lists, stats, sumsq
 
 
@@ -60,7 +61,7 @@ def phase_b(lists: tuple[list, ...], decays: torch.Tensor, grad_wd: Sequence[flo
             decay_mult: Sequence[float]) -> None:
     """Run ``velo_apply``: features, normalization, each tensor's MLP, the parameter write."""
     extension.ops().velo_apply(
-        *lists, decays, list(grad_wd), GRAD_CLIP, sumsq, weights.contiguous(),
+        *lists, decays, list(grad_wd), VELO_GRAD_CLIP, sumsq, weights.contiguous(),
         hparams["ff_hidden_size"], hparams["ff_hidden_layers"], lr_mult.contiguous(),
         param_scale.contiguous(), list(lr), list(decay_mult), hparams["exp_mult"],
         hparams["step_mult"])

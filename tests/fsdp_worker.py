@@ -45,8 +45,7 @@ def _optimizer(kind: str, params, weights: str) -> torch.optim.Optimizer:
 
 
 def _step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
-    from lopt_port import VeLO
-    if isinstance(opt, VeLO):
+    if opt.requires_loss:
         opt.step(loss=loss.detach())
     else:
         opt.step()

@@ -210,7 +210,7 @@ def test_bias_corrections_are_the_jitted_ones():
     case = load_case(GOLDEN["celo_adam"])
     opt = CeloAdam([torch.zeros(2)], _weights("celo_adam"), num_steps=50)
     for t in range(1, case.steps + 1):
-        inv1, inv2 = opt._bias_corrections(t - 1)
+        inv1, inv2 = opt.parts.rule.bias_corrections(t - 1)
         for inv, name in ((inv1, "bias_correction1"), (inv2, "bias_correction2")):
             jit = np.float32(case.data[f"jit/step{t}/{name}"])
             assert np.float32(inv) == np.float32(1) / jit, (t, name)
@@ -319,8 +319,8 @@ def test_fused_refusal_and_fallback(weights, kind):
     if kind == "celo_adam":
         cpu = [torch.zeros(3)]
         auto = CeloAdam(cpu, weights, num_steps=10)
-        assert not auto._takes_fused_path(cpu)
-        assert CeloAdam(cpu, weights, num_steps=10, fused=True)._takes_fused_path(cpu)
+        assert auto._fused_flags(cpu) == [False]
+        assert CeloAdam(cpu, weights, num_steps=10, fused=True)._fused_flags(cpu) == [True]
 
 
 # ------------------------------------------------- the JAX reference against the authors' run

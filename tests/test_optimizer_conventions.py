@@ -123,7 +123,7 @@ def _step(opt, closure=None):
 
 
 def _steps_taken(opt, p):
-    return float(opt.global_state["iteration"] if isinstance(opt, VeLO)
+    return float(opt.global_state["iteration"] if opt.requires_loss
                  else opt.state[p]["step"])
 
 

@@ -13,7 +13,10 @@ import os
 import pytest
 import torch
 
-from lopt_port import Celo, CeloAdam, VeLO
+from lopt_port import celo as celo_module
+from lopt_port.adam_rule import AdamRule
+from lopt_port.loss_buffer import LossHorizon
+from lopt_port.lstm_heads import CeloHeads, VeloHeads
 from parity import cli, harness
 from parity.tasks import make_task
 from tests.conftest import checkpoint_dir
@@ -50,28 +53,28 @@ def test_clean_lockstep_passes(celo_sides, adam_sides, task):
         result.worst())
 
 
-def _velo_heads(self, h, t):
-    """VeLO's raw heads: controls unnormalized, lr_mult a raw linear output."""
-    return VeLO._heads(self, h, t)
-
-
 def _no_schedule(self, lr_mult):
     """The phase-1 configuration on phase-2 weights (B.9.2): lr_mult computed, not applied."""
     return torch.ones_like(lr_mult)
 
 
-@pytest.mark.parametrize("bug, attribute, patch, flagged", [
-    ("VeLO's raw heads", "_heads", _velo_heads, "lr_mult"),
-    ("VeLO's x100 interpolation", "_ff_mult", property(lambda self: 100.0), "ff_params"),
-    ("train_phase ignored", "_applied_lr_mult", _no_schedule, " update:"),
+def _bugged_horizon(num_steps, bugged):
+    """VeLO's bugged loss features (every loss-buffer decay exp(-0.1))."""
+    return LossHorizon(num_steps, bugged=True)
+
+
+@pytest.mark.parametrize("bug, target, attribute, patch, flagged", [
+    ("VeLO's raw heads", CeloHeads, "__call__", VeloHeads.__call__, "lr_mult"),
+    ("VeLO's x100 interpolation", celo_module, "CELO_FF_MULT", 100.0, "ff_params"),
+    ("train_phase ignored", CeloHeads, "applied", _no_schedule, " update:"),
     # Teacher forcing hands both sides the reference's loss buffer after step 1, so this one
     # shows in the state the first step leaves behind (the buffer's decays).
-    ("VeLO's bugged loss features", "_bugged_loss_features", property(lambda self: True),
+    ("VeLO's bugged loss features", celo_module, "LossHorizon", _bugged_horizon,
      "state/loss_decays"),
 ])
-def test_gate_catches_velo_details(celo_sides, task, monkeypatch, bug, attribute, patch,
-                                   flagged):
-    monkeypatch.setattr(Celo, attribute, patch)
+def test_gate_catches_velo_details(celo_sides, task, monkeypatch, bug, target, attribute,
+                                   patch, flagged):
+    monkeypatch.setattr(target, attribute, patch)
     _, violations = _violations(celo_sides, task)
     assert any(flagged in v for v in violations), (bug, violations[:3])
     if flagged != "state/loss_decays":
@@ -79,7 +82,7 @@ def test_gate_catches_velo_details(celo_sides, task, monkeypatch, bug, attribute
 
 
 def test_gate_catches_an_uncorrected_adam(adam_sides, task, monkeypatch):
-    monkeypatch.setattr(CeloAdam, "_bias_corrections", lambda self, iteration: (1.0, 1.0))
+    monkeypatch.setattr(AdamRule, "bias_corrections", lambda self, iteration: (1.0, 1.0))
     _, violations = _violations(adam_sides, task)
     assert any(" params:" in v for v in violations)
     assert any("m_hat" in v for v in violations)

@@ -13,7 +13,7 @@ import torch
 
 import converters
 from lopt_port import VeLO
-from lopt_port import velo as torch_side
+from lopt_port import lstm_inputs as torch_side
 from parity import harness
 from parity.tasks import make_task
 from tests.conftest import checkpoint_dir
@@ -45,7 +45,7 @@ def test_clean_lockstep_passes(sides, task):
             "state/lstm_hidden", "state/loss_means", "state/momentum"} <= set(result.worst())
 
 
-_features = VeLO._lstm_features
+_features = torch_side.lstm_features
 
 
 def _features_from_new_accumulators(p, state, frac_feat, loss_features):
@@ -76,7 +76,7 @@ def _var_rms_about_its_own_mean(p, state, frac_feat, loss_features):
     ("var_rms without the momentum-mean quirk", _var_rms_about_its_own_mean),
 ])
 def test_gate_catches_lstm_feature_bugs(sides, task, monkeypatch, bug, patch):
-    monkeypatch.setattr(VeLO, "_lstm_features", staticmethod(patch))
+    monkeypatch.setattr(torch_side, "lstm_features", patch)
     _, violations = _violations(sides, task)
     assert any("lstm_input" in v for v in violations), bug
     assert any(" update:" in v or " params:" in v for v in violations), bug

@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 
 import converters
 from lopt_port import VeLO, WeightsError
+from lopt_port.loss_buffer import loss_buffer_decays
 from lopt_port.state_layout import GLOBAL_STATE
-from lopt_port.velo import loss_buffer_decays
 from lopt_port.weights import LoadedWeights
 from parity.errors import relative
 from parity.golden import load_case
@@ -249,7 +249,7 @@ def test_chunked_features_match_one_pass(weights, monkeypatch):
     """Large tensors take two passes over chunks (sums of squares in float64, then features
     and MLP); the result equals the one-pass computation up to the normalizer's summation
     order."""
-    import lopt_port.velo as velo_module
+    import lopt_port.velo_mlp_rule as velo_module
 
     def run():
         params = _model_params()
@@ -403,11 +403,12 @@ def test_fused_kernels_are_bitwise_independent_of_thread_count(weights, monkeypa
     captured = {}
     real_a, real_b = velo_fused.phase_a, velo_fused.phase_b
 
-    def capture_a(params, states, *rest):
-        captured["a"] = ([(p.detach().clone(), p.grad.clone()) for p in params],
+    def capture_a(params, grads, states, *rest):
+        captured["a"] = ([(p.detach().clone(), g.clone()) for p, g in zip(params, grads,
+                                                                            strict=True)],
                          [{k: (v.clone() if isinstance(v, torch.Tensor) else v)
                            for k, v in s.items()} for s in states], rest)
-        return real_a(params, states, *rest)
+        return real_a(params, grads, states, *rest)
 
     def capture_b(lists, *rest):
         captured["b"] = (_clone_lists(lists), rest)
@@ -429,11 +430,9 @@ def test_fused_kernels_are_bitwise_independent_of_thread_count(weights, monkeypa
             torch.set_num_threads(n)
             a_params, a_states, a_rest = captured["a"]
             ps = [p.clone() for p, _ in a_params]
-            for p, (_, g) in zip(ps, a_params, strict=True):
-                p.grad = g.clone()
             states = [{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
                       for s in a_states]
-            _, stats, sumsq = real_a(ps, states, *a_rest)
+            _, stats, sumsq = real_a(ps, [g.clone() for _, g in a_params], states, *a_rest)
             b_lists, b_rest = captured["b"]
             lists = _clone_lists(b_lists)
             real_b(lists, *b_rest)
