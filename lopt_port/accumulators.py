@@ -36,7 +36,7 @@ from lopt_port.constants import (
     ROW_COL_MEAN_EPS,
     SAFE_RSQRT_FLOOR,
 )
-from lopt_port.sharding import Mean, run_local
+from lopt_port.sharding import Mean, local, run_local
 
 
 def learned_decays(initial: Sequence[float], offsets: torch.Tensor) -> torch.Tensor:
@@ -112,3 +112,32 @@ def update_factored_rounds(state: dict[str, torch.Tensor], g: torch.Tensor,
     col_factor = safe_rsqrt(v_col)
     fac_g = g.unsqueeze(-1) * row_factor.unsqueeze(d0) * col_factor.unsqueeze(d1)
     return FactoredResult(fac_g, row_factor, col_factor)
+
+
+#: The state entries updated per element; their views take the tensor's (scalar: ``(1,)``)
+#: shape with the trailing decay axis.
+_PER_ELEMENT = ("momentum", "rms", "v_diag")
+
+
+def update_accumulators_rounds(state: dict[str, torch.Tensor], g: torch.Tensor,
+                               decays: dict[str, torch.Tensor], rows: int | None
+                               ) -> Generator[list[Mean], list[torch.Tensor],
+                                              tuple[dict[str, torch.Tensor], FactoredResult]]:
+    """Momentum, rms and the factored statistics of one parameter's ``state`` from ``g``
+    (its local rows, shaped as the parameter, scalars as ``(1,)``), in place; returns the
+    accumulators as views in ``g``'s shape and :class:`FactoredResult`. ``decays``: the
+    ``momentum``, ``rms`` and ``adafactor`` decays. ``rows``: the whole tensor's axis-0 size
+    when ``g`` holds only this rank's rows (its factored reductions are then completed over
+    the ranks), ``None`` for a whole tensor."""
+    shape = tuple(g.shape)
+    acc = {k: local(state[k]).view(*shape, state[k].shape[-1]) if k in _PER_ELEMENT
+           else local(state[k]) for k in ("momentum", "rms", "v_row", "v_col", "v_diag")
+           if k in state}
+    dims = tuple(state["factored_dims"]) or None
+    update_momentum(acc["momentum"], g, decays["momentum"])
+    update_rms(acc["rms"], g, decays["rms"])
+    if rows is None:
+        fac = update_factored(acc, g, decays["adafactor"], dims)
+    else:
+        fac = yield from update_factored_rounds(acc, g, decays["adafactor"], dims, rows=rows)
+    return acc, fac

@@ -30,7 +30,6 @@ The authors' Celo-Adam also updates a factored accumulator that nothing reads; i
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -39,18 +38,12 @@ import torch
 from lopt_port import celo_config as cfg
 from lopt_port.constants import CELO_FF_MULT
 from lopt_port.loss_buffer import LossHorizon
-from lopt_port.lstm_heads import CeloHeads
+from lopt_port.lstm_heads import CeloAdamHeads, CeloHeads
 from lopt_port.lstm_inputs import TrainingProgress
-from lopt_port.optimizer import (
-    LearnedOptimizer,
-    ParamsArg,
-    WeightsArg,
-    WeightsKind,
-    check_num_steps,
-)
+from lopt_port.optimizer import WeightsKind
 from lopt_port.state_layout import TieBreak
 from lopt_port.tensor_lstm import TensorLSTM
-from lopt_port.velo import VeloParts, velo, velo_defaults
+from lopt_port.velo import VeloFamily, VeloParts
 from lopt_port.velo_mlp_rule import MLPRule
 
 KIND = WeightsKind(
@@ -58,65 +51,38 @@ KIND = WeightsKind(
     lambda sd, hparams, origin: cfg.check_state_dict("celo", sd, hparams, origin))
 
 
-class Celo(LearnedOptimizer):
+def schedule_parts(weights: Mapping[str, torch.Tensor], num_steps: int,
+                   decoupled_weight_decay: bool, *, heads: CeloHeads | CeloAdamHeads,
+                   rule: Any) -> VeloParts:
+    """The parts Celo and Celo-Adam share: the non-bugged loss buffer, an LSTM that always
+    carries its state, the 18 global inputs (a learned schedule); with their heads and rule."""
+    return VeloParts(horizon=LossHorizon(num_steps, bugged=False),
+                     lstm=TensorLSTM(weights, carries_state=True), inputs=TrainingProgress(),
+                     heads=heads, rule=rule, decoupled_weight_decay=decoupled_weight_decay)
+
+
+def celo_parts(hparams: Mapping[str, Any], weights: Mapping[str, torch.Tensor], *,
+               num_steps: int, decoupled_weight_decay: bool, tie_break: TieBreak) -> VeloParts:
+    """Celo's parts: softmax controls and the schedule (applied after phase 1), VeLO's MLP rule
+    without the x100."""
+    return schedule_parts(
+        weights, num_steps, decoupled_weight_decay, heads=CeloHeads(hparams["train_phase"]),
+        rule=MLPRule(hparams, weights, ff_mult=CELO_FF_MULT, tie_break=tie_break))
+
+
+class Celo(VeloFamily):
     """Celo: VeLO's per-parameter MLP driven by a learned schedule (module docstring).
 
-    Args:
-        params: parameters or param groups (``lr`` and ``weight_decay`` per group).
-        weights: converted weights (``lopt-convert checkpoints/celo``), a state dict with
-            ``hparams``, or :class:`~lopt_port.LoadedWeights`.
-        num_steps: the training horizon T (required): the schedule sees ``t / T`` and the loss
-            half-lives reach T.
-        lr: multiplies the step (``1.0`` = the authors' optimizer).
-        weight_decay: the authors' ``WeightDecayWrapper`` (upstream's): ``g += wd * p`` and
-            ``loss += wd * sum(p^2)``; with ``decoupled_weight_decay=True`` instead
-            ``p <- p * (1 - lr * wd) - lr * step``.
-        hparams: overrides of the weights' hyperparameters (e.g. ``train_phase=1``, the
-            authors' ``celo_phase1``: the schedule is computed but not applied).
-        tie_break: factored-dims rule for tied sizes (see
-            :func:`~lopt_port.state_layout.factored_dims`).
-        fused: as :class:`~lopt_port.VeLO` (the per-parameter kernels are VeLO's).
+    Args: as :class:`~lopt_port.velo.VeloFamily`; ``lr = 1.0`` is the authors' optimizer;
+    ``weights``: e.g. ``lopt-convert checkpoints/celo``; ``hparams``: overrides of the
+    weights' hyperparameters (e.g. ``train_phase=1``, the authors' ``celo_phase1``: the
+    schedule is computed but not applied); ``fused`` runs VeLO's per-parameter kernels. No
+    horizon limit: the authors' optimizers do not average gradients for long runs.
 
     State: as :class:`~lopt_port.VeLO` (per parameter accumulators and LSTM state, all rows of
-    which are equal; globally ``iteration``, ``num_steps`` and the loss buffer). No horizon
-    limit: the authors' optimizers do not average gradients for long runs.
+    which are equal; globally ``iteration``, ``num_steps`` and the loss buffer), and so are
+    :meth:`capture_intermediates`' records.
     """
 
-    requires_loss = True
-
-    def __init__(self, params: ParamsArg, weights: WeightsArg, *, num_steps: int,
-                 lr: float = 1.0, weight_decay: float = 0.0,
-                 decoupled_weight_decay: bool = False,
-                 hparams: Mapping[str, Any] | None = None, tie_break: TieBreak = "numpy",
-                 fused: bool | None = None) -> None:
-        self.num_steps = check_num_steps(num_steps)
-        defaults = velo_defaults(lr, weight_decay)
-        theta = self._load_weights(weights, KIND, hparams)
-        self.decoupled_weight_decay = bool(decoupled_weight_decay)
-        self.parts = VeloParts(
-            horizon=LossHorizon(num_steps, bugged=False),
-            lstm=TensorLSTM(theta, carries_state=True),
-            inputs=TrainingProgress(),
-            heads=CeloHeads(self.hparams["train_phase"]),
-            rule=MLPRule(self.hparams, theta, ff_mult=CELO_FF_MULT, tie_break=tie_break),
-            decoupled_weight_decay=self.decoupled_weight_decay)
-        super().__init__(params, defaults, fused=fused, tie_break=tie_break,
-                         fused_path=self.parts.rule.fused_path,
-                         global_state=self.parts.horizon.new_state)
-
-    def initial_state(self, p: torch.Tensor) -> dict[str, Any]:
-        """Zero accumulators and the LSTM's initial state."""
-        return self.parts.initial_state(p)
-
-    def capture_intermediates(self) -> contextlib.AbstractContextManager[dict[str, Any]]:
-        """As :meth:`lopt_port.VeLO.capture_intermediates`."""
-        return self._capturing({"step": {}, "tensors": {}})
-
-    @torch.no_grad()
-    def step(self, closure: Any = None, *, loss: Any = None) -> Any:
-        """One Celo update of every parameter with a gradient; returns the closure's loss."""
-        inputs = self._begin_step(closure, loss, skip_empty=True)
-        if inputs.groups:
-            velo(inputs, self.global_state, self.parts,
-                 fused=all(self._fused_flags(inputs.params)), capture=self._capture)
-        return inputs.returned
+    kind = KIND
+    recipe = staticmethod(celo_parts)

@@ -21,7 +21,6 @@ model state (``mup_lrs_to_use``). Here every parameter's ``s`` is explicit:
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -141,8 +140,9 @@ class MuLO(LearnedOptimizer):
     :attr:`scales` and :meth:`scale_of` show every parameter's ``s``; the param groups record
     them (``"scales"``, in ``params`` order), so :meth:`state_dict` carries them and
     :meth:`load_state_dict` refuses a state trained with other scales. The per-parameter
-    state is small_fc_lopt's; the step is :func:`lopt_port.small_fc_lopt.small_fc_lopt`'s with
-    the scales, on the gradients of :func:`mulo_grads`.
+    state and :meth:`capture_intermediates`' records are small_fc_lopt's (``update`` includes
+    ``s``); the step is :func:`lopt_port.small_fc_lopt.small_fc_lopt`'s with the scales, on the
+    gradients of :func:`mulo_grads`.
     """
 
     def __init__(self, params: ParamsArg, weights: WeightsArg, *,
@@ -163,29 +163,13 @@ class MuLO(LearnedOptimizer):
                                  f"{type(p).__name__}")
             self._explicit[p] = _as_scale(s, f"scale of a tensor of shape {tuple(p.shape)}")
         sd = self._load_weights(weights, KIND, hparams)
-        self.network = SmallFCLOptNetwork(self.hparams, sd, tie_break)
+        self.parts = SmallFCLOptNetwork(self.hparams, sd, tie_break)
         super().__init__(params, {"lr": lr}, fused=fused, tie_break=tie_break,
                          fused_path=fused_path_of(self.hparams))
         unused = [p for p in self._explicit if p not in self.scales]
         if unused:
             raise ValueError(f"scales names {len(unused)} tensor(s) that are not parameters "
                              f"of this optimizer (first: shape {tuple(unused[0].shape)})")
-
-    @property
-    def decays(self) -> dict[str, torch.Tensor]:
-        """Effective float32 decays after the learned offsets (``momentum``, ``rms``,
-        ``adafactor``)."""
-        return {k: v.clone() for k, v in self.network.decays.items()}
-
-    def initial_state(self, p: torch.Tensor) -> dict[str, Any]:
-        """small_fc_lopt's: zeros, step 0, and the parameter's factored dims."""
-        return self.network.initial_state(p)
-
-    def capture_intermediates(self) -> contextlib.AbstractContextManager[
-            dict[torch.Tensor, dict[str, torch.Tensor]]]:
-        """As :meth:`lopt_port.SmallFCLOpt.capture_intermediates` (``update`` includes
-        ``s``)."""
-        return self._capturing({})
 
     @torch.no_grad()
     def step(self, closure: Any = None, *, loss: Any = None) -> Any:
@@ -196,7 +180,7 @@ class MuLO(LearnedOptimizer):
         for lists in inputs.groups:
             scale_of = dict(zip(lists.group["params"], lists.group["scales"], strict=True))
             small_fc_lopt(lists.params, [next(grads) for _ in lists.params], lists.states,
-                          network=self.network, lr=lists.group["lr"],
+                          network=self.parts, lr=lists.group["lr"],
                           scales=[scale_of[p] for p in lists.params],
                           fused=self._fused_flags(lists.params), capture=self._capture)
         return inputs.returned
@@ -237,6 +221,12 @@ class MuLO(LearnedOptimizer):
         if p not in scales:
             raise KeyError(f"not a parameter of this optimizer (shape {tuple(p.shape)})")
         return scales[p]
+
+    @property
+    def decays(self) -> dict[str, torch.Tensor]:
+        """Effective float32 decays after the learned offsets (``momentum``, ``rms``,
+        ``adafactor``)."""
+        return {k: v.clone() for k, v in self.parts.decays.items()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state from :meth:`state_dict`; refuses one whose recorded scales differ

@@ -135,8 +135,13 @@ class LearnedOptimizer(torch.optim.Optimizer):
 
     #: ``step()`` needs the training loss (``step(loss=...)``, positionally, or a closure).
     requires_loss: ClassVar[bool] = False
+    #: What :meth:`capture_intermediates` yields: ``{param: record}`` (``False``) or
+    #: ``{"step": {...}, "tensors": {param: record}}`` (``True``, a step-wide network).
+    captures_step: ClassVar[bool] = False
 
     hparams: dict[str, Any]
+    #: The optimizer's composed parts; they give :meth:`initial_state`.
+    parts: Any
 
     def _load_weights(self, weights: WeightsArg, kind: WeightsKind,
                       overrides: Mapping[str, Any] | None) -> dict[str, torch.Tensor]:
@@ -183,8 +188,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
 
     # ----------------------------------------------------------------------------- state
     def initial_state(self, p: torch.Tensor) -> dict[str, Any]:
-        """The state a parameter starts with."""
-        raise NotImplementedError
+        """The state a parameter starts with (its parts' ``initial_state``)."""
+        return self.parts.initial_state(p)
 
     @property
     def global_state(self) -> dict[str, Any]:
@@ -275,9 +280,15 @@ class LearnedOptimizer(torch.optim.Optimizer):
         return [r is None and p.numel() > 0 for p, r in zip(params, reasons, strict=True)]
 
     @contextlib.contextmanager
-    def _capturing(self, container: Any) -> Iterator[Any]:
-        """Steps inside the ``with`` block record their intermediates into ``container``
-        (always on the eager path)."""
+    def capture_intermediates(self) -> Iterator[dict[Any, Any]]:
+        """Record every intermediate of the steps taken inside the ``with`` block (they run
+        eagerly), under upstream's golden-vector names; the last step wins.
+
+        Yields ``{param: {name: tensor}}``, or for optimizers with a step-wide network
+        (:attr:`captures_step`) ``{"step": {name: value}, "tensors": {param: {name: tensor}}}``.
+        Each optimizer's docstring lists its names.
+        """
+        container: dict[Any, Any] = {"step": {}, "tensors": {}} if self.captures_step else {}
         previous, self._capture = self._capture, container
         try:
             yield container

@@ -25,7 +25,6 @@ The meta-trained parts (learned decays, MLP) are a :class:`SmallFCLOptNetwork`, 
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -33,14 +32,7 @@ import torch
 
 from lopt_port import small_fc_lopt_config as cfg
 from lopt_port import small_fc_lopt_fused as fused_path
-from lopt_port.accumulators import (
-    FactoredResult,
-    learned_decays,
-    update_factored,
-    update_factored_rounds,
-    update_momentum,
-    update_rms,
-)
+from lopt_port.accumulators import FactoredResult, learned_decays, update_accumulators_rounds
 from lopt_port.constants import (
     FAC_MOM_MULT_EPS,
     MLP_CHUNK_ROWS,
@@ -60,7 +52,6 @@ from lopt_port.sharding import Mean, Rounds, local, run_rounds, shard_spec, stat
 from lopt_port.state_layout import TieBreak, factored_dims, factored_state_shapes
 
 KIND = WeightsKind(cfg.KIND, cfg.resolve_hparams, cfg.check_state_dict)
-_STATE_TENSORS = ("momentum", "rms", "v_row", "v_col", "v_diag")
 
 
 class SmallFCLOptNetwork:
@@ -143,6 +134,13 @@ class SmallFCLOpt(LearnedOptimizer):
     ``(*S, M)``, ``rms`` ``(*S, R)``, ``v_row``/``v_col`` (factored) or ``v_diag`` with a
     trailing ``A``, and ``factored_dims`` (``(d1, d0)`` or ``()``), fixed at the first step
     so a resumed run keeps the axes it started with.
+
+    :meth:`capture_intermediates` records per parameter (``S`` = param shape, scalars as
+    ``(1,)``): ``fac_g`` ``(*shape, A)``; ``features_raw`` ``(*S, 28)`` before normalization;
+    ``mlp_input`` ``(*S, 39)`` = normalized features + time features; ``mlp_pre{i}``
+    ``(*S, h)`` pre-ReLU hidden activations; ``mlp_output`` ``(*S, 2)`` =
+    ``[direction, magnitude]``; ``update`` ``(shape)`` = the amount subtracted from the
+    parameter; ``time_features`` ``(11,)``.
     """
 
     def __init__(self, params: ParamsArg, weights: WeightsArg, *, lr: float = 1.0,
@@ -151,7 +149,7 @@ class SmallFCLOpt(LearnedOptimizer):
         lr = check_lr("lr", lr)
         overrides = {**(hparams or {}), **({"variant": variant} if variant is not None else {})}
         sd = self._load_weights(weights, KIND, overrides)
-        self.network = SmallFCLOptNetwork(self.hparams, sd, tie_break)
+        self.parts = SmallFCLOptNetwork(self.hparams, sd, tie_break)
         super().__init__(params, {"lr": lr}, fused=fused, tie_break=tie_break,
                          fused_path=fused_path_of(self.hparams))
 
@@ -159,25 +157,7 @@ class SmallFCLOpt(LearnedOptimizer):
     def decays(self) -> dict[str, torch.Tensor]:
         """Effective float32 decays after the learned offsets (``momentum``, ``rms``,
         ``adafactor``)."""
-        return {k: v.clone() for k, v in self.network.decays.items()}
-
-    def initial_state(self, p: torch.Tensor) -> dict[str, Any]:
-        """The state a parameter starts with: zeros, step 0, and its factored dims."""
-        return self.network.initial_state(p)
-
-    def capture_intermediates(self) -> contextlib.AbstractContextManager[
-            dict[torch.Tensor, dict[str, torch.Tensor]]]:
-        """Record every intermediate of the steps taken inside the ``with`` block.
-
-        Yields a dict ``param -> {name: tensor}`` filled by ``step()`` (the last step wins),
-        with upstream's golden-vector names (``S`` = param shape, scalars as ``(1,)``):
-        ``fac_g`` ``(*shape, A)``; ``features_raw`` ``(*S, 28)`` before normalization;
-        ``mlp_input`` ``(*S, 39)`` = normalized features + time features;
-        ``mlp_pre{i}`` ``(*S, h)`` pre-ReLU hidden activations; ``mlp_output`` ``(*S, 2)`` =
-        ``[direction, magnitude]``; ``update`` ``(shape)`` = the amount subtracted from the
-        parameter; ``time_features`` ``(11,)``.
-        """
-        return self._capturing({})
+        return {k: v.clone() for k, v in self.parts.decays.items()}
 
     @torch.no_grad()
     def step(self, closure: Any = None, *, loss: Any = None) -> Any:
@@ -185,7 +165,7 @@ class SmallFCLOpt(LearnedOptimizer):
         loss, which small_fc_lopt does not use, may be given and is ignored)."""
         inputs = self._begin_step(closure, loss)
         for lists in inputs.groups:
-            small_fc_lopt(lists.params, lists.grads, lists.states, network=self.network,
+            small_fc_lopt(lists.params, lists.grads, lists.states, network=self.parts,
                           lr=lists.group["lr"], scales=None,
                           fused=self._fused_flags(lists.params), capture=self._capture)
         return inputs.returned
@@ -258,17 +238,9 @@ def _update_rounds(p: torch.Tensor, state: dict[str, Any], grad: torch.Tensor,
     # in-place accumulator updates pointed at the stored state.
     shape = tuple(p_local.shape) or (1,)
     g = local(grad).to(torch.float32).reshape(shape)
-    per_element = ("momentum", "rms", "v_diag")
-    acc = {k: local(state[k]).view(*shape, state[k].shape[-1]) if k in per_element
-           else local(state[k]) for k in _STATE_TENSORS if k in state}
-    dims = state["factored_dims"] or None
-    update_momentum(acc["momentum"], g, decays["momentum"])
-    update_rms(acc["rms"], g, decays["rms"])
-    if spec is None:
-        fac = update_factored(acc, g, decays["adafactor"], dims)
-    else:
-        fac = yield from update_factored_rounds(acc, g, decays["adafactor"], dims,
-                                                rows=spec.global_shape[0])
+    dims = tuple(state["factored_dims"]) or None
+    acc, fac = yield from update_accumulators_rounds(
+        state, g, decays, None if spec is None else spec.global_shape[0])
     # ``step`` lives on the CPU (torch.optim's convention): reading it is no device sync.
     tfeat = time_features(float(state["step"]), decays["timescales"])
     state["step"] = state["step"] + 1

@@ -30,11 +30,10 @@ are common. :meth:`VeLO.step` gathers the lists once and calls :func:`velo`, whi
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -78,48 +77,115 @@ class VeloParts:
         return {**self.rule.initial_state(p), **self.lstm.initial_state(p)}
 
 
-def velo_defaults(lr: float, weight_decay: float) -> dict[str, float]:
-    """The param-group defaults of VeLO's family, validated."""
-    return {"lr": check_lr("lr", lr), "weight_decay": check_lr("weight_decay", weight_decay)}
+class VeloFamily(LearnedOptimizer):
+    """What VeLO, Celo and Celo-Adam share: a step given by :class:`VeloParts`.
 
+    Not an optimizer itself: each subclass names its weights :attr:`kind` and the
+    :attr:`recipe` that builds its parts, and adds nothing else to the step.
 
-class VeLO(LearnedOptimizer):
-    """VeLO, the learned optimizer of Metz et al. 2022, as upstream's ``HyperV2`` computes it.
-
-    Args:
+    Args (of every subclass):
         params: parameters or param groups (``lr`` and ``weight_decay`` per group).
-        weights: converted weights (``lopt-convert`` output, a state dict with ``hparams``, or
-            :class:`~lopt_port.LoadedWeights`).
-        num_steps: the training horizon T (required): the LSTM sees ``t / T`` and, unless the
-            weights use the bugged loss features, the loss half-lives reach T.
+        weights: converted weights (``lopt-convert`` output, a state dict with ``hparams``,
+            or :class:`~lopt_port.LoadedWeights`).
+        num_steps: the training horizon T (required): the LSTM sees ``t / T`` and, unless
+            the weights use the bugged loss features, the loss half-lives reach T.
+        lr: multiplies the learned step (``1.0`` = as meta-trained).
         weight_decay: upstream prefab's ``WeightDecayWrapper``: ``g += wd * p`` and
-            ``loss += wd * sum(p^2)`` before VeLO sees them. With
+            ``loss += wd * sum(p^2)`` before the optimizer sees them. With
             ``decoupled_weight_decay=True`` instead ``p <- p * (1 - lr * wd) - lr * step``
             (AdamW's convention; the step is computed from the undecayed ``p``).
-        lr: multiplies upstream's step (``1.0`` = upstream).
         hparams: hyperparameters overriding those recorded in the weights.
         tie_break: factored-dims rule for tied sizes (see
             :func:`~lopt_port.state_layout.factored_dims`).
-        max_training_steps: upstream's prefab averages gradients over ``ceil(T / 150000)``
-            steps above this horizon; that accumulation is not reproduced, so a larger
-            ``num_steps`` is refused (accumulate gradients yourself and pass the number of
-            updates).
-        fused: ``None`` (default) runs the fused kernels (:mod:`lopt_port.velo_fused`) when
-            every parameter of the step can take them and otherwise the eager path, with one
-            warning naming the reason; ``True`` raises instead; ``False`` is always eager.
+        fused: ``None`` (default) takes the rule's fused path when every parameter of the
+            step can, and otherwise the eager path, with one warning naming the reason;
+            ``True`` raises instead; ``False`` is always eager.
 
     The loss enters through ``step(loss=...)`` or ``step(loss)`` (a tensor, kept on its
     device, or a float) or a closure. Parameters whose ``grad`` is ``None`` (frozen or unused)
     and zero-size parameters are skipped: the per-tensor network sees the non-empty tensors
     that have a gradient at this step, in param-group order, each with its own LSTM state.
-
-    State: per parameter ``momentum`` ``(*S, 3)``, ``rms`` ``(*S, 1)``, ``v_row``/``v_col`` or
-    ``v_diag``, ``factored_dims``, ``lstm_hidden``/``lstm_cell`` ``(H,)``, all float32; globally
-    (:attr:`global_state`) ``iteration`` (a CPU tensor: reading it is no device sync),
-    ``num_steps`` and the loss buffer's ``loss_means``, ``loss_running_min``, ``loss_decays``.
+    The step-wide state (:attr:`global_state`): ``iteration`` (a CPU tensor: reading it is no
+    device sync), ``num_steps`` and the loss buffer's ``loss_means``, ``loss_running_min``,
+    ``loss_decays``.
     """
 
     requires_loss = True
+    captures_step = True
+    #: The weights kind the subclass takes.
+    kind: ClassVar[WeightsKind]
+    #: ``(hparams, weights, num_steps=, decoupled_weight_decay=, tie_break=) -> VeloParts``.
+    recipe: ClassVar[Callable[..., VeloParts]]
+
+    def __init__(self, params: ParamsArg, weights: WeightsArg, *, num_steps: int,
+                 lr: float = 1.0, weight_decay: float = 0.0,
+                 decoupled_weight_decay: bool = False,
+                 hparams: Mapping[str, Any] | None = None, tie_break: TieBreak = "numpy",
+                 fused: bool | None = None) -> None:
+        num_steps = check_num_steps(num_steps)
+        defaults = {"lr": check_lr("lr", lr),
+                    "weight_decay": check_lr("weight_decay", weight_decay)}
+        theta = self._load_weights(weights, self.kind, hparams)
+        self.parts = type(self).recipe(self.hparams, theta, num_steps=num_steps,
+                                       decoupled_weight_decay=bool(decoupled_weight_decay),
+                                       tie_break=tie_break)
+        super().__init__(params, defaults, fused=fused, tie_break=tie_break,
+                         fused_path=self.parts.rule.fused_path,
+                         global_state=self.parts.horizon.new_state)
+
+    @property
+    def num_steps(self) -> int:
+        """The training horizon T."""
+        return self.parts.horizon.num_steps
+
+    @property
+    def decoupled_weight_decay(self) -> bool:
+        """Whether weight decay is AdamW's (decoupled) rather than prefab's."""
+        return self.parts.decoupled_weight_decay
+
+    @torch.no_grad()
+    def step(self, closure: Any = None, *, loss: Any = None) -> Any:
+        """One update of every parameter with a gradient (:func:`velo`); returns the
+        closure's loss."""
+        inputs = self._begin_step(closure, loss, skip_empty=True)
+        if inputs.groups:
+            velo(inputs, self.global_state, self.parts,
+                 fused=all(self._fused_flags(inputs.params)), capture=self._capture)
+        return inputs.returned
+
+
+def velo_parts(hparams: Mapping[str, Any], weights: Mapping[str, torch.Tensor], *,
+               num_steps: int, decoupled_weight_decay: bool, tie_break: TieBreak) -> VeloParts:
+    """VeLO's parts: the loss buffer and LSTM state as the weights' flags say (bugged or
+    not), per-tensor statistics as inputs, raw heads, the MLP rule with ``ff_mult`` (100)."""
+    return VeloParts(
+        horizon=LossHorizon(num_steps, bugged=hparams["use_bugged_loss_features"]),
+        lstm=TensorLSTM(weights, carries_state=not hparams["use_bugged_next_lstm_state"]),
+        inputs=TensorStatistics(len(hparams["initial_momentum_decays"])), heads=VeloHeads(),
+        rule=MLPRule(hparams, weights, ff_mult=hparams["ff_mult"], tie_break=tie_break),
+        decoupled_weight_decay=decoupled_weight_decay)
+
+
+class VeLO(VeloFamily):
+    """VeLO, the learned optimizer of Metz et al. 2022, as upstream's ``HyperV2`` computes it.
+
+    Args: as :class:`VeloFamily` (``lr = 1.0`` is upstream), and ``max_training_steps``:
+    upstream's prefab averages gradients over ``ceil(T / 150000)`` steps above this horizon;
+    that accumulation is not reproduced, so a larger ``num_steps`` is refused (accumulate
+    gradients yourself and pass the number of updates). ``fused`` runs the kernels of
+    :mod:`lopt_port.velo_fused`.
+
+    State: per parameter ``momentum`` ``(*S, 3)``, ``rms`` ``(*S, 1)``, ``v_row``/``v_col`` or
+    ``v_diag``, ``factored_dims``, ``lstm_hidden``/``lstm_cell`` ``(H,)``, all float32; the
+    step-wide state of :class:`VeloFamily`.
+
+    :meth:`capture_intermediates` records ``out["step"]`` (loss_features, fraction_trained,
+    lstm_input, lstm_state_in/out, controls, lr_mult) and ``out["tensors"][p]`` (ff_params,
+    g_clipped, fac_g, features_raw, mlp_input, mlp_pre*, mlp_output, param_scale, update).
+    """
+
+    kind = KIND
+    recipe = staticmethod(velo_parts)
 
     def __init__(self, params: ParamsArg, weights: WeightsArg, *, num_steps: int,
                  weight_decay: float = 0.0, lr: float = 1.0,
@@ -127,47 +193,15 @@ class VeLO(LearnedOptimizer):
                  tie_break: TieBreak = "numpy",
                  max_training_steps: int = VELO_MAX_TRAINING_STEPS,
                  fused: bool | None = None) -> None:
-        self.num_steps = check_num_steps(num_steps)
-        if num_steps > max_training_steps:
+        if check_num_steps(num_steps) > max_training_steps:
             raise ValueError(
                 f"num_steps={num_steps} exceeds max_training_steps={max_training_steps}: "
                 f"upstream's prefab would average gradients over "
                 f"{math.ceil(num_steps / max_training_steps)} steps, which lopt_port does not "
                 f"reproduce; accumulate gradients yourself and pass the number of updates")
-        defaults = velo_defaults(lr, weight_decay)
-        theta = self._load_weights(weights, KIND, hparams)
-        h = self.hparams
-        self.decoupled_weight_decay = bool(decoupled_weight_decay)
-        self.parts = VeloParts(
-            horizon=LossHorizon(num_steps, bugged=h["use_bugged_loss_features"]),
-            lstm=TensorLSTM(theta, carries_state=not h["use_bugged_next_lstm_state"]),
-            inputs=TensorStatistics(len(h["initial_momentum_decays"])),
-            heads=VeloHeads(),
-            rule=MLPRule(h, theta, ff_mult=h["ff_mult"], tie_break=tie_break),
-            decoupled_weight_decay=self.decoupled_weight_decay)
-        super().__init__(params, defaults, fused=fused, tie_break=tie_break,
-                         fused_path=self.parts.rule.fused_path,
-                         global_state=self.parts.horizon.new_state)
-
-    def initial_state(self, p: torch.Tensor) -> dict[str, Any]:
-        """The state a parameter starts with: zero accumulators and the LSTM's initial state."""
-        return self.parts.initial_state(p)
-
-    def capture_intermediates(self) -> contextlib.AbstractContextManager[dict[str, Any]]:
-        """Record the next steps' intermediates: ``out["step"]`` (loss_features,
-        fraction_trained, lstm_input, lstm_state_in/out, controls, lr_mult) and
-        ``out["tensors"][p]`` (ff_params, g_clipped, fac_g, features_raw, mlp_input, mlp_pre*,
-        mlp_output, param_scale, update), named as upstream's golden vectors."""
-        return self._capturing({"step": {}, "tensors": {}})
-
-    @torch.no_grad()
-    def step(self, closure: Any = None, *, loss: Any = None) -> Any:
-        """One VeLO update of every parameter with a gradient; returns the closure's loss."""
-        inputs = self._begin_step(closure, loss, skip_empty=True)
-        if inputs.groups:
-            velo(inputs, self.global_state, self.parts,
-                 fused=all(self._fused_flags(inputs.params)), capture=self._capture)
-        return inputs.returned
+        super().__init__(params, weights, num_steps=num_steps, lr=lr, weight_decay=weight_decay,
+                         decoupled_weight_decay=decoupled_weight_decay, hparams=hparams,
+                         tie_break=tie_break, fused=fused)
 
 
 def velo(inputs: StepInputs, glob: dict[str, Any], parts: VeloParts, *, fused: bool,

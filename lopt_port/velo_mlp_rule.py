@@ -26,13 +26,7 @@ from typing import Any
 import torch
 
 from lopt_port import velo_fused
-from lopt_port.accumulators import (
-    FactoredResult,
-    update_factored,
-    update_factored_rounds,
-    update_momentum,
-    update_rms,
-)
+from lopt_port.accumulators import FactoredResult, update_accumulators_rounds
 from lopt_port.constants import (
     NORMALIZER_EPS,
     RMS_FEATURE_EPS,
@@ -46,7 +40,6 @@ from lopt_port.sharding import Mean, Rounds, Total, local, shard_spec, state_zer
 from lopt_port.state_layout import TieBreak, factored_dims, factored_state_shapes
 from lopt_port.velo_config import NUM_FF_GROUPS
 
-_PER_ELEMENT = ("momentum", "rms", "v_diag")
 _DECAY_KEYS = ("initial_momentum_decays", "initial_rms_decays", "initial_adafactor_decays")
 
 
@@ -148,17 +141,9 @@ class MLPRule:
         consts = self.on_device(p.device)
         shape = tuple(p_local.shape) or (1,)
         g = g.reshape(shape)
-        acc = {k: local(state[k]).view(*shape, state[k].shape[-1]) if k in _PER_ELEMENT
-               else local(state[k])
-               for k in ("momentum", "rms", "v_row", "v_col", "v_diag") if k in state}
         dims = tuple(state["factored_dims"]) or None
-        update_momentum(acc["momentum"], g, consts["momentum"])
-        update_rms(acc["rms"], g, consts["rms"])
-        if spec is None:
-            fac = update_factored(acc, g, consts["adafactor"], dims)
-        else:
-            fac = yield from update_factored_rounds(acc, g, consts["adafactor"], dims,
-                                                    rows=spec.global_shape[0])
+        acc, fac = yield from update_accumulators_rounds(
+            state, g, consts, None if spec is None else spec.global_shape[0])
         p32 = p_local.to(torch.float32).reshape(shape)
         record: dict[str, Any] | None = {} if capture is not None else None
         out = yield from self._mlp_rounds(p32, g, acc, fac, dims, ff, record,

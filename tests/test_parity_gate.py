@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 
 import converters.small_fc_lopt as mapping
 import lopt_port.small_fc_lopt as torch_side
-from lopt_port import extension
+from lopt_port import accumulators, extension
 from lopt_port.accumulators import FactoredResult, safe_rsqrt
 from lopt_port.state_layout import factored_dims
 from parity import cli, harness, report
@@ -46,7 +46,7 @@ def _row_col_mean_over_decay_axis(state, g, decays, dims):
     return FactoredResult(fac_g, row_factor, result.col_factor)
 
 
-torch_side_update_factored = torch_side.update_factored
+torch_side_update_factored = accumulators.update_factored
 _raw = torch_side.raw_features
 
 
@@ -78,7 +78,7 @@ def _w1_not_transposed_to_upstream(sd, hparams):
 
 
 BUGS = {
-    "row_col_mean over the decay axis": [(torch_side, "update_factored",
+    "row_col_mean over the decay axis": [(accumulators, "update_factored",
                                           _row_col_mean_over_decay_axis)],
     "two feature columns swapped": [(torch_side, "raw_features", _swapped_columns)],
     "dropped rsqrt(rms + 1e-6) epsilon": [(torch_side, "RMS_FEATURE_EPS", 0.0)],
