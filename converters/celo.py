@@ -16,6 +16,9 @@ from typing import Any
 from converters.velo import HyperV2Tree, Schema, lstm_input_width
 from lopt_port import celo_config as cfg
 
+#: The file name the authors save theta under (``checkpoints.save_state(path, theta)``).
+THETA_FILE = "theta.state"
+
 _TOP = {"celo": {"lstm_init_state", "rnn_params", "ff_mod_stack"},
         "celo_adam": {"lstm_init_state", "rnn_params"}}
 
@@ -31,9 +34,10 @@ def _schema(kind: str) -> Schema:
 
     return Schema(kind=kind, upstream_class=cfg.UPSTREAM_CLASS,
                   shapes=lambda hp: cfg.state_dict_shapes(kind, hp), resolve=resolve,
-                  describe=lambda hp: cfg.describe(kind, hp), matches=matches,
-                  defaults=cfg.DEFAULTS[kind], upstream_file=cfg.THETA_FILE, raw_root=True,
-                  writes_gin=False)
+                  describe=lambda hp: cfg.describe(kind, hp),
+                  check=lambda sd, hp, origin: cfg.check_state_dict(kind, sd, hp, origin),
+                  matches=matches, defaults=cfg.DEFAULTS[kind], upstream_file=THETA_FILE,
+                  raw_root=True, writes_gin=False)
 
 
 CELO = HyperV2Tree(_schema("celo"))

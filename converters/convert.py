@@ -12,11 +12,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-import lopt_port
 from converters import flax_msgpack, mulo
 from converters.atomic import atomic_target, write_files_atomic
 from converters.errors import CheckpointError
 from converters.upstream import MAPPINGS, UpstreamCheckpoint, load_upstream
+from lopt_port.version import __version__
 from lopt_port.weights import (
     CONFIG_NAME,
     FORMAT_NAME,
@@ -142,7 +142,7 @@ class Converted:
             return text
         mapping = MAPPINGS[self.kind]
         cls = mapping.UPSTREAM_CLASS
-        lines = [f"# Written by lopt-port {lopt_port.__version__} ({self.kind}).",
+        lines = [f"# Written by lopt-port {__version__} ({self.kind}).",
                  f"run_train.lopt = @{cls}()"]
         for k, v in sorted(mapping.gin_bindings(self.hparams).items()):
             lines.append(f"{cls}.{k} = {_gin_literal(v)}")
@@ -219,7 +219,7 @@ def _from_upstream(ckpt: UpstreamCheckpoint) -> Converted:
         "format_version": FORMAT_VERSION,
         "kind": ckpt.kind,
         "hparams": json.dumps(ckpt.hparams, sort_keys=True),
-        "lopt_port_version": lopt_port.__version__,
+        "lopt_port_version": __version__,
         "source_file": os.path.basename(ckpt.path),
         "source_sha256": ckpt.sha256,
         "upstream_gen_id": json.dumps(ckpt.gen_id),
@@ -262,7 +262,7 @@ def _from_weights(path: str, kind: str | None, upstream_defaults: bool,
     metadata = dict(loaded.metadata)
     metadata.update({"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "kind": kind,
                      "hparams": json.dumps(resolved, sort_keys=True)})
-    metadata.setdefault("lopt_port_version", lopt_port.__version__)
+    metadata.setdefault("lopt_port_version", __version__)
     return Converted(kind, dict(loaded.state_dict), {"kind": kind, "hparams": resolved}, metadata)
 
 

@@ -84,9 +84,9 @@ def resolve_torch_hparams(given: Mapping[str, Any], shapes: Mapping[str, tuple[i
     return cfg.resolve_hparams(given, shapes, upstream_defaults=upstream_defaults)
 
 
-def check_state_dict(sd: Mapping[str, Any], hparams: Mapping[str, Any], origin: str) -> None:
-    """Strict name/shape check of a PyTorch state dict; ``ValueError`` lists every mismatch."""
-    cfg.check_state_dict(sd, hparams, origin)
+#: Strict name/shape check of a PyTorch state dict, ``(sd, hparams, origin)``; ``ValueError``
+#: lists every mismatch.
+check_state_dict = cfg.check_state_dict
 
 
 def gin_bindings(hparams: Mapping[str, Any]) -> dict[str, Any]:

@@ -48,7 +48,6 @@ from converters.errors import CheckpointError
 from converters.flax_msgpack import flatten
 from converters.tree_check import Chain, join_problems, leaf_problems
 from lopt_port import velo_config as cfg
-from lopt_port.celo_config import LSTM_INPUT_WIDTH as CELO_LSTM_INPUT_WIDTH
 
 _LSTM = "lstm_init_state"
 _RNN = "rnn_params"
@@ -152,6 +151,9 @@ class Schema:
     resolve: Callable[[Mapping[str, Any], Mapping[str, tuple[int, ...]], bool], dict[str, Any]]
     #: ``(hparams) -> str``: the shape-determining values, for messages.
     describe: Callable[[Mapping[str, Any]], str]
+    #: ``(state dict, hparams, origin) -> None``: the strict name and shape check of the
+    #: kind's config; raises ``ValueError``.
+    check: Callable[[Mapping[str, Any], Mapping[str, Any], str], None]
     #: ``(theta) -> bool``: whether a theta tree is of this kind.
     matches: Callable[[Mapping[str, Any]], bool]
     #: What an unbound gin argument means, and which hparams are constructor arguments.
@@ -237,16 +239,9 @@ class HyperV2Tree:
 
     def check_state_dict(self, sd: Mapping[str, Any], hparams: Mapping[str, Any],
                          origin: str) -> None:
-        """Strict name/shape check of a PyTorch state dict; ``ValueError`` lists every
-        mismatch."""
-        expected = self.schema.shapes(hparams)
-        problems = [f"missing {n} {s}" for n, s in expected.items() if n not in sd]
-        problems += [f"{n}: expected shape {s}, found {tuple(sd[n].shape)}"
-                     for n, s in expected.items() if n in sd and tuple(sd[n].shape) != s]
-        problems += [f"unexpected {n} {tuple(sd[n].shape)}" for n in sd if n not in expected]
-        if problems:
-            raise ValueError(f"{origin}: {self.KIND} weights do not match hyperparameters "
-                             f"({self.schema.describe(hparams)}): " + "; ".join(problems))
+        """Strict name/shape check of a PyTorch state dict (the kind's config's);
+        ``ValueError`` lists every mismatch."""
+        self.schema.check(sd, hparams, origin)
 
     def gin_bindings(self, hparams: Mapping[str, Any]) -> dict[str, Any]:
         """Constructor arguments for a generated ``config.gin``."""
@@ -275,14 +270,16 @@ def lstm_input_width(theta: Mapping[str, Any]) -> int | None:
 
 
 def _is_velo(theta: Mapping[str, Any]) -> bool:
-    """HyperV2's three top-level entries and an LSTM input wider than Celo's 18."""
+    """HyperV2's three top-level entries and an LSTM input that is not the step-wide inputs
+    alone (VeLO's reads per-tensor statistics too; a learned schedule's, such as Celo's, does
+    not)."""
     return (set(theta) == {_LSTM, _RNN, _FF[0]}
-            and lstm_input_width(theta) != CELO_LSTM_INPUT_WIDTH)
+            and lstm_input_width(theta) != cfg.NUM_STEP_INPUTS)
 
 
 VELO = HyperV2Tree(Schema(
     kind=cfg.KIND, upstream_class=cfg.UPSTREAM_CLASS, shapes=cfg.state_dict_shapes,
     resolve=lambda given, shapes, defaults: cfg.resolve_hparams(
         given, shapes, upstream_defaults=defaults),
-    describe=cfg.describe, matches=_is_velo, defaults=cfg.UPSTREAM_DEFAULTS,
-    no_config_defaults=cfg.NO_CONFIG_DEFAULTS))
+    describe=cfg.describe, check=cfg.check_state_dict, matches=_is_velo,
+    defaults=cfg.UPSTREAM_DEFAULTS, no_config_defaults=cfg.NO_CONFIG_DEFAULTS))

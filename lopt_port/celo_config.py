@@ -34,14 +34,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from lopt_port import velo_config
+from lopt_port.weights_schema import check_shapes
 
 KINDS = ("celo", "celo_adam")
 #: Both of the authors' files name their class ``Celo``.
 UPSTREAM_CLASS = "Celo"
-#: The LSTM's inputs: ``fraction_left`` (9) then ``loss_features`` (9), sorted key order.
-LSTM_INPUT_WIDTH = velo_config.NUM_TIME_FEATURES + velo_config.NUM_LOSS_FEATURES
-#: The file name the authors save theta under (``checkpoints.save_state(path, theta)``).
-THETA_FILE = "theta.state"
+#: The LSTM's inputs: ``fraction_left`` (9) then ``loss_features`` (9), sorted key order; the
+#: step-wide ones of VeLO's, and nothing per tensor.
+LSTM_INPUT_WIDTH = velo_config.NUM_STEP_INPUTS
 
 #: The factory settings of each released checkpoint (mulo-celo-spec B.3).
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -204,13 +204,5 @@ def describe(kind: str, hparams: Mapping[str, Any]) -> str:
 def check_state_dict(kind: str, state_dict: Mapping[str, Any], hparams: Mapping[str, Any],
                      origin: str) -> None:
     """Strict match of names and shapes; raises ``ValueError`` naming every mismatch."""
-    expected = state_dict_shapes(kind, hparams)
-    problems = [f"missing {n} {s}" for n, s in expected.items() if n not in state_dict]
-    problems += [f"{n}: expected shape {s}, found {tuple(state_dict[n].shape)}"
-                 for n, s in expected.items()
-                 if n in state_dict and tuple(state_dict[n].shape) != s]
-    problems += [f"unexpected {n} {tuple(v.shape)}" for n, v in state_dict.items()
-                 if n not in expected]
-    if problems:
-        raise ValueError(f"{origin}: weights do not match ({describe(kind, hparams)}): "
-                         + "; ".join(problems))
+    check_shapes(state_dict_shapes(kind, hparams), state_dict,
+                 f"{origin}: weights do not match ({describe(kind, hparams)})")

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from lopt_port.weights_schema import check_shapes
+
 KIND = "small_fc_lopt"
 UPSTREAM_CLASS = "AdafacMLPLOpt"
 
@@ -193,18 +195,7 @@ def resolve_hparams(given: Mapping[str, Any], shapes: Mapping[str, tuple[int, ..
 def check_state_dict(state_dict: Mapping[str, Any], hparams: Mapping[str, Any],
                      origin: str) -> None:
     """Strict match of names and shapes; raises ``ValueError`` naming every mismatch."""
-    expected = state_dict_shapes(hparams)
-    problems = []
-    for name, shape in expected.items():
-        if name not in state_dict:
-            problems.append(f"missing {name} {shape}")
-        elif tuple(state_dict[name].shape) != shape:
-            problems.append(f"{name}: expected shape {shape}, found "
-                            f"{tuple(state_dict[name].shape)}")
-    for name in state_dict:
-        if name not in expected:
-            problems.append(f"unexpected {name} {tuple(state_dict[name].shape)}")
-    if problems:
-        raise ValueError(f"{origin}: small_fc_lopt weights do not match hyperparameters "
-                         f"(hidden_size={hparams['hidden_size']}, hidden_layers="
-                         f"{hparams['hidden_layers']}): " + "; ".join(problems))
+    check_shapes(state_dict_shapes(hparams), state_dict,
+                 f"{origin}: small_fc_lopt weights do not match hyperparameters "
+                 f"(hidden_size={hparams['hidden_size']}, "
+                 f"hidden_layers={hparams['hidden_layers']})")

@@ -50,6 +50,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from lopt_port.constants import VELO_FF_MULT
+from lopt_port.weights_schema import check_shapes
 
 KIND = "velo"
 UPSTREAM_CLASS = "HyperV2"
@@ -136,6 +137,9 @@ _DECAYS = ("initial_momentum_decays", "initial_rms_decays", "initial_adafactor_d
 NUM_TIME_FEATURES = 9
 NUM_LOSS_FEATURES = 9
 NUM_RANK_FEATURES = 5
+#: The LSTM inputs that are the same for every tensor (fraction of training, loss features);
+#: VeLO's LSTM reads per-tensor statistics besides, a learned schedule (Celo) these only.
+NUM_STEP_INPUTS = NUM_TIME_FEATURES + NUM_LOSS_FEATURES
 #: Outputs of the per-parameter MLP: direction, magnitude, and one upstream never reads.
 NUM_FF_OUTPUTS = 3
 #: Feature groups of the per-parameter MLP's first layer (``ff.w0__0`` .. ``ff.w0__13``).
@@ -208,7 +212,7 @@ def normalize_hparams(hparams: Mapping[str, Any]) -> dict[str, Any]:
 def lstm_input_width(m: int, r: int) -> int:
     """``F``: fraction_left 9, loss_features 9, mean_rms R, rank 5, var_m M, var_rms max(M, R)
     (upstream subtracts the momentum mean from rms), concatenated in sorted key order."""
-    return NUM_TIME_FEATURES + NUM_LOSS_FEATURES + r + NUM_RANK_FEATURES + m + max(m, r)
+    return NUM_STEP_INPUTS + r + NUM_RANK_FEATURES + m + max(m, r)
 
 
 def ff_input_widths(m: int, r: int, a: int) -> tuple[int, ...]:
@@ -327,17 +331,5 @@ def describe(hparams: Mapping[str, Any]) -> str:
 def check_state_dict(state_dict: Mapping[str, Any], hparams: Mapping[str, Any],
                      origin: str) -> None:
     """Strict match of names and shapes; raises ``ValueError`` naming every mismatch."""
-    expected = state_dict_shapes(hparams)
-    problems = []
-    for name, shape in expected.items():
-        if name not in state_dict:
-            problems.append(f"missing {name} {shape}")
-        elif tuple(state_dict[name].shape) != shape:
-            problems.append(f"{name}: expected shape {shape}, found "
-                            f"{tuple(state_dict[name].shape)}")
-    for name in state_dict:
-        if name not in expected:
-            problems.append(f"unexpected {name} {tuple(state_dict[name].shape)}")
-    if problems:
-        raise ValueError(f"{origin}: velo weights do not match hyperparameters "
-                         f"({describe(hparams)}): " + "; ".join(problems))
+    check_shapes(state_dict_shapes(hparams), state_dict,
+                 f"{origin}: velo weights do not match hyperparameters ({describe(hparams)})")

@@ -39,9 +39,8 @@ import jax
 import jax.numpy as jnp
 
 from converters import flax_msgpack
-from lopt_port import celo_config
-from lopt_port.state_layout import factored_dims
-from parity.reference.small_fc_lopt import _factored_update
+from parity.reference.small_fc_lopt import _factored_update, factored_init
+from parity.reference.upstream_rules import factored_dims, require
 from parity.reference.velo import (
     F32,
     FRACTION_CENTRES,
@@ -50,7 +49,6 @@ from parity.reference.velo import (
     _linear,
     _lstm_init_state,
     _StepConfig,
-    factored_init,
     interpolate,
     loss_buffer_init,
     loss_buffer_update,
@@ -203,19 +201,29 @@ def _celo_step(cfg: _CeloConfig, theta, state, params, grads, loss):
     return new_params, new_state, inter
 
 
+#: The hyperparameters each kind's update reads (the authors' constructor arguments).
+HPARAMS_READ = {
+    "celo": ("initial_momentum_decays", "initial_rms_decays", "initial_adafactor_decays",
+             "ff_hidden_layers", "exp_mult", "step_mult", "train_phase"),
+    "celo_adam": ("initial_momentum_decays", "initial_rms_decays", "initial_epsilon",
+                  "step_mult"),
+}
+
+
 class CeloReference:
     """Celo (``kind="celo"``) or Celo-Adam (``"celo_adam"``) in JAX: the authors' update.
 
-    ``hparams`` are :mod:`lopt_port.celo_config`'s (the factory settings when omitted).
+    ``hparams``: the dict a converted or loaded checkpoint carries (a ``theta.state`` has no
+    configuration; the converters fill in the authors' factory settings, mulo-celo-spec B.3).
     """
 
     def __init__(self, theta: Mapping[str, Any], kind: str,
-                 hparams: Mapping[str, Any] | None = None) -> None:
+                 hparams: Mapping[str, Any]) -> None:
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        require(hparams, HPARAMS_READ[kind], kind)
         self.kind = kind
-        self.hparams = hp = celo_config.normalize_hparams(
-            kind, {**celo_config.DEFAULTS[kind], **(hparams or {})})
+        self.hparams = hp = dict(hparams)
         as_f32 = lambda a: jnp.asarray(a, dtype=F32)  # noqa: E731
         self.theta: dict[str, Any] = {
             "lstm_init_state": jax.tree_util.tree_map(
@@ -239,9 +247,12 @@ class CeloReference:
     @classmethod
     def from_file(cls, path: str | os.PathLike,
                   hparams: Mapping[str, Any] | None = None) -> CeloReference:
-        """From a ``theta.state`` (the kind is told by its tree)."""
-        kind, theta = load_theta(path)
-        return cls(theta, kind, hparams)
+        """From a ``theta.state``, loaded as the converters load it: the kind told by its tree,
+        the hyperparameters the given ``hparams`` completed with the factory settings and
+        checked against theta's shapes."""
+        from converters import load_upstream
+        ckpt = load_upstream(path, **(hparams or {}))
+        return cls(ckpt.tree, ckpt.kind, ckpt.hparams)
 
     def init(self, params: Mapping[str, jnp.ndarray], num_steps: int) -> dict[str, Any]:
         """The authors' initial state (jitted, ``num_steps`` traced)."""

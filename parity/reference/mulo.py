@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lopt_port import mulo_config
-from lopt_port.state_layout import TieBreak
-from parity.reference.small_fc_lopt import F32, SmallFCLOptReference
+from converters import mulo as mulo_mapping
+from parity.reference.small_fc_lopt import F32, SmallFCLOptReference, converted_theta
+from parity.reference.upstream_rules import TieBreak
 
 
 class MuLOReference(SmallFCLOptReference):
@@ -38,13 +38,7 @@ class MuLOReference(SmallFCLOptReference):
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, **kwargs: Any) -> MuLOReference:
         """Build from a μLO checkpoint or converted weights file (kind ``mulo``)."""
-        import converters
-        converted = converters.convert(path)
-        if converted.kind != mulo_config.KIND:
-            raise ValueError(f"{path} is a {converted.kind} checkpoint, not "
-                             f"{mulo_config.KIND}")
-        root = converted.upstream_tree()
-        return cls(root["params"], converted.hparams, **kwargs)
+        return cls(*converted_theta(path, mulo_mapping.KIND), **kwargs)
 
     def init(self, params: Mapping[str, jnp.ndarray], num_steps: int = 1, *,
              scales: Mapping[str, float]) -> dict[str, Any]:

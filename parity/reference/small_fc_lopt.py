@@ -27,14 +27,30 @@ import jax.numpy as jnp
 import numpy as onp
 import optax
 
-from lopt_port import small_fc_lopt_config as cfg
-from lopt_port.constants import TIME_FEATURE_TIMESCALES
-from lopt_port.state_layout import TieBreak, factored_dims
+import converters
+from converters import small_fc_lopt as small_fc_mapping
+from parity.reference.upstream_rules import (
+    TIME_FEATURE_TIMESCALES,
+    TieBreak,
+    factored_dims,
+    require,
+)
 
 # Parity needs true float32 matmuls: JAX defaults to TF32 on Ampere/Hopper GPUs.
 jax.config.update("jax_default_matmul_precision", "highest")
 
 F32 = jnp.float32
+
+
+def converted_theta(path: str | os.PathLike, kind: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(theta, hparams)`` of a checkpoint of ``kind``, read by the converters: an upstream
+    folder (theta under the root's ``params``, or ``0`` in the tuple form) or a converted
+    weights file; ``ValueError`` for another kind."""
+    converted = converters.convert(path)
+    if converted.kind != kind:
+        raise ValueError(f"{path} is a {converted.kind} checkpoint, not {kind}")
+    root = converted.upstream_tree()
+    return root["params"] if "params" in root else root["0"], converted.hparams
 
 
 def _decays(initial: Any, offsets: jnp.ndarray) -> jnp.ndarray:
@@ -65,6 +81,27 @@ def _factored_update(v_row, v_col, v_diag, g, decays, dims):
     return v_row, v_col, v_diag, fac_g, row_factor, col_factor
 
 
+def factored_init(params: Mapping[str, jnp.ndarray], n_a: int,
+                  tie_break: TieBreak = "numpy") -> dict[str, dict]:
+    """Upstream's zero factored accumulators (``common.factored_rolling``'s ``init``, vmapped
+    over ``A = n_a`` decays; upstream-spec 0): ``v_row`` (the shape without ``d0``) and
+    ``v_col`` (without ``d1``) for factored tensors, ``v_diag`` (the full shape) otherwise, the
+    unused ones ``(0, A)``; each with a trailing ``A`` axis."""
+    v_row, v_col, v_diag = {}, {}, {}
+    empty = jnp.zeros((0, n_a), F32)
+    for name, p in params.items():
+        dims = factored_dims(p.shape, tie_break)
+        if dims is None:
+            v_row[name], v_col[name] = empty, empty
+            v_diag[name] = jnp.zeros((*p.shape, n_a), F32)
+        else:
+            d1, d0 = dims
+            v_row[name] = jnp.zeros((*onp.delete(p.shape, d0), n_a), F32)
+            v_col[name] = jnp.zeros((*onp.delete(p.shape, d1), n_a), F32)
+            v_diag[name] = empty
+    return {"v_col": v_col, "v_row": v_row, "v_diag": v_diag}
+
+
 def _normalize(x: jnp.ndarray) -> jnp.ndarray:
     axes = tuple(range(x.ndim - 1))
     return x * jax.lax.rsqrt(1e-5 + jnp.mean(jnp.square(x), axis=axes, keepdims=True))
@@ -75,13 +112,25 @@ def time_features(iteration: jnp.ndarray) -> jnp.ndarray:
     return jnp.tanh(iteration / jnp.asarray(TIME_FEATURE_TIMESCALES, dtype=F32) - 1.0)
 
 
+#: Upstream's versions this reference computes: ``head`` (HEAD) and ``pypi-0.0.1`` (the 2022
+#: wheel, non-factored ``fac_mom_mult = m * v**-0.5``; upstream-spec 5.2).
+VARIANTS = ("head", "pypi-0.0.1")
+#: The hyperparameters the update reads (``AdafacMLPLOpt``'s constructor arguments).
+HPARAMS_READ = ("hidden_layers", "initial_momentum_decays", "initial_rms_decays",
+                "initial_adafactor_decays", "exp_mult", "step_mult")
+
+
 class SmallFCLOptReference:
-    """small_fc_lopt in JAX, from an upstream theta tree and its hyperparameters."""
+    """small_fc_lopt in JAX, from an upstream theta tree and its hyperparameters (the dict a
+    converted checkpoint carries; ``variant``, when given, overrides its ``variant``)."""
 
     def __init__(self, theta: Mapping[str, Any], hparams: Mapping[str, Any], *,
                  variant: str | None = None, tie_break: TieBreak = "numpy") -> None:
-        self.hparams = cfg.normalize_hparams({**hparams, **({"variant": variant}
-                                                            if variant else {})})
+        require(hparams, HPARAMS_READ, "small_fc_lopt")
+        variant = variant or hparams.get("variant", "head")
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        self.hparams = {**hparams, "variant": variant}
         self.tie_break = tie_break
         self.theta = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype=F32), dict(theta))
         n = self.hparams["hidden_layers"] + 1
@@ -99,36 +148,18 @@ class SmallFCLOptReference:
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, **kwargs: Any) -> SmallFCLOptReference:
         """Build from an upstream checkpoint folder or a converted weights file."""
-        import converters
-        converted = converters.convert(path)
-        if converted.kind != cfg.KIND:
-            raise ValueError(f"{path} is a {converted.kind} checkpoint, not {cfg.KIND}")
-        root = converted.upstream_tree()
-        theta = root["params"] if "params" in root else root["0"]
-        return cls(theta, converted.hparams, **kwargs)
+        return cls(*converted_theta(path, small_fc_mapping.KIND), **kwargs)
 
     def init(self, params: Mapping[str, jnp.ndarray], num_steps: int = 1) -> dict[str, Any]:
         """Upstream's initial state (``num_steps`` is stored, unused by the math)."""
         m, r, a = (len(self.decays[k]) for k in ("momentum", "rms", "adafactor"))
-        v_row, v_col, v_diag = {}, {}, {}
-        empty = jnp.zeros((0, a), F32)
-        for name, p in params.items():
-            dims = factored_dims(p.shape, self.tie_break)
-            if dims is None:
-                v_row[name], v_col[name] = empty, empty
-                v_diag[name] = jnp.zeros((*p.shape, a), F32)
-            else:
-                d1, d0 = dims
-                v_row[name] = jnp.zeros((*onp.delete(p.shape, d0), a), F32)
-                v_col[name] = jnp.zeros((*onp.delete(p.shape, d1), a), F32)
-                v_diag[name] = empty
         return {
             "mom_rolling": {"m": {k: jnp.zeros((*p.shape, m), F32) for k, p in params.items()},
                             "t": jnp.zeros((m,), jnp.int32)},
             "rms_rolling": {"rms": {k: jnp.zeros((*p.shape, r), F32)
                                     for k, p in params.items()},
                             "t": jnp.zeros((r,), jnp.int32)},
-            "fac_rolling_features": {"v_col": v_col, "v_row": v_row, "v_diag": v_diag},
+            "fac_rolling_features": factored_init(params, a, self.tie_break),
             "num_steps": jnp.asarray(num_steps, jnp.int32),
             "iteration": jnp.asarray(0, jnp.int32),
         }

@@ -44,9 +44,9 @@ up to 9e-7 relative), and the eager (``jax.disable_jit()``) intermediates are bi
 to upstream's eager ones.
 
 Scalars are handled as shape ``(1,)`` inside the MLP, as upstream does. Factored dims use
-``numpy.argsort`` as upstream (:func:`lopt_port.accumulators.factored_dims`). Parameters are
-computed in float32 and cast back to their dtype (upstream would compute a bfloat16
-parameter's features in bfloat16; only float32 is checked against upstream).
+``numpy.argsort`` as upstream (:func:`parity.reference.upstream_rules.factored_dims`).
+Parameters are computed in float32 and cast back to their dtype (upstream would compute a
+bfloat16 parameter's features in bfloat16; only float32 is checked against upstream).
 """
 
 from __future__ import annotations
@@ -64,8 +64,8 @@ import optax
 
 from converters import flax_msgpack
 from converters.gin_config import read_gin
-from lopt_port.state_layout import factored_dims
-from parity.reference.small_fc_lopt import _factored_update, _normalize
+from parity.reference.small_fc_lopt import _factored_update, _normalize, factored_init
+from parity.reference.upstream_rules import factored_dims
 
 # Parity needs true float32 matmuls: JAX defaults to TF32 on Ampere/Hopper GPUs.
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -396,24 +396,6 @@ def _step(cfg: _StepConfig, theta, state, params, grads, loss):
              "lstm_state_in": state_in, "lstm_state_out": state_out, "controls": controls,
              "lr_mult": lr_mult, "tensors": tensors}
     return new_params, new_state, inter
-
-
-def factored_init(params: Mapping[str, jnp.ndarray], n_a: int) -> dict[str, dict]:
-    """Upstream's zero factored accumulators (``vec_factored_rolling.init``): ``v_row`` and
-    ``v_col`` for factored tensors, ``v_diag`` otherwise, the unused ones ``(0, A)``."""
-    v_row, v_col, v_diag = {}, {}, {}
-    empty = jnp.zeros((0, n_a), F32)
-    for name, p in params.items():
-        dims = factored_dims(p.shape)
-        if dims is None:
-            v_row[name], v_col[name] = empty, empty
-            v_diag[name] = jnp.zeros((*p.shape, n_a), F32)
-        else:
-            d1, d0 = dims
-            v_row[name] = jnp.zeros((*onp.delete(p.shape, d0), n_a), F32)
-            v_col[name] = jnp.zeros((*onp.delete(p.shape, d1), n_a), F32)
-            v_diag[name] = empty
-    return {"v_col": v_col, "v_row": v_row, "v_diag": v_diag}
 
 
 class VeLOReference:
