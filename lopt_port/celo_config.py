@@ -34,6 +34,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from lopt_port import velo_config
+from lopt_port.constants import UPSTREAM_DECAYS
 from lopt_port.weights_schema import check_shapes
 
 KINDS = ("celo", "celo_adam")
@@ -50,9 +51,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "param_inits": 1,
         "ff_hidden_size": 4,
         "ff_hidden_layers": 2,
-        "initial_momentum_decays": [0.9, 0.99, 0.999],
-        "initial_rms_decays": [0.999],
-        "initial_adafactor_decays": [0.9, 0.99, 0.999],
+        **{k: list(v) for k, v in UPSTREAM_DECAYS.items()},
         "exp_mult": 0.001,
         "step_mult": 0.001,
         "train_phase": 2,

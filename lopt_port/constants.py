@@ -31,6 +31,14 @@ NORMALIZER_EPS = 1e-5
 #: Timescales of the ``tanh(t / s - 1)`` training-step embedding.
 TIME_FEATURE_TIMESCALES = (1, 3, 10, 30, 100, 300, 1000, 3000, 10000, 30000, 100000)
 
+#: The accumulators' decays upstream's learned optimizers default to (``AdafacMLPLOpt`` and
+#: ``HyperV2`` constructor defaults; the Celo authors' factory keeps them for Celo).
+UPSTREAM_DECAYS = {
+    "initial_momentum_decays": (0.9, 0.99, 0.999),
+    "initial_rms_decays": (0.999,),
+    "initial_adafactor_decays": (0.9, 0.99, 0.999),
+}
+
 #: Rows of the per-parameter MLP evaluated at once by the eager path (bounds activation memory).
 MLP_CHUNK_ROWS = 1 << 16
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from lopt_port.constants import UPSTREAM_DECAYS
 from lopt_port.weights_schema import check_shapes
 
 KIND = "small_fc_lopt"
@@ -30,16 +31,10 @@ UPSTREAM_CLASS = "AdafacMLPLOpt"
 
 #: Constructor defaults of upstream ``AdafacMLPLOpt`` (HEAD and the 2022 wheel agree).
 UPSTREAM_DEFAULTS: dict[str, Any] = {
-    "exp_mult": 0.001,
-    "step_mult": 0.001,
-    "hidden_size": 4,
-    "hidden_layers": 2,
-    "initial_momentum_decays": (0.9, 0.99, 0.999),
-    "initial_rms_decays": (0.999,),
-    "initial_adafactor_decays": (0.9, 0.99, 0.999),
-    "concat_weights": True,
-    "make_separate_weights": False,
-    "split_weights": False,
+    "exp_mult": 0.001, "step_mult": 0.001,
+    "hidden_size": 4, "hidden_layers": 2,
+    **UPSTREAM_DECAYS,
+    "concat_weights": True, "make_separate_weights": False, "split_weights": False,
 }
 
 #: ``head``: upstream HEAD; ``pypi-0.0.1``: the 2022 wheel, whose non-factored ``fac_mom_mult``

@@ -49,7 +49,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from lopt_port.constants import VELO_FF_MULT
+from lopt_port.constants import UPSTREAM_DECAYS, VELO_FF_MULT
 from lopt_port.weights_schema import check_shapes
 
 KIND = "velo"
@@ -60,9 +60,7 @@ UPSTREAM_DEFAULTS: dict[str, Any] = {
     "lstm_hidden_size": 128,
     "ff_hidden_size": 4,
     "ff_hidden_layers": 2,
-    "initial_momentum_decays": (0.9, 0.99, 0.999),
-    "initial_rms_decays": (0.999,),
-    "initial_adafactor_decays": (0.9, 0.99, 0.999),
+    **UPSTREAM_DECAYS,
     "param_inits": 64,
     "mix_layers": True,
     "exp_mult": 0.001,
