@@ -38,13 +38,14 @@ import torch
 from lopt_port import celo_config as cfg
 from lopt_port.constants import CELO_FF_MULT
 from lopt_port.loss_buffer import LossHorizon
-from lopt_port.lstm_heads import CeloAdamHeads, CeloHeads
+from lopt_port.lstm_heads import CeloHeads
 from lopt_port.lstm_inputs import TrainingProgress
 from lopt_port.optimizer import WeightsKind
 from lopt_port.state_layout import TieBreak
 from lopt_port.tensor_lstm import TensorLSTM
-from lopt_port.velo import VeloFamily, VeloParts
+from lopt_port.velo import VeloFamily
 from lopt_port.velo_mlp_rule import MLPRule
+from lopt_port.velo_parts import ParameterRule, StepHeads, VeloParts
 
 KIND = WeightsKind(
     "celo", lambda given, shapes: cfg.resolve_hparams("celo", given, shapes),
@@ -52,8 +53,8 @@ KIND = WeightsKind(
 
 
 def schedule_parts(weights: Mapping[str, torch.Tensor], num_steps: int,
-                   decoupled_weight_decay: bool, *, heads: CeloHeads | CeloAdamHeads,
-                   rule: Any) -> VeloParts:
+                   decoupled_weight_decay: bool, *, heads: StepHeads,
+                   rule: ParameterRule) -> VeloParts:
     """The parts Celo and Celo-Adam share: the non-bugged loss buffer, an LSTM that always
     carries its state, the 18 global inputs (a learned schedule); with their heads and rule."""
     return VeloParts(horizon=LossHorizon(num_steps, bugged=False),

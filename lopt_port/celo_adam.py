@@ -25,7 +25,8 @@ from lopt_port.celo import schedule_parts
 from lopt_port.lstm_heads import CeloAdamHeads
 from lopt_port.optimizer import WeightsKind
 from lopt_port.state_layout import TieBreak
-from lopt_port.velo import VeloFamily, VeloParts
+from lopt_port.velo import VeloFamily
+from lopt_port.velo_parts import VeloParts
 
 KIND = WeightsKind(
     "celo_adam", lambda given, shapes: cfg.resolve_hparams("celo_adam", given, shapes),

@@ -32,17 +32,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
 from lopt_port import velo_config as cfg
-from lopt_port.adam_rule import AdamRule
 from lopt_port.constants import VELO_GRAD_CLIP, VELO_MAX_TRAINING_STEPS
 from lopt_port.loss_buffer import LossHorizon, as_loss_tensor, weight_decay_loss
-from lopt_port.lstm_heads import CeloAdamHeads, CeloHeads, VeloHeads
-from lopt_port.lstm_inputs import TensorStatistics, TrainingProgress
+from lopt_port.lstm_heads import VeloHeads
+from lopt_port.lstm_inputs import TensorStatistics
 from lopt_port.optimizer import (
     LearnedOptimizer,
     ParamsArg,
@@ -56,25 +54,9 @@ from lopt_port.sharding import Rounds, Total, local, run_rounds, shard_spec
 from lopt_port.state_layout import TieBreak
 from lopt_port.tensor_lstm import TensorLSTM
 from lopt_port.velo_mlp_rule import MLPRule
+from lopt_port.velo_parts import VeloParts
 
 KIND = WeightsKind(cfg.KIND, cfg.resolve_hparams, cfg.check_state_dict)
-
-
-@dataclass
-class VeloParts:
-    """One optimizer of VeLO's family: the parts its step is given."""
-
-    horizon: LossHorizon
-    lstm: TensorLSTM
-    inputs: TensorStatistics | TrainingProgress
-    heads: VeloHeads | CeloHeads | CeloAdamHeads
-    rule: MLPRule | AdamRule
-    #: AdamW's convention (``p * (1 - lr * wd)``) instead of prefab's ``g += wd * p``.
-    decoupled_weight_decay: bool
-
-    def initial_state(self, p: torch.Tensor) -> dict[str, Any]:
-        """The rule's state, then the LSTM's."""
-        return {**self.rule.initial_state(p), **self.lstm.initial_state(p)}
 
 
 class VeloFamily(LearnedOptimizer):
