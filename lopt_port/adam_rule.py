@@ -21,12 +21,13 @@ import numpy as np
 import torch
 
 from lopt_port.accumulators import update_momentum, update_rms
-from lopt_port.constants import CELO_ADAM_SQRT_EPS, VELO_GRAD_CLIP
+from lopt_port.constants import CELO_ADAM_SQRT_EPS, DECAY_KEYS, VELO_GRAD_CLIP
 from lopt_port.optimizer import FusedPath
 from lopt_port.sharding import Rounds, is_dtensor, local, state_zeros
 from lopt_port.velo_mlp_rule import apply_step
 
-_DECAY_KEYS = ("initial_momentum_decays", "initial_rms_decays")
+#: Adam's two decays: b1 (momentum) and b2 (rms).
+_DECAY_KEYS = DECAY_KEYS[:2]
 
 
 def param_unsupported_reason(p: torch.Tensor) -> str | None:

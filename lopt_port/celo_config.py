@@ -34,7 +34,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from lopt_port import velo_config
-from lopt_port.constants import UPSTREAM_DECAYS
+from lopt_port.constants import DECAY_KEYS, UPSTREAM_DECAYS
 from lopt_port.weights_schema import check_shapes
 
 KINDS = ("celo", "celo_adam")
@@ -68,7 +68,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 _INTS = {"lstm_hidden_size": 1, "param_inits": 1, "ff_hidden_size": 1, "ff_hidden_layers": 1,
          "train_phase": 1}
 _FLOATS = ("exp_mult", "step_mult", "initial_epsilon")
-_DECAYS = ("initial_momentum_decays", "initial_rms_decays", "initial_adafactor_decays")
+_DECAYS = DECAY_KEYS
 
 
 def _check_kind(kind: str) -> None:

@@ -38,6 +38,8 @@ UPSTREAM_DECAYS = {
     "initial_rms_decays": (0.999,),
     "initial_adafactor_decays": (0.9, 0.99, 0.999),
 }
+#: The hyperparameters that name the three accumulators' decays, in upstream's order.
+DECAY_KEYS = tuple(UPSTREAM_DECAYS)
 
 #: Rows of the per-parameter MLP evaluated at once by the eager path (bounds activation memory).
 MLP_CHUNK_ROWS = 1 << 16

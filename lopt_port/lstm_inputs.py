@@ -27,8 +27,7 @@ from lopt_port.constants import (
     VELO_NORM_MULT_FLOOR,
 )
 from lopt_port.sharding import Mean, Rounds, ShardSpec, local, run_local, run_rounds, shard_spec
-
-NUM_RANK_FEATURES = 5
+from lopt_port.velo_config import NUM_RANK_FEATURES
 
 
 def clip_log_abs(v: torch.Tensor) -> torch.Tensor:

@@ -49,7 +49,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from lopt_port.constants import UPSTREAM_DECAYS, VELO_FF_MULT
+from lopt_port.constants import DECAY_KEYS, UPSTREAM_DECAYS, VELO_FF_MULT
 from lopt_port.weights_schema import check_shapes
 
 KIND = "velo"
@@ -129,7 +129,7 @@ NOT_INFERABLE = ("exp_mult", "step_mult", "initial_momentum_decays", "initial_rm
 
 _INTS = {"lstm_hidden_size": 1, "ff_hidden_size": 1, "param_inits": 1, "ff_hidden_layers": 0}
 _FLOATS = ("exp_mult", "step_mult", "reparam_decay", "rnn_state_decay", "ff_mult")
-_DECAYS = ("initial_momentum_decays", "initial_rms_decays", "initial_adafactor_decays")
+_DECAYS = DECAY_KEYS
 
 #: ``tanh`` embeddings of the fraction of training done, loss features, rank one-hot.
 NUM_TIME_FEATURES = 9

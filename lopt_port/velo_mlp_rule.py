@@ -28,6 +28,7 @@ import torch
 from lopt_port import velo_fused
 from lopt_port.accumulators import FactoredResult, update_accumulators_rounds
 from lopt_port.constants import (
+    DECAY_KEYS,
     NORMALIZER_EPS,
     RMS_FEATURE_EPS,
     ROW_COL_FEATURE_EPS,
@@ -39,8 +40,6 @@ from lopt_port.optimizer import FusedPath
 from lopt_port.sharding import Mean, Rounds, Total, local, shard_spec, state_zeros
 from lopt_port.state_layout import TieBreak, factored_dims, factored_state_shapes
 from lopt_port.velo_config import NUM_FF_GROUPS
-
-_DECAY_KEYS = ("initial_momentum_decays", "initial_rms_decays", "initial_adafactor_decays")
 
 
 @dataclass
@@ -67,7 +66,7 @@ class MLPRule:
         self.hparams = hparams
         self.ff_mult = ff_mult
         self.tie_break: TieBreak = tie_break
-        self.decay_vector = torch.tensor([d for key in _DECAY_KEYS for d in hparams[key]],
+        self.decay_vector = torch.tensor([d for key in DECAY_KEYS for d in hparams[key]],
                                          dtype=torch.float32)
         groups = [weights[f"ff.w0__{j}"] for j in range(NUM_FF_GROUPS)]
         self.bank: dict[str, Any] = {"w0": groups, "b0": weights["ff.b0"]}
@@ -84,7 +83,7 @@ class MLPRule:
         if device not in self._device_cache:
             entry: dict[str, Any] = {
                 name: torch.tensor(self.hparams[key], dtype=torch.float32, device=device)
-                for name, key in zip(("momentum", "rms", "adafactor"), _DECAY_KEYS,
+                for name, key in zip(("momentum", "rms", "adafactor"), DECAY_KEYS,
                                      strict=True)}
             k_bank = self.hparams["param_inits"]
             entry["bank_flat"] = torch.cat([leaf.reshape(k_bank, -1).to(device)
