@@ -225,29 +225,27 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 returned = closure()
             if loss is None:
                 loss = returned
-        groups = []
-        for group in self.param_groups:
-            lists = GroupLists(group)
-            for p in group["params"]:
-                if p.grad is None or (skip_empty and p.numel() == 0):
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse "
-                                       f"gradients")
+        # Everything is checked before any state is created: a refused step changes nothing.
+        groups = [GroupLists(group, [p for p in group["params"] if p.grad is not None
+                                     and not (skip_empty and p.numel() == 0)])
+                  for group in self.param_groups]
+        groups = [lists for lists in groups if lists.params]
+        if any(p.grad.is_sparse for lists in groups for p in lists.params):
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+        lr_zero = all(float(g["lr"]) == 0.0 for g in self.param_groups)
+        if groups and self.requires_loss and loss is None and not lr_zero:
+            raise RuntimeError(f"{type(self).__name__} needs the training loss: call "
+                               f"step(loss=loss) or pass a closure that returns it")
+        for lists in groups:
+            for p in lists.params:
                 state = self.state[p]
                 if not state.keys() - {GLOBAL_STATE}:
                     state.update(self.initial_state(p))
-                lists.params.append(p)
                 lists.grads.append(p.grad)
                 lists.states.append(state)
-            if lists.params:
-                groups.append(lists)
         if groups and self.requires_loss and loss is None:
-            if all(float(g["lr"]) == 0.0 for g in self.param_groups):
-                self.global_state  # noqa: B018 (creates it)
-                return StepInputs(returned, None, [])
-            raise RuntimeError(f"{type(self).__name__} needs the training loss: call "
-                               f"step(loss=loss) or pass a closure that returns it")
+            self.global_state  # noqa: B018 (creates it)
+            return StepInputs(returned, None, [])
         return StepInputs(returned, loss, groups)
 
     def _fused_flags(self, params: list[torch.Tensor]) -> list[bool]:

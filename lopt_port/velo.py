@@ -24,7 +24,7 @@ VeLO, Celo and Celo-Adam share this step and differ in its parts (:class:`VeloPa
 LSTM inputs (:mod:`lopt_port.lstm_inputs`), the heads (:mod:`lopt_port.lstm_heads`) and the
 per-parameter rule (:mod:`lopt_port.velo_mlp_rule`, :mod:`lopt_port.adam_rule`); the loss
 buffer (:mod:`lopt_port.loss_buffer`) and the per-tensor LSTM (:mod:`lopt_port.tensor_lstm`)
-are common. :meth:`VeLO.step` gathers the lists once and calls :func:`velo`, which runs
+are common. :meth:`VeloFamily.step` gathers the lists once and calls :func:`velo`, which runs
 :func:`_eager_velo` or :func:`_fused_velo` (same arguments), each the whole step top to bottom.
 """
 
