@@ -1,13 +1,14 @@
-# Two entry points; each sets up .venv from the project's own files on first use.
+# Three entry points; each sets up .venv from the project's own files on first use.
 #   make demo   convert the bundled checkpoints, check the round trip, replay upstream's run
 #   make test   ruff + the parity gate + the test suite + the CUDA-torch build check (CI)
+#   make quick  ruff + the tests not marked slow: the inner loop (docs/development.md)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_VERSION := 2.13.0
 
-.PHONY: demo test install check-cuda-torch clean
+.PHONY: demo test quick install check-cuda-torch clean
 
 install: $(STAMP)
 
@@ -83,6 +84,10 @@ test: $(STAMP) check-cuda-torch
 	$(BIN)/lopt-parity $(CELO_ADAM_SRC) --gate --impl fused --reference builtin --tasks 6 \
 		--steps 20 --num-steps 50 --free-task conv --free-steps 100
 	$(BIN)/python -m pytest
+
+quick: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -m "not slow"
 
 clean:
 	rm -rf $(VENV) $(CUDA_VENV) out build *.egg-info

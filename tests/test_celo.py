@@ -58,7 +58,8 @@ LOSS_FEATURE_TOL, DOWNSTREAM_TOL, FEATURE_TOL = 5e-5, 4e-5, 1e-6
 
 # The eager path, then the fused path on each backend of the kernels (LOPT_PORT_FUSED_BACKEND):
 # the CPU backend and the CUDA kernels under emulation, at the same bounds.
-EAGER_AND_FUSED_BACKENDS = [(False, "cpu"), (True, "cpu"), (True, "cuda-emulated")]
+EAGER_AND_FUSED_BACKENDS = [(False, "cpu"), (True, "cpu"),
+                            pytest.param(True, "cuda-emulated", marks=pytest.mark.emulated)]
 BACKEND_IDS = ["eager", "fused", "fused-emulated"]
 
 
@@ -154,6 +155,8 @@ def test_spec_b8_fixture(kind, fused, backend, monkeypatch):
         np.testing.assert_allclose(lr0.numpy(), B8_LR_MULT0[kind], rtol=LR_RTOL)
 
 
+@pytest.mark.slow
+@pytest.mark.reference
 def test_jax_reference_spec_b8_fixture(kind):
     ref = CeloReference.from_file(os.path.join(checkpoint_dir(kind), "theta.state"))
     params = {"v": jnp.linspace(-1, 1, 5, dtype=jnp.float32),
@@ -180,6 +183,7 @@ def _bias_correction_spread(case, t: int) -> float:
     return abs(eager - jit) / abs(jit)
 
 
+@pytest.mark.golden
 @pytest.mark.parametrize("fused, backend", EAGER_AND_FUSED_BACKENDS, ids=BACKEND_IDS)
 @pytest.mark.parametrize("teacher_forced", [True, False], ids=["teacher", "free"])
 def test_authors_run(kind, weights, teacher_forced, fused, backend, monkeypatch):
@@ -331,6 +335,9 @@ def _golden_state(template, data, t, prefix=""):
     return jnp.asarray(data[f"state/step{t}/{prefix[:-1]}"])
 
 
+@pytest.mark.slow
+@pytest.mark.reference
+@pytest.mark.golden
 def test_jax_reference_reproduces_the_authors_run(kind):
     """Teacher forced, the jitted reference against the authors' jitted params and state:
     the same XLA operations on the same inputs. Measured: Celo-Adam bit for bit; Celo's state

@@ -15,6 +15,8 @@ from parity.errors import relative, relative_per_column
 from parity.reference.celo import CeloScheduler, load_theta
 from tests.conftest import CHECKPOINTS, SHARED_GOLDEN
 
+pytestmark = pytest.mark.reference
+
 THETA = {kind: os.path.join(CHECKPOINTS, kind, "theta.state") for kind in ("celo", "celo_adam")}
 SHARED_REAL = os.path.join(os.path.dirname(SHARED_GOLDEN), "real")
 SHA256 = {"celo": "35683c6123069c101d62ec1f8b2e6d70d50a43e67ebe09953b27620a7dcb836b",
@@ -52,6 +54,7 @@ def test_bundled_weights_are_the_released_ones(kind):
     assert n == {"celo": 37_089, "celo_adam": 36_865}[kind]  # spec B.5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", sorted(THETA))
 def test_schedule_reproduces_the_spec_golden_values(kind):
     sched = CeloScheduler.from_file(THETA[kind])
@@ -88,6 +91,8 @@ def _state(data, t):
             "num_steps": jnp.asarray(data[f"{pre}num_steps"])}
 
 
+@pytest.mark.slow
+@pytest.mark.golden
 @pytest.mark.parametrize("kind", sorted(THETA))
 def test_schedule_matches_the_authors_run_step_by_step(kind):
     data = _golden(kind)

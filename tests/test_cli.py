@@ -67,6 +67,7 @@ def test_debug_shows_traceback(tmp_path, capsys):
     assert "Traceback" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_console_script_runs():
     exe = os.path.join(os.path.dirname(sys.executable), "lopt-convert")
     r = subprocess.run([exe, "--help"], capture_output=True, text=True, cwd=ROOT)

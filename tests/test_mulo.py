@@ -25,7 +25,8 @@ from tests.conftest import checkpoint_dir
 SRC = checkpoint_dir("mulo_h32_sm0p01")
 # The eager path, then the fused path on each backend of the kernels (LOPT_PORT_FUSED_BACKEND):
 # the CPU backend and the CUDA kernels under emulation, at the same tolerances.
-IMPLS_AND_BACKENDS = [("eager", "cpu"), ("fused", "cpu"), ("fused", "cuda-emulated")]
+IMPLS_AND_BACKENDS = [("eager", "cpu"), ("fused", "cpu"),
+                      pytest.param("fused", "cuda-emulated", marks=pytest.mark.emulated)]
 BACKEND_IDS = ["eager", "fused", "fused-emulated"]
 
 
@@ -75,6 +76,8 @@ def _violations(records):
     return [f"{r.tensor} {r.quantity} {r.error:.3g}" for r in records if r.violates]
 
 
+@pytest.mark.slow
+@pytest.mark.gate
 @pytest.mark.parametrize("impl, backend", IMPLS_AND_BACKENDS, ids=BACKEND_IDS)
 def test_lockstep_with_mixed_scales(impl, backend, monkeypatch):
     monkeypatch.setenv("LOPT_PORT_FUSED_BACKEND", backend)
@@ -87,6 +90,8 @@ def test_lockstep_with_mixed_scales(impl, backend, monkeypatch):
     assert records and _violations(records) == []
 
 
+@pytest.mark.slow
+@pytest.mark.gate
 def test_a_wrong_scale_fails_the_gate():
     """s off by 0.1% moves a hidden tensor's update by 1e-3 of its scale: 100x the tolerance."""
     sides = _sides("eager")
@@ -111,6 +116,8 @@ def _with_nonfinite(task, values):
     return task
 
 
+@pytest.mark.slow
+@pytest.mark.gate
 @pytest.mark.parametrize("impl", ["eager", "fused"])
 def test_nan_gradients_are_scrubbed_as_upstream(impl):
     """NaN -> 0 before the accumulators, on both sides: the same tolerances hold."""
@@ -131,6 +138,8 @@ def test_nan_to_num_matches_jax_bit_for_bit(weights):
         assert np.array_equal(ours.float().numpy(), np.asarray(theirs, np.float32))
 
 
+@pytest.mark.slow
+@pytest.mark.gate
 @pytest.mark.parametrize("impl, backend", IMPLS_AND_BACKENDS, ids=BACKEND_IDS)
 def test_infinite_gradients_follow_the_reference(impl, backend, monkeypatch):
     monkeypatch.setenv("LOPT_PORT_FUSED_BACKEND", backend)
@@ -158,6 +167,8 @@ def test_infinite_gradients_follow_the_reference(impl, backend, monkeypatch):
                                    atol=1e-5 * max(1.0, np.abs(theirs[finite]).max(initial=0)))
 
 
+@pytest.mark.slow
+@pytest.mark.gate
 @pytest.mark.parametrize("impl", ["eager", "fused"])
 @pytest.mark.parametrize("grad_mult", [1.0, 1e-4])
 def test_clip_grad_matches_the_reference(impl, grad_mult):

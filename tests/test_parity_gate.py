@@ -20,6 +20,8 @@ from parity import cli, harness, report
 from parity.tasks import task_strategy
 from tests.conftest import checkpoint_dir
 
+pytestmark = pytest.mark.gate
+
 SRC = checkpoint_dir("small_fc_h32_sm0p01")
 
 
@@ -27,6 +29,7 @@ def _run(**kw):
     return harness.run(SRC, **{"tasks": 3, "steps": 4, "free_steps": 0, **kw})
 
 
+@pytest.mark.slow
 def test_clean_run_passes():
     result = _run(free_steps=30)
     assert result.violations() == []
@@ -90,6 +93,7 @@ BUGS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bug", sorted(BUGS))
 def test_gate_catches_injected_bug(monkeypatch, bug):
     for target, name, value in BUGS[bug]:
@@ -101,6 +105,7 @@ def test_gate_catches_injected_bug(monkeypatch, bug):
     assert {"update", "params"} <= flagged, flagged
 
 
+@pytest.mark.slow
 def test_cli_exit_codes_and_report(tmp_path, monkeypatch, capsys):
     out = tmp_path / "rep"
     assert cli.main([SRC, "--tasks", "2", "--steps", "3", "--free-steps", "20", "--report",
@@ -132,6 +137,7 @@ def test_cli_exit_codes_and_report(tmp_path, monkeypatch, capsys):
     assert not data["passed"] and data["violations"]
 
 
+@pytest.mark.slow
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(task=task_strategy(steps=3))
 def test_lockstep_on_hypothesis_tasks(task):
@@ -149,6 +155,7 @@ def test_harness_bad_input():
         harness.run(SRC, free_task="transformer")
 
 
+@pytest.mark.slow
 def test_free_running_conv_net():
     from parity.tasks import conv_task
     sides = harness.build_sides(SRC)
@@ -177,6 +184,8 @@ def backend_spy(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return seen
 
 
+@pytest.mark.slow
+@pytest.mark.emulated
 def test_cuda_emulated_gate_passes(tmp_path, monkeypatch, capsys):
     """--impl cuda-emulated: the .cu kernels, run under emulation, pass the fused gate; the
     backend is selected for the run only."""

@@ -21,6 +21,8 @@ from parity import cli, harness
 from parity.tasks import make_task
 from tests.conftest import checkpoint_dir
 
+pytestmark = pytest.mark.gate
+
 
 @pytest.fixture(scope="module")
 def celo_sides():
@@ -42,6 +44,7 @@ def _violations(sides, task):
     return result, result.violations()
 
 
+@pytest.mark.slow
 def test_clean_lockstep_passes(celo_sides, adam_sides, task):
     result, violations = _violations(celo_sides, task)
     assert violations == []
@@ -63,6 +66,7 @@ def _bugged_horizon(num_steps, bugged):
     return LossHorizon(num_steps, bugged=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bug, target, attribute, patch, flagged", [
     ("VeLO's raw heads", CeloHeads, "__call__", VeloHeads.__call__, "lr_mult"),
     ("VeLO's x100 interpolation", celo_module, "CELO_FF_MULT", 100.0, "ff_params"),
@@ -81,6 +85,7 @@ def test_gate_catches_velo_details(celo_sides, task, monkeypatch, bug, target, a
         assert any(" update:" in v or " params:" in v for v in violations), bug
 
 
+@pytest.mark.slow
 def test_gate_catches_an_uncorrected_adam(adam_sides, task, monkeypatch):
     monkeypatch.setattr(AdamRule, "bias_corrections", lambda self, iteration: (1.0, 1.0))
     _, violations = _violations(adam_sides, task)

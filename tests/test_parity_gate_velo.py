@@ -19,6 +19,8 @@ from parity.tasks import make_task
 from tests.conftest import checkpoint_dir
 from tests.test_parity_gate import backend_spy
 
+pytestmark = pytest.mark.gate
+
 SRC = checkpoint_dir("velo_small")
 
 
@@ -37,6 +39,7 @@ def _violations(sides, task, num_steps=50):
     return result, result.violations()
 
 
+@pytest.mark.slow
 def test_clean_lockstep_passes(sides, task):
     result, violations = _violations(sides, task)
     assert violations == []
@@ -101,6 +104,7 @@ def _loaded():
     return c.kind, c.hparams, c.state_dict, c.metadata
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["eager", "fused"])
 def test_ff_mult_passes_the_gate(tmp_path, task, impl):
     """ff_mult=1 (the Celo authors' velo_s convention) on both sides of the gate."""
@@ -112,6 +116,8 @@ def test_ff_mult_passes_the_gate(tmp_path, task, impl):
     assert violations == []
 
 
+@pytest.mark.slow
+@pytest.mark.emulated
 def test_cuda_emulated_lockstep_passes(task, monkeypatch):
     """VeLO's .cu kernels under emulation pass the gate with the fused tolerances; lockstep
     selects the emulated backend by itself (sides built outside :func:`harness.run`)."""

@@ -22,6 +22,8 @@ from parity.reference import SmallFCLOptReference
 from parity.tasks import make_task
 from tests.conftest import SMALL_FC_CHECKPOINTS, checkpoint_dir, golden_case_path
 
+pytestmark = pytest.mark.reference
+
 TOL = 1e-6
 # The MLP's pre-activations and outputs (float32 dot products of 39 and 32 terms): XLA's CPU dot
 # kernels choose their summation order by the host's instruction set, so the same operations
@@ -53,6 +55,7 @@ def ref_and_case(request):
     return ref, load_case(golden_case_path(request.param))
 
 
+@pytest.mark.slow
 def test_decays_and_init_match(ref_and_case):
     ref, case = ref_and_case
     for k, v in ref.decays.items():
@@ -66,6 +69,8 @@ def test_decays_and_init_match(ref_and_case):
                                           np.asarray(expected[a][b][n]))
 
 
+@pytest.mark.slow
+@pytest.mark.golden
 def test_jitted_reference_reproduces_params_and_state(ref_and_case):
     ref, case = ref_and_case
     params = {n: jnp.asarray(v) for n, v in case.tensors("params", 0).items()}
@@ -82,6 +87,8 @@ def test_jitted_reference_reproduces_params_and_state(ref_and_case):
         assert int(state["iteration"]) == t
 
 
+@pytest.mark.slow
+@pytest.mark.golden
 def test_eager_intermediates_teacher_forced(ref_and_case):
     ref, case = ref_and_case
     for t in range(1, case.steps + 1):
@@ -104,6 +111,7 @@ def test_eager_intermediates_teacher_forced(ref_and_case):
                 assert measure(inter[n][q], expected) <= tol, (t, n, q)
 
 
+@pytest.mark.slow
 def test_optax_interface(ref_and_case):
     ref, case = ref_and_case
     tx = ref.optax(num_steps=50)
@@ -128,6 +136,7 @@ def test_optax_interface(ref_and_case):
         tx.update(grads, state)
 
 
+@pytest.mark.slow
 def test_wheel_variant_switch_changes_only_vectors(ref_and_case):
     ref, case = ref_and_case
     wheel = SmallFCLOptReference(ref.theta, ref.hparams, variant="pypi-0.0.1")
@@ -140,6 +149,7 @@ def test_wheel_variant_switch_changes_only_vectors(ref_and_case):
         assert same == (case.data[f"params/step0/{n}"].ndim >= 2), n
 
 
+@pytest.mark.slow
 def test_upstream_wheel_matches_reference():
     info = upstream.status()
     assert info.startswith("upstream pypi-0.0.1"), info  # make test installs the wheel

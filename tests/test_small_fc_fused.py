@@ -95,6 +95,7 @@ def test_extension_builds_and_registers_ops():
         assert hasattr(torch.ops.lopt_port, op), op
 
 
+@pytest.mark.cuda_build
 @pytest.mark.skipif(extension.find_nvcc() is None, reason="nvcc not found")
 def test_cuda_launchers_are_linked():
     assert extension.cuda_launchers() == extension.CUDA_LAUNCHERS
@@ -165,7 +166,9 @@ def test_low_precision_zero_step_keeps_every_value(small_fc_weights, dtype, devi
     assert torch.equal(p.view(torch.int16), before.view(torch.int16))
 
 
-@pytest.mark.parametrize("backend", ["cpu", "cuda-emulated"])
+@pytest.mark.golden
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("cuda-emulated",
+                                                         marks=pytest.mark.emulated)])
 @pytest.mark.parametrize("name", SMALL_FC_CHECKPOINTS)
 def test_golden_vectors_with_fused(tmp_path, name, backend, monkeypatch):
     monkeypatch.setenv("LOPT_PORT_FUSED_BACKEND", backend)  # the CUDA kernels, emulated, too

@@ -37,6 +37,7 @@ def weights_and_case(request, tmp_path_factory):
     return str(path), load_case(golden_case_path(request.param))
 
 
+@pytest.mark.golden
 @pytest.mark.parametrize("teacher_forced", [False, True], ids=["free", "teacher_forced"])
 def test_every_step_matches_upstream(weights_and_case, teacher_forced):
     weights, case = weights_and_case

@@ -88,6 +88,7 @@ def _save(tmp_path, tree) -> str:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fused", [False, True])
 def test_small_fc_state_from_the_upstream_package_continues_in_torch(tmp_path, fused):
     ckpt = SmallFCLOptReference.from_checkpoint(checkpoint_dir("small_fc_h32_sm0p01"))
@@ -109,6 +110,7 @@ def test_small_fc_state_from_the_upstream_package_continues_in_torch(tmp_path, f
                        variant=up.variant, fused=fused)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fused", [False, True])
 def test_velo_state_from_the_jax_reference_continues_in_torch(tmp_path, fused):
     ref = VeLOReference.from_upstream(checkpoint_dir("velo_small"))

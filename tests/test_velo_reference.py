@@ -34,6 +34,8 @@ from parity.golden import GoldenCase, load_case
 from parity.reference import VeLOReference
 from tests.conftest import CHECKPOINTS, SHARED_GOLDEN, checkpoint_dir
 
+pytestmark = pytest.mark.reference
+
 #: case -> (checkpoint folder, golden npz): velo_small is bundled, velo_full lives in
 #: ../shared/golden (CI has it).
 CASES = {
@@ -247,18 +249,25 @@ def test_init_is_bit_identical(velo):
         np.testing.assert_array_equal(got, want, err_msg=path)
 
 
+@pytest.mark.slow
+@pytest.mark.golden
 def test_teacher_forced_params_and_state(velo):
     assert _failures(teacher_forced_errors(*velo)) == []
 
 
+@pytest.mark.slow
+@pytest.mark.golden
 def test_free_running_params_and_state(velo):
     assert _failures(free_running_errors(*velo)) == []
 
 
+@pytest.mark.slow
+@pytest.mark.golden
 def test_eager_intermediates_teacher_forced(velo):
     assert _failures(eager_intermediate_errors(*velo)) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bug", ["lstm_new_accumulators", "var_rms_own_mean"])
 def test_negative_controls_lstm_features(velo_small, bug):
     """Each mistake is caught in the LSTM input and in the update. Eager, 3 steps: the rms
@@ -270,6 +279,7 @@ def test_negative_controls_lstm_features(velo_small, bug):
     assert {q for q, *_ in failures} >= {"lstm_input", "controls", "update"}, bug
 
 
+@pytest.mark.slow
 def test_negative_control_bugged_loss_features(velo_small):
     ref, case = velo_small
     wrong = VeLOReference(ref.theta, {**ref.hparams, "use_bugged_loss_features": True})
@@ -278,6 +288,7 @@ def test_negative_control_bugged_loss_features(velo_small):
     assert any(q == "params" for q, *_ in failures)
 
 
+@pytest.mark.slow
 def test_optax_interface(velo_small):
     ref, case = velo_small
     tx = ref.optax(num_steps=HORIZON)
@@ -299,6 +310,7 @@ def test_optax_interface(velo_small):
         tx.update(grads, state, params)
 
 
+@pytest.mark.slow
 def test_bugged_next_lstm_state_keeps_the_incoming_state(velo_small):
     """``use_bugged_next_lstm_state``: same step, the LSTM state is not carried forward.
     Two small tensors keep the two extra compilations cheap."""
