@@ -235,7 +235,7 @@ def _velo_sides(theta: dict[str, Any], weights: LoadedWeights, reference: Refere
     if reference != "builtin":
         raise HarnessError("reference 'upstream': the 0.0.1 wheel has no HyperV2; VeLO is "
                            "compared with upstream through the golden vectors "
-                           "(tests/test_velo.py) and here with the builtin JAX reference")
+                           "(tests/test_velo_golden.py) and here with the builtin JAX reference")
     from parity.reference import VeLOReference
     ref = VeLOReference(theta, weights.hparams)
     info["variant"] = None

@@ -50,7 +50,7 @@ DV_ATOL, SUM_DW_ATOL, LR_RTOL = 2.4e-7, 12 * 6e-8, 2e-6
 # lr_mult, loss features) 4e-5 / 5e-5, 1.4x the authors' own jit-vs-eager spread after the loss
 # spike (2.8e-5 / 2.6e-5 above); per-parameter features are plain float32 roundings (1e-6).
 PARAMS_TOL, STATE_TOL = 1e-5, 1e-5
-# Celo's fused path is VeLO's kernels: their per-step bound against eager (tests/test_velo.py,
+# Celo's fused path is VeLO's kernels: their per-step bound against eager (tests/test_velo_fused.py,
 # float64 tile sums vs torch's float32 means), 1e-6 relative in params.
 FUSED_PARAMS_TOL = 1e-6
 LOSS_FEATURE_TOL, DOWNSTREAM_TOL, FEATURE_TOL = 5e-5, 4e-5, 1e-6
