@@ -42,6 +42,8 @@ from lopt_port.weights import LoadedWeights, WeightsError, load_weights
 WeightsArg = str | os.PathLike | Mapping[str, torch.Tensor] | LoadedWeights
 ParamsArg = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
 _FACTORED = ("v_row", "v_col", "v_diag")
+#: An initial ``lr`` below this (and above 0) warns: ``lr`` multiplies the learned step.
+LOW_LR = 0.05
 
 
 @dataclass(frozen=True)
@@ -181,10 +183,51 @@ class LearnedOptimizer(torch.optim.Optimizer):
             raise RuntimeError(f"fused=True, but {self._fused_reason}")
         self._warned: set[str] = set()
         self._capture: Any = None
+        self._observed: list[torch.Tensor] = []
         self._new_global_state = global_state
         super().__init__(params, defaults)
         # The step-wide state lives in the first parameter's state (see global_state).
         self._anchor = self.param_groups[0]["params"][0]
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's ``add_param_group``; warns once when a group starts with an ``lr`` far below
+        the meta-trained scale (``0 < lr < 0.05``): here ``lr`` multiplies the learned step
+        (``1.0`` = as meta-trained), it is not AdamW's step size. Values set later
+        (schedulers, warm-up) and ``lr = 0`` never warn."""
+        super().add_param_group(param_group)
+        lr = self.param_groups[-1]["lr"]
+        if 0 < lr < LOW_LR and "low lr" not in self._warned:
+            self._warned.add("low lr")
+            warnings.warn(
+                f"{type(self).__name__}: lr={lr!r} multiplies the learned step, whose scale "
+                f"the optimizer learned in meta-training (lr=1.0 is the step as meta-trained); "
+                f"an AdamW-style lr of {lr!r} makes every step {1 / lr:.0f}x smaller and "
+                f"training all but stops. Use lr=1.0, or a scheduler that starts from it.",
+                UserWarning, stacklevel=3)
+
+    def observe_loss(self, loss: torch.Tensor | float) -> None:
+        """Record the training loss for the next :meth:`step` (for loops that call ``step()``
+        without it, such as ``GradScaler.step(opt)``). A tensor stays on its device (no host
+        sync). Several calls before one step (gradient accumulation) hand the step their mean,
+        ``((l1 + l2) + ...) / n`` in float32, in call order."""
+        if isinstance(loss, bool) or not isinstance(loss, (torch.Tensor, int, float)):
+            raise TypeError(f"observe_loss takes a tensor or a float, got "
+                            f"{type(loss).__name__}")
+        if isinstance(loss, torch.Tensor):
+            if loss.numel() != 1:
+                raise ValueError(f"the loss must be a scalar, got shape {tuple(loss.shape)}")
+            self._observed.append(loss.detach().to(torch.float32).reshape(()))
+        else:
+            self._observed.append(torch.tensor(float(loss), dtype=torch.float32))
+
+    def _observed_loss(self) -> torch.Tensor | None:
+        """The mean of the losses observed since the last step (``None``: none)."""
+        if not self._observed:
+            return None
+        total = self._observed[0]
+        for value in self._observed[1:]:
+            total = total + value.to(total.device)
+        return total / len(self._observed)
 
     # ----------------------------------------------------------------------------- state
     def initial_state(self, p: torch.Tensor) -> dict[str, Any]:
@@ -225,6 +268,12 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 returned = closure()
             if loss is None:
                 loss = returned
+        observed = self._observed_loss()
+        if observed is not None:
+            if loss is not None:
+                raise TypeError("the loss was given to step() and also observed with "
+                                "observe_loss(); use one of the two")
+            loss = observed
         # Everything is checked before any state is created: a refused step changes nothing.
         groups = [GroupLists(group, [p for p in group["params"] if p.grad is not None
                                      and not (skip_empty and p.numel() == 0)])
@@ -235,7 +284,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
         lr_zero = all(float(g["lr"]) == 0.0 for g in self.param_groups)
         if groups and self.requires_loss and loss is None and not lr_zero:
             raise RuntimeError(f"{type(self).__name__} needs the training loss: call "
-                               f"step(loss=loss) or pass a closure that returns it")
+                               f"opt.step(loss), or opt.observe_loss(loss) before a step() "
+                               f"that cannot take it (e.g. scaler.step(opt) with GradScaler), "
+                               f"or pass a closure that returns it")
         for lists in groups:
             for p in lists.params:
                 state = self.state[p]
@@ -243,6 +294,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
                     state.update(self.initial_state(p))
                 lists.grads.append(p.grad)
                 lists.states.append(state)
+        self._observed = []  # handed to this step, which can no longer be refused
         if groups and self.requires_loss and loss is None:
             self.global_state  # noqa: B018 (creates it)
             return StepInputs(returned, None, [])

@@ -31,6 +31,7 @@ are common. :meth:`VeloFamily.step` gathers the lists once and calls :func:`velo
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -131,9 +132,23 @@ class VeloFamily(LearnedOptimizer):
         closure's loss."""
         inputs = self._begin_step(closure, loss, skip_empty=True)
         if inputs.groups:
+            self._warn_past_horizon(int(self.global_state["iteration"]))
             velo(inputs, self.global_state, self.parts,
                  fused=all(self._fused_flags(inputs.params)), capture=self._capture)
         return inputs.returned
+
+
+    def _warn_past_horizon(self, iteration: int) -> None:
+        """Warn once when a step starts at or past ``num_steps`` (the horizon T)."""
+        if iteration >= self.num_steps and "past horizon" not in self._warned:
+            self._warned.add("past horizon")
+            warnings.warn(
+                f"{type(self).__name__}: step {iteration + 1} is past num_steps="
+                f"{self.num_steps}: the training-fraction features tanh(10 (t/T - c)) (c up to "
+                f"1.1) now run past what meta-training showed the network, and from t/T of "
+                f"about 1.3 on they no longer change; set num_steps to the number of steps you "
+                f"train for",
+                UserWarning, stacklevel=3)
 
 
 def velo_parts(hparams: Mapping[str, Any], weights: Mapping[str, torch.Tensor], *,
