@@ -25,12 +25,14 @@ gradient changed sign), where one rounding more is a large relative error.
 
 from __future__ import annotations
 
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from lopt_port.constants import (
+    DECAY_KEYS,
     DIAG_PRECOND_EPS,
     FACTORED_GRAD_SQ_EPS,
     ROW_COL_MEAN_EPS,
@@ -141,3 +143,12 @@ def update_accumulators_rounds(state: dict[str, torch.Tensor], g: torch.Tensor,
     else:
         fac = yield from update_factored_rounds(acc, g, decays["adafactor"], dims, rows=rows)
     return acc, fac
+
+
+def fixed_decays(hparams: Mapping[str, Any], device: torch.device,
+                 names: Sequence[str] = ("momentum", "rms", "adafactor")
+                 ) -> dict[str, torch.Tensor]:
+    """The fixed (not learned) decays of VeLO's family, ``initial_*_decays`` as float32
+    tensors on ``device``, by accumulator name (the first ``len(names)`` of them)."""
+    return {name: torch.tensor(hparams[key], dtype=torch.float32, device=device)
+            for name, key in zip(names, DECAY_KEYS, strict=False)}

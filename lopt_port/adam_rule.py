@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lopt_port.accumulators import update_momentum, update_rms
+from lopt_port.accumulators import fixed_decays, update_momentum, update_rms
 from lopt_port.constants import CELO_ADAM_SQRT_EPS, DECAY_KEYS, VELO_GRAD_CLIP
 from lopt_port.optimizer import FusedPath
 from lopt_port.sharding import Rounds, is_dtensor, local, state_zeros
@@ -69,9 +69,7 @@ class AdamRule:
     def on_device(self, device: torch.device) -> dict[str, torch.Tensor]:
         """The decays (``momentum``: b1, ``rms``: b2) on ``device``."""
         if device not in self._device_cache:
-            self._device_cache[device] = {
-                name: torch.tensor(self.hparams[key], dtype=torch.float32, device=device)
-                for name, key in zip(("momentum", "rms"), _DECAY_KEYS, strict=True)}
+            self._device_cache[device] = fixed_decays(self.hparams, device, ("momentum", "rms"))
         return self._device_cache[device]
 
     def initial_state(self, p: torch.Tensor) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from lopt_port.optimizer import (
     ParamsArg,
     WeightsArg,
     WeightsKind,
-    check_lr,
+    check_non_negative,
 )
 from lopt_port.sharding import is_dtensor
 from lopt_port.small_fc_lopt import SmallFCLOptNetwork, fused_path_of, small_fc_lopt
@@ -150,7 +150,7 @@ class MuLO(LearnedOptimizer):
                  hparams: Mapping[str, Any] | None = None, clip_grad: bool = False,
                  default_scale: float | None = None, tie_break: TieBreak = "numpy",
                  fused: bool | None = None) -> None:
-        lr = check_lr("lr", lr)
+        lr = check_non_negative("lr", lr)
         if not isinstance(clip_grad, bool):
             raise ValueError(f"clip_grad must be a bool, got {clip_grad!r}")
         self.clip_grad = clip_grad

@@ -112,7 +112,7 @@ class StepInputs:
         return [g.group for g in self.groups for _ in g.params]
 
 
-def check_lr(name: str, value: Any) -> float:
+def check_non_negative(name: str, value: Any) -> float:
     """A non-negative float option (``lr``, ``weight_decay``)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
         raise ValueError(f"{name} must be a non-negative float, got {value!r}")

@@ -46,7 +46,7 @@ from lopt_port.optimizer import (
     ParamsArg,
     WeightsArg,
     WeightsKind,
-    check_lr,
+    check_non_negative,
 )
 from lopt_port.sharding import Mean, Rounds, local, run_rounds, shard_spec, state_zeros
 from lopt_port.state_layout import TieBreak, factored_dims, factored_state_shapes
@@ -146,7 +146,7 @@ class SmallFCLOpt(LearnedOptimizer):
     def __init__(self, params: ParamsArg, weights: WeightsArg, *, lr: float = 1.0,
                  hparams: Mapping[str, Any] | None = None, variant: str | None = None,
                  tie_break: TieBreak = "numpy", fused: bool | None = None) -> None:
-        lr = check_lr("lr", lr)
+        lr = check_non_negative("lr", lr)
         overrides = {**(hparams or {}), **({"variant": variant} if variant is not None else {})}
         sd = self._load_weights(weights, KIND, overrides)
         self.parts = SmallFCLOptNetwork(self.hparams, sd, tie_break)

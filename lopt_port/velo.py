@@ -48,7 +48,7 @@ from lopt_port.optimizer import (
     StepInputs,
     WeightsArg,
     WeightsKind,
-    check_lr,
+    check_non_negative,
     check_num_steps,
 )
 from lopt_port.sharding import Rounds, Total, local, run_rounds, shard_spec
@@ -106,8 +106,8 @@ class VeloFamily(LearnedOptimizer):
                  hparams: Mapping[str, Any] | None = None, tie_break: TieBreak = "numpy",
                  fused: bool | None = None) -> None:
         num_steps = check_num_steps(num_steps)
-        defaults = {"lr": check_lr("lr", lr),
-                    "weight_decay": check_lr("weight_decay", weight_decay)}
+        defaults = {"lr": check_non_negative("lr", lr),
+                    "weight_decay": check_non_negative("weight_decay", weight_decay)}
         theta = self._load_weights(weights, self.kind, hparams)
         self.parts = type(self).recipe(self.hparams, theta, num_steps=num_steps,
                                        decoupled_weight_decay=bool(decoupled_weight_decay),

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from lopt_port import velo_fused
-from lopt_port.accumulators import FactoredResult, update_accumulators_rounds
+from lopt_port.accumulators import FactoredResult, fixed_decays, update_accumulators_rounds
 from lopt_port.constants import (
     DECAY_KEYS,
     NORMALIZER_EPS,
@@ -81,10 +81,7 @@ class MLPRule:
         """The decays (``momentum``, ``rms``, ``adafactor``) and the bank, flattened
         (``bank_flat``, ``[K, weights]``), on ``device``."""
         if device not in self._device_cache:
-            entry: dict[str, Any] = {
-                name: torch.tensor(self.hparams[key], dtype=torch.float32, device=device)
-                for name, key in zip(("momentum", "rms", "adafactor"), DECAY_KEYS,
-                                     strict=True)}
+            entry: dict[str, Any] = fixed_decays(self.hparams, device)
             k_bank = self.hparams["param_inits"]
             entry["bank_flat"] = torch.cat([leaf.reshape(k_bank, -1).to(device)
                                             for _, leaf in named_bank_leaves(self.bank)], dim=1)
