@@ -15,13 +15,16 @@ install: $(STAMP)
 # torch is pinned first so that no CUDA build of several GB is pulled in. The upstream
 # package (2022 wheel) installs without its dependencies: its pins (flax 0.3.3, TensorFlow,
 # ...) cannot install beside a modern JAX; parity/upstream.py shims what it needs. pip then
-# lists the wheel's unmet pins as "dependency conflicts" and exits 0.
+# lists the wheel's unmet pins as "dependency conflicts" and exits 0. timm (for its
+# NativeScaler, tests/test_integrations.py) also installs without its dependencies: they are
+# torchvision, whose wheel needs torch's CUDA libraries, and what transformers already brings.
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) torch==$(TORCH_VERSION)
-	$(PIP) -e '.[test]'
+	$(PIP) -e '.[test]' torch==$(TORCH_VERSION)
 	$(PIP) --no-deps learned-optimization==0.0.1
+	$(PIP) --no-deps 'timm>=1.0'
 	touch $(STAMP)
 
 # A second venv with torch's CUDA build of the same version (what a GPU user installs; about

@@ -31,7 +31,7 @@ import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -44,6 +44,14 @@ ParamsArg = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
 _FACTORED = ("v_row", "v_col", "v_diag")
 #: An initial ``lr`` below this (and above 0) warns: ``lr`` multiplies the learned step.
 LOW_LR = 0.05
+#: How :meth:`LearnedOptimizer.observe_loss` combines several losses before one step.
+LossCombine = Literal["mean", "sum"]
+#: The lines that hand the loss over, by training loop (the missing-loss error lists them).
+LOSS_HANDOFF = (
+    "plain loop: opt.step(loss); "
+    "GradScaler, timm's NativeScaler, accelerate: opt.observe_loss(loss) before the step; "
+    "Hugging Face Trainer: lopt_port.integrations.track_loss(model, opt) before train(); "
+    "Lightning: Trainer(callbacks=[lopt_port.integrations.LightningLossCallback()])")
 
 
 @dataclass(frozen=True)
@@ -184,6 +192,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
         self._warned: set[str] = set()
         self._capture: Any = None
         self._observed: list[torch.Tensor] = []
+        self._combine: LossCombine = "mean"
+        self._grads_cleared = False
         self._new_global_state = global_state
         super().__init__(params, defaults)
         # The step-wide state lives in the first parameter's state (see global_state).
@@ -205,29 +215,57 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 f"training all but stops. Use lr=1.0, or a scheduler that starts from it.",
                 UserWarning, stacklevel=3)
 
-    def observe_loss(self, loss: torch.Tensor | float) -> None:
+    def observe_loss(self, loss: torch.Tensor | float, *,
+                     combine: LossCombine = "mean") -> None:
         """Record the training loss for the next :meth:`step` (for loops that call ``step()``
         without it, such as ``GradScaler.step(opt)``). A tensor stays on its device (no host
-        sync). Several calls before one step (gradient accumulation) hand the step their mean,
-        ``((l1 + l2) + ...) / n`` in float32, in call order."""
+        sync).
+
+        Several calls before one step (gradient accumulation) are combined in float32, in call
+        order: ``combine="mean"`` (each value is one micro-batch's loss) hands the step
+        ``((l1 + l2) + ...) / n``; ``combine="sum"`` (each value is a micro-batch's share of the
+        window's loss, as when a loss is normalized by the whole window's token count) hands
+        it ``(l1 + l2) + ...``. One step's values must all use the same rule.
+
+        Losses observed before :meth:`zero_grad` belong to the gradients it cleared: the first
+        observation after it discards them (so a step that ``GradScaler`` skipped does not
+        leak its loss into the next one), while a ``zero_grad()`` between the forward pass and
+        ``backward()`` keeps the forward's loss for the coming step.
+        """
         if isinstance(loss, bool) or not isinstance(loss, (torch.Tensor, int, float)):
             raise TypeError(f"observe_loss takes a tensor or a float, got "
                             f"{type(loss).__name__}")
+        if combine not in ("mean", "sum"):
+            raise ValueError(f"combine must be 'mean' or 'sum', got {combine!r}")
         if isinstance(loss, torch.Tensor):
             if loss.numel() != 1:
                 raise ValueError(f"the loss must be a scalar, got shape {tuple(loss.shape)}")
-            self._observed.append(loss.detach().to(torch.float32).reshape(()))
+            value = loss.detach().to(torch.float32).reshape(())
         else:
-            self._observed.append(torch.tensor(float(loss), dtype=torch.float32))
+            value = torch.tensor(float(loss), dtype=torch.float32)
+        if self._grads_cleared:
+            self._observed, self._grads_cleared = [], False
+        if self._observed and combine != self._combine:
+            raise ValueError(f"observe_loss(combine={combine!r}) after combine="
+                             f"{self._combine!r} in the same step: one step's losses are all "
+                             f"means or all shares of a sum")
+        self._combine = combine
+        self._observed.append(value)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch's ``zero_grad``; losses observed so far are discarded by the next
+        :meth:`observe_loss` (they belong to the cleared gradients), not by this call."""
+        super().zero_grad(set_to_none=set_to_none)
+        self._grads_cleared = bool(self._observed)
 
     def _observed_loss(self) -> torch.Tensor | None:
-        """The mean of the losses observed since the last step (``None``: none)."""
+        """The observed losses combined (:meth:`observe_loss`; ``None``: none)."""
         if not self._observed:
             return None
         total = self._observed[0]
         for value in self._observed[1:]:
             total = total + value.to(total.device)
-        return total / len(self._observed)
+        return total / len(self._observed) if self._combine == "mean" else total
 
     # ----------------------------------------------------------------------------- state
     def initial_state(self, p: torch.Tensor) -> dict[str, Any]:
@@ -266,11 +304,14 @@ class LearnedOptimizer(torch.optim.Optimizer):
                                 f"got {type(closure).__name__}")
             with torch.enable_grad():
                 returned = closure()
-            if loss is None:
-                loss = returned
+        explicit = loss
+        if loss is None:
+            loss = returned
+        # Observed losses come first: a closure's value is then only what the loop returns
+        # (Lightning's closure returns the last micro-batch's loss divided for accumulation).
         observed = self._observed_loss()
         if observed is not None:
-            if loss is not None:
+            if explicit is not None:
                 raise TypeError("the loss was given to step() and also observed with "
                                 "observe_loss(); use one of the two")
             loss = observed
@@ -283,10 +324,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
         lr_zero = all(float(g["lr"]) == 0.0 for g in self.param_groups)
         if groups and self.requires_loss and loss is None and not lr_zero:
-            raise RuntimeError(f"{type(self).__name__} needs the training loss: call "
-                               f"opt.step(loss), or opt.observe_loss(loss) before a step() "
-                               f"that cannot take it (e.g. scaler.step(opt) with GradScaler), "
-                               f"or pass a closure that returns it")
+            raise RuntimeError(f"{type(self).__name__} needs the training loss; add the one "
+                               f"line for your loop: {LOSS_HANDOFF}")
         for lists in groups:
             for p in lists.params:
                 state = self.state[p]
@@ -294,7 +333,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
                     state.update(self.initial_state(p))
                 lists.grads.append(p.grad)
                 lists.states.append(state)
-        self._observed = []  # handed to this step, which can no longer be refused
+        self._observed, self._grads_cleared = [], False  # handed to this step, final now
         if groups and self.requires_loss and loss is None:
             self.global_state  # noqa: B018 (creates it)
             return StepInputs(returned, None, [])

@@ -74,8 +74,12 @@ def test_missing_loss_names_the_line_to_add_and_a_double_loss_is_refused():
     params = _params()
     opt = velo(params)
     _grads(params, 0)
-    with pytest.raises(RuntimeError, match=r"opt.observe_loss\(loss\) before a step\(\)"):
+    with pytest.raises(RuntimeError, match="needs the training loss") as refused:
         opt.step()
+    # one line per loop: plain, GradScaler (and its wrappers), Hugging Face, Lightning
+    for line in ("opt.step(loss)", "opt.observe_loss(loss)", "track_loss(model, opt)",
+                 "LightningLossCallback()"):
+        assert line in str(refused.value)
     opt.observe_loss(1.0)
     with pytest.raises(TypeError, match="also observed"):
         opt.step(loss=1.0)
@@ -117,3 +121,77 @@ def test_past_the_horizon_warns_once(make):
             past = [w for w in caught if "past num_steps" in str(w.message)]
             assert len(past) == (1 if t >= horizon else 0), t
     assert f"step {horizon + 1} is past num_steps={horizon}" in str(past[0].message)
+
+
+def test_shares_of_a_window_loss_are_summed_and_rules_do_not_mix():
+    """``combine="sum"``: each value is a share of the window's loss (a loss normalized by
+    the whole window's token count); the step takes their float32 sum, in call order."""
+    shares = [0.1, 0.2, 0.7]
+    runs = []
+    for explicit in (True, False):
+        params = _params()
+        opt = velo(params)
+        _grads(params, 0)
+        if explicit:
+            total = torch.tensor(shares[0])
+            for value in shares[1:]:
+                total = total + value
+            opt.step(loss=total)
+        else:
+            for value in shares:
+                opt.observe_loss(torch.tensor(value), combine="sum")
+            opt.step()
+        runs.append(params)
+    for x, y in zip(*runs, strict=True):
+        assert torch.equal(x, y)
+    opt.observe_loss(1.0)
+    with pytest.raises(ValueError, match="same step"):
+        opt.observe_loss(1.0, combine="sum")
+    with pytest.raises(ValueError, match="'mean' or 'sum'"):
+        opt.observe_loss(1.0, combine="max")
+
+
+def test_zero_grad_retires_the_losses_of_a_skipped_step():
+    """A step that GradScaler skipped leaves its loss observed; the gradients it belonged to
+    are cleared by zero_grad, and the next observation starts afresh. A zero_grad between
+    forward and backward (the loss observed before it) keeps that loss for the step."""
+    runs = []
+    for skipped in (True, False):
+        params = _params()
+        opt = velo(params)
+        if skipped:
+            opt.observe_loss(100.0)  # the skipped step's loss
+            opt.zero_grad()
+        opt.observe_loss(2.0)
+        opt.zero_grad()  # the forward-then-zero_grad-then-backward order
+        _grads(params, 0)
+        opt.step()
+        runs.append(params)
+    for x, y in zip(*runs, strict=True):
+        assert torch.equal(x, y)
+    explicit = _params()
+    opt = velo(explicit)
+    _grads(explicit, 0)
+    opt.step(loss=2.0)
+    for x, y in zip(runs[0], explicit, strict=True):
+        assert torch.equal(x, y)
+
+
+def test_an_observed_loss_comes_before_the_closure_value():
+    """Lightning's closure returns the last micro-batch's loss divided for accumulation; the
+    observed losses are the step's loss, and the closure's value is still what step()
+    returns."""
+    runs = []
+    for observed in (True, False):
+        params = _params()
+        opt = velo(params)
+        _grads(params, 0)
+        if observed:
+            opt.observe_loss(3.0)
+            returned = opt.step(lambda: torch.tensor(0.5))
+            assert float(returned) == 0.5
+        else:
+            opt.step(loss=3.0)
+        runs.append(params)
+    for x, y in zip(*runs, strict=True):
+        assert torch.equal(x, y)
