@@ -14,8 +14,10 @@ from typing import Any
 
 from converters.convert import FORMATS, WEIGHTS_SUFFIXES, Converted, convert
 from converters.errors import CheckpointError
+from converters.origin import DECLARABLE
 from converters.state import migrate_state
 from converters.upstream import MAPPINGS
+from lopt_port.provenance import NOTE_KEY, ORIGIN_KEY
 from lopt_port.weights import WeightsError
 
 _SUFFIX = {"safetensors": ".safetensors", "pt": ".pt", "hf": "_hf", "upstream": "_upstream"}
@@ -71,6 +73,9 @@ def summarize(converted: Converted, src: str, written: Sequence[str], fmt: str) 
         lines.append(f"          from upstream file {meta.get('source_file')!r}, "
                      f"sha256 {meta['source_sha256']}")
     lines.append(f"kind      {converted.kind}")
+    if ORIGIN_KEY in meta:
+        lines.extend(_wrap_items("origin    ", f"{meta[ORIGIN_KEY]}: {meta.get(NOTE_KEY, '')}"
+                                 .split()))
     lines.extend(_wrap_items("hparams   ", [f"{k}={v}" for k, v in converted.hparams.items()]))
     if "upstream_step" in meta:
         lines.append(f"upstream  gen_id={meta.get('upstream_gen_id')} "
@@ -110,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="hyperparameter (Python literal), overriding config.gin; "
                              "repeatable")
+    parser.add_argument("--origin", choices=DECLARABLE,
+                        help="declare what the weights are (recorded in the metadata as "
+                             "weights_origin) where lopt-port does not recognise the file; "
+                             "refused where it contradicts a known sha256. 'fixture' makes "
+                             "every optimizer built from them warn that they are not "
+                             "meta-trained")
     parser.add_argument("--upstream-defaults", action="store_true",
                         help="without config.gin, fill hyperparameters that the weights "
                              "cannot tell with upstream's constructor defaults; a tuple-rooted "
@@ -160,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         hparams = _parse_set(args.set)
         converted = convert(args.src, args.kind, upstream_defaults=args.upstream_defaults,
-                            **hparams)
+                            origin=args.origin, **hparams)
         out = args.output or default_output(args.src, args.format)
         written = converted.save(out, args.format, overwrite=args.force)
         print(summarize(converted, args.src, written, args.format))

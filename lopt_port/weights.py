@@ -17,6 +17,9 @@ upstream_gen_id        upstream ``gen_id`` (JSON)
 upstream_step          upstream ``step`` (JSON)
 upstream_layout        JSON skeleton that lets the converter rebuild the upstream bytes
 upstream_config_gin    the upstream ``config.gin`` text, verbatim
+weights_origin         ``fixture``, ``release``, ``pylo-copy`` or ``unknown``
+                       (:mod:`lopt_port.provenance`; optional: older files lack it)
+weights_origin_note    how the origin was established, in words
 =====================  ==================================================================
 
 ``.safetensors`` files carry it as the safetensors header metadata; ``.pt`` files are an
@@ -45,6 +48,8 @@ from typing import Any
 
 import torch
 
+from lopt_port.provenance import origin_of
+
 FORMAT_NAME = "lopt-port-weights"
 FORMAT_VERSION = "1"
 SUPPORTED_FORMAT_VERSIONS = (FORMAT_VERSION,)
@@ -65,6 +70,17 @@ class LoadedWeights:
     state_dict: dict[str, torch.Tensor]
     metadata: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def origin(self) -> str:
+        """``fixture``, ``release``, ``pylo-copy`` or ``unknown``
+        (:func:`lopt_port.provenance.origin_of`)."""
+        return origin_of(self.metadata)[0]
+
+    @property
+    def origin_note(self) -> str:
+        """How :attr:`origin` was established, in words (empty when unknown)."""
+        return origin_of(self.metadata)[1]
+
 
 def _parse_metadata(meta: Mapping[str, str], origin: str) -> tuple[str | None, dict[str, Any]]:
     if not meta:
@@ -82,6 +98,10 @@ def _parse_metadata(meta: Mapping[str, str], origin: str) -> tuple[str | None, d
         raise WeightsError(f"{origin}: metadata 'hparams' is not valid JSON ({e})") from None
     if not isinstance(hparams, dict):
         raise WeightsError(f"{origin}: metadata 'hparams' must be a JSON object")
+    try:
+        origin_of(meta)
+    except ValueError as e:
+        raise WeightsError(f"{origin}: {e}") from None
     return meta.get("kind"), hparams
 
 
