@@ -37,6 +37,20 @@ def _parse_set(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def _parse_decay_offsets(text: str | None) -> dict[str, Any] | str | None:
+    """``--pylo-decay-offsets``: ``pylo`` or a JSON object of the three offsets."""
+    if text is None or text == "pylo":
+        return text
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"--pylo-decay-offsets expects 'pylo' or a JSON object ({e})"
+                              ) from None
+    if not isinstance(value, dict):
+        raise CheckpointError("--pylo-decay-offsets expects 'pylo' or a JSON object")
+    return value
+
+
 def default_output(src: str, fmt: str) -> str:
     """``<name><suffix>`` in the current folder, named after the checkpoint folder or file."""
     path = os.path.abspath(src)
@@ -105,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "'config.gin', or a 'params' file) to PyTorch weights, or converted "
                     "weights (.safetensors/.pt file, or a pretrained folder with config.json "
                     "and model.safetensors) to another format, upstream included.")
-    parser.add_argument("src", help="upstream checkpoint folder or file, or converted weights")
+    parser.add_argument("src", help="upstream checkpoint folder or file, converted weights, "
+                        "or a pylo weights folder")
     parser.add_argument("-o", "--output", help="output file (folder for --format hf and "
                         "upstream); default: named after SRC in the current folder")
     parser.add_argument("--format", choices=FORMATS, default="safetensors")
@@ -121,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "refused where it contradicts a known sha256. 'fixture' makes "
                              "every optimizer built from them warn that they are not "
                              "meta-trained")
+    parser.add_argument("--pylo-decay-offsets", metavar="pylo|JSON",
+                        help="for a pylo MetaMLP folder (which stores no learned decay "
+                             "offsets): 'pylo' takes pylo's hard-coded (μLO's) offsets, or a "
+                             "JSON object gives momentum_decay_offsets, rms_decay_offsets and "
+                             "adafactor_decay_offsets")
     parser.add_argument("--upstream-defaults", action="store_true",
                         help="without config.gin, fill hyperparameters that the weights "
                              "cannot tell with upstream's constructor defaults; a tuple-rooted "
@@ -171,7 +191,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         hparams = _parse_set(args.set)
         converted = convert(args.src, args.kind, upstream_defaults=args.upstream_defaults,
-                            origin=args.origin, **hparams)
+                            origin=args.origin,
+                            pylo_decay_offsets=_parse_decay_offsets(args.pylo_decay_offsets),
+                            **hparams)
         out = args.output or default_output(args.src, args.format)
         written = converted.save(out, args.format, overwrite=args.force)
         print(summarize(converted, args.src, written, args.format))

@@ -16,6 +16,7 @@ from converters import flax_msgpack, mulo, origin
 from converters.atomic import atomic_target, write_files_atomic
 from converters.errors import CheckpointError
 from converters.upstream import MAPPINGS, UpstreamCheckpoint, load_upstream
+from lopt_port import pylo_layout
 from lopt_port.provenance import NOTE_KEY, ORIGIN_KEY, origin_of
 from lopt_port.version import __version__
 from lopt_port.weights import (
@@ -25,6 +26,7 @@ from lopt_port.weights import (
     WEIGHTS_NAME,
     WeightsError,
     is_pretrained_folder,
+    load_pylo,
     load_weights,
     metadata_to_config,
     safetensors_bytes,
@@ -264,9 +266,12 @@ def _recorded_origin(metadata: Mapping[str, str], declared: str | None,
 
 
 def _from_weights(path: str, kind: str | None, upstream_defaults: bool, declared: str | None,
-                  hparams: Mapping[str, Any]) -> Converted:
+                  hparams: Mapping[str, Any], pylo_decay_offsets: Any = None) -> Converted:
     try:
-        loaded = load_weights(path)
+        if pylo_layout.layout_of(path) is not None:
+            loaded = load_pylo(path, kind=kind, decay_offsets=pylo_decay_offsets)
+        else:
+            loaded = load_weights(path)
     except WeightsError as e:
         raise CheckpointError(str(e)) from None
     kind = kind or loaded.kind
@@ -295,6 +300,7 @@ def _from_weights(path: str, kind: str | None, upstream_defaults: bool, declared
 
 def convert(path: str | os.PathLike, kind: str | None = None, *,
             upstream_defaults: bool = False, origin: str | None = None,
+            pylo_decay_offsets: Mapping[str, Any] | str | None = None,
             **hparams: Any) -> Converted:
     """Convert an upstream checkpoint (folder or ``params`` file) to PyTorch weights.
 
@@ -304,8 +310,17 @@ def convert(path: str | os.PathLike, kind: str | None = None, *,
     (:mod:`converters.origin`); ``origin`` declares it (``fixture``, ``release`` or
     ``unknown``) where lopt-port cannot recognise the file, and is refused where it
     contradicts what lopt-port knows.
+
+    ``path`` may also be one of pylo's published weights folders
+    (:func:`lopt_port.load_pylo`; origin ``pylo-copy``); a MetaMLP folder needs ``kind`` and
+    ``pylo_decay_offsets`` (the three offsets by lopt-port name, or ``"pylo"``).
     """
     name = os.fspath(path)
+    if pylo_layout.layout_of(name) is not None:
+        return _from_weights(name, kind, upstream_defaults, origin, hparams, pylo_decay_offsets)
+    if pylo_decay_offsets is not None:
+        raise CheckpointError("pylo decay offsets apply to a pylo MetaMLP folder only",
+                              file=name)
     if (os.path.isfile(name) and name.endswith(WEIGHTS_SUFFIXES)) or (
             os.path.isdir(name) and is_pretrained_folder(name)):
         return _from_weights(name, kind, upstream_defaults, origin, hparams)
