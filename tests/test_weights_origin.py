@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -14,15 +15,32 @@ import converters
 from converters import cli, flax_msgpack
 from converters.origin import VELO_RELEASE_BYTES, VELO_RELEASE_NOTE, velo_release_hparams
 from lopt_port import WeightsError, from_pretrained, load_pretrained, velo_config
-from lopt_port.provenance import NOTE_KEY, ORIGIN_KEY
+from lopt_port.provenance import KNOWN_SOURCES, NOTE_KEY, ORIGIN_KEY
 from lopt_port.weights import LoadedWeights, safetensors_bytes
-from tests.conftest import checkpoint_dir
+from tests.conftest import CHECKPOINTS, SHARED_GOLDEN, checkpoint_dir
 
 ORIGINS = {"velo_small": "fixture", "small_fc_h32_sm0p01": "fixture",
            "small_fc_h32_default": "fixture", "mulo_h32_sm0p01": "fixture",
            "celo": "release", "celo_adam": "release"}
 KWARGS = {"velo_small": {"num_steps": 20}, "celo": {"num_steps": 20}}
 FIXTURE_TEXT = "TEST FIXTURE, NOT META-TRAINED"
+
+
+def test_known_sources_are_the_documented_files():
+    with open(os.path.join(CHECKPOINTS, "README.md")) as f:
+        listed = {rel: digest for digest, rel in (line.split() for line in f
+                  if len(line.split()) == 2 and len(line.split()[0]) == 64)}
+    thetas = {rel: digest for rel, digest in listed.items()
+              if rel.endswith(("/params", "/theta.state"))}
+    assert {rel.split("/")[0] for rel in thetas} == set(ORIGINS)
+    for rel, digest in thetas.items():
+        assert KNOWN_SOURCES[digest][0] == ORIGINS[rel.split("/")[0]], rel
+    others = set(KNOWN_SOURCES) - set(thetas.values())
+    assert len(others) == 1 and KNOWN_SOURCES[others.pop()][0] == "fixture"  # velo_full
+    velo_full = os.path.join(SHARED_GOLDEN, "checkpoints", "velo_full", "params")
+    if os.path.isfile(velo_full):
+        with open(velo_full, "rb") as f:
+            assert KNOWN_SOURCES[hashlib.sha256(f.read()).hexdigest()][0] == "fixture"
 
 
 def _fixture_warnings(build) -> list[warnings.WarningMessage]:
