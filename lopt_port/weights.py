@@ -20,6 +20,7 @@ upstream_config_gin    the upstream ``config.gin`` text, verbatim
 weights_origin         ``fixture``, ``release``, ``pylo-copy`` or ``unknown``
                        (:mod:`lopt_port.provenance`; optional: older files lack it)
 weights_origin_note    how the origin was established, in words
+pylo_files             JSON ``{file: sha256}`` of a pylo folder read (:func:`load_pylo`)
 =====================  ==================================================================
 
 ``.safetensors`` files carry it as the safetensors header metadata; ``.pt`` files are an
