@@ -14,8 +14,10 @@ from typing import Any
 
 from converters.convert import FORMATS, WEIGHTS_SUFFIXES, Converted, convert
 from converters.errors import CheckpointError
+from converters.origin import DECLARABLE
 from converters.state import migrate_state
 from converters.upstream import MAPPINGS
+from lopt_port.provenance import NOTE_KEY, ORIGIN_KEY
 from lopt_port.weights import WeightsError
 
 _SUFFIX = {"safetensors": ".safetensors", "pt": ".pt", "hf": "_hf", "upstream": "_upstream"}
@@ -33,6 +35,20 @@ def _parse_set(items: Sequence[str]) -> dict[str, Any]:
             value = text.strip()
         out[name.strip()] = value
     return out
+
+
+def _parse_decay_offsets(text: str | None) -> dict[str, Any] | str | None:
+    """``--pylo-decay-offsets``: ``pylo`` or a JSON object of the three offsets."""
+    if text is None or text == "pylo":
+        return text
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"--pylo-decay-offsets expects 'pylo' or a JSON object ({e})"
+                              ) from None
+    if not isinstance(value, dict):
+        raise CheckpointError("--pylo-decay-offsets expects 'pylo' or a JSON object")
+    return value
 
 
 def default_output(src: str, fmt: str) -> str:
@@ -71,6 +87,9 @@ def summarize(converted: Converted, src: str, written: Sequence[str], fmt: str) 
         lines.append(f"          from upstream file {meta.get('source_file')!r}, "
                      f"sha256 {meta['source_sha256']}")
     lines.append(f"kind      {converted.kind}")
+    if ORIGIN_KEY in meta:
+        lines.extend(_wrap_items("origin    ", f"{meta[ORIGIN_KEY]}: {meta.get(NOTE_KEY, '')}"
+                                 .split()))
     lines.extend(_wrap_items("hparams   ", [f"{k}={v}" for k, v in converted.hparams.items()]))
     if "upstream_step" in meta:
         lines.append(f"upstream  gen_id={meta.get('upstream_gen_id')} "
@@ -100,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "'config.gin', or a 'params' file) to PyTorch weights, or converted "
                     "weights (.safetensors/.pt file, or a pretrained folder with config.json "
                     "and model.safetensors) to another format, upstream included.")
-    parser.add_argument("src", help="upstream checkpoint folder or file, or converted weights")
+    parser.add_argument("src", help="upstream checkpoint folder or file, converted weights, "
+                        "or a pylo weights folder")
     parser.add_argument("-o", "--output", help="output file (folder for --format hf and "
                         "upstream); default: named after SRC in the current folder")
     parser.add_argument("--format", choices=FORMATS, default="safetensors")
@@ -110,6 +130,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="hyperparameter (Python literal), overriding config.gin; "
                              "repeatable")
+    parser.add_argument("--origin", choices=DECLARABLE,
+                        help="declare what the weights are (recorded in the metadata as "
+                             "weights_origin) where lopt-port does not recognise the file; "
+                             "refused where it contradicts a known sha256. 'fixture' makes "
+                             "every optimizer built from them warn that they are not "
+                             "meta-trained")
+    parser.add_argument("--pylo-decay-offsets", metavar="pylo|JSON",
+                        help="for a pylo MetaMLP folder (which stores no learned decay "
+                             "offsets): 'pylo' takes pylo's hard-coded (μLO's) offsets, or a "
+                             "JSON object gives momentum_decay_offsets, rms_decay_offsets and "
+                             "adafactor_decay_offsets")
     parser.add_argument("--upstream-defaults", action="store_true",
                         help="without config.gin, fill hyperparameters that the weights "
                              "cannot tell with upstream's constructor defaults; a tuple-rooted "
@@ -160,6 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         hparams = _parse_set(args.set)
         converted = convert(args.src, args.kind, upstream_defaults=args.upstream_defaults,
+                            origin=args.origin,
+                            pylo_decay_offsets=_parse_decay_offsets(args.pylo_decay_offsets),
                             **hparams)
         out = args.output or default_output(args.src, args.format)
         written = converted.save(out, args.format, overwrite=args.force)

@@ -12,10 +12,12 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from converters import flax_msgpack, mulo
+from converters import flax_msgpack, mulo, origin
 from converters.atomic import atomic_target, write_files_atomic
 from converters.errors import CheckpointError
 from converters.upstream import MAPPINGS, UpstreamCheckpoint, load_upstream
+from lopt_port import pylo_layout
+from lopt_port.provenance import NOTE_KEY, ORIGIN_KEY, origin_of
 from lopt_port.version import __version__
 from lopt_port.weights import (
     CONFIG_NAME,
@@ -24,6 +26,7 @@ from lopt_port.weights import (
     WEIGHTS_NAME,
     WeightsError,
     is_pretrained_folder,
+    load_pylo,
     load_weights,
     metadata_to_config,
     safetensors_bytes,
@@ -210,7 +213,7 @@ class Converted:
         raise CheckpointError(f"unknown format {format!r} (one of {', '.join(FORMATS)})")
 
 
-def _from_upstream(ckpt: UpstreamCheckpoint) -> Converted:
+def _from_upstream(ckpt: UpstreamCheckpoint, declared: str | None) -> Converted:
     mapping = MAPPINGS[ckpt.kind]
     arrays = mapping.theta_to_state_dict(ckpt.tree, ckpt.hparams, ckpt.path, ckpt.theta_path)
     state_dict = {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
@@ -229,6 +232,11 @@ def _from_upstream(ckpt: UpstreamCheckpoint) -> Converted:
     }
     if ckpt.config is not None:
         metadata["upstream_config_gin"] = ckpt.config.text
+    try:
+        metadata.update(origin.classify(ckpt.sha256, ckpt.kind, ckpt.hparams, len(ckpt.raw),
+                                        ckpt.config is not None, declared))
+    except ValueError as e:
+        raise CheckpointError(str(e), file=ckpt.path) from None
     converted = Converted(ckpt.kind, state_dict, {"kind": ckpt.kind, "hparams": ckpt.hparams},
                           metadata)
     if ckpt.reencodes_exactly and converted.upstream_bytes() != ckpt.raw:
@@ -237,10 +245,33 @@ def _from_upstream(ckpt: UpstreamCheckpoint) -> Converted:
     return converted
 
 
-def _from_weights(path: str, kind: str | None, upstream_defaults: bool,
-                  hparams: Mapping[str, Any]) -> Converted:
+def _recorded_origin(metadata: Mapping[str, str], declared: str | None,
+                     path: str) -> dict[str, str]:
+    """The origin fields of converted weights being re-saved: as recorded (or, for files
+    written before the field existed, as :func:`~lopt_port.provenance.origin_of` infers it),
+    or as ``declared`` where nothing contradicts that."""
+    recorded, note = origin_of(metadata)
+    if declared is None:
+        return {ORIGIN_KEY: recorded, NOTE_KEY: note or "not recorded at conversion"}
+    if declared not in origin.DECLARABLE:
+        raise CheckpointError(f"origin {declared!r} cannot be declared (one of "
+                              f"{', '.join(origin.DECLARABLE)})", file=path)
+    if recorded not in ("unknown", declared):
+        raise CheckpointError(f"origin declared {declared!r}, but the weights are recorded as "
+                              f"{recorded!r}: {note}", file=path)
+    if recorded == declared:
+        return {ORIGIN_KEY: recorded, NOTE_KEY: note}
+    return {ORIGIN_KEY: declared,
+            NOTE_KEY: "declared by the user at conversion (lopt-convert --origin)"}
+
+
+def _from_weights(path: str, kind: str | None, upstream_defaults: bool, declared: str | None,
+                  hparams: Mapping[str, Any], pylo_decay_offsets: Any = None) -> Converted:
     try:
-        loaded = load_weights(path)
+        if pylo_layout.layout_of(path) is not None:
+            loaded = load_pylo(path, kind=kind, decay_offsets=pylo_decay_offsets)
+        else:
+            loaded = load_weights(path)
     except WeightsError as e:
         raise CheckpointError(str(e)) from None
     kind = kind or loaded.kind
@@ -263,23 +294,38 @@ def _from_weights(path: str, kind: str | None, upstream_defaults: bool,
     metadata.update({"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "kind": kind,
                      "hparams": json.dumps(resolved, sort_keys=True)})
     metadata.setdefault("lopt_port_version", __version__)
+    metadata.update(_recorded_origin(metadata, declared, path))
     return Converted(kind, dict(loaded.state_dict), {"kind": kind, "hparams": resolved}, metadata)
 
 
 def convert(path: str | os.PathLike, kind: str | None = None, *,
-            upstream_defaults: bool = False, **hparams: Any) -> Converted:
+            upstream_defaults: bool = False, origin: str | None = None,
+            pylo_decay_offsets: Mapping[str, Any] | str | None = None,
+            **hparams: Any) -> Converted:
     """Convert an upstream checkpoint (folder or ``params`` file) to PyTorch weights.
 
     ``path`` may also be a converted ``.safetensors``/``.pt`` file or pretrained folder, to
     change its format or write it back to upstream. ``kind`` and ``hparams`` follow
-    :func:`load_upstream`.
+    :func:`load_upstream`. The metadata records the weights' origin
+    (:mod:`converters.origin`); ``origin`` declares it (``fixture``, ``release`` or
+    ``unknown``) where lopt-port cannot recognise the file, and is refused where it
+    contradicts what lopt-port knows.
+
+    ``path`` may also be one of pylo's published weights folders
+    (:func:`lopt_port.load_pylo`; origin ``pylo-copy``); a MetaMLP folder needs ``kind`` and
+    ``pylo_decay_offsets`` (the three offsets by lopt-port name, or ``"pylo"``).
     """
     name = os.fspath(path)
+    if pylo_layout.layout_of(name) is not None:
+        return _from_weights(name, kind, upstream_defaults, origin, hparams, pylo_decay_offsets)
+    if pylo_decay_offsets is not None:
+        raise CheckpointError("pylo decay offsets apply to a pylo MetaMLP folder only",
+                              file=name)
     if (os.path.isfile(name) and name.endswith(WEIGHTS_SUFFIXES)) or (
             os.path.isdir(name) and is_pretrained_folder(name)):
-        return _from_weights(name, kind, upstream_defaults, hparams)
+        return _from_weights(name, kind, upstream_defaults, origin, hparams)
     if os.path.isfile(name) and name.endswith(mulo.PICKLE_SUFFIXES):
         return _from_upstream(mulo.load_pickle(name, kind, upstream_defaults=upstream_defaults,
-                                               **hparams))
+                                               **hparams), origin)
     return _from_upstream(load_upstream(name, kind, upstream_defaults=upstream_defaults,
-                                        **hparams))
+                                        **hparams), origin)

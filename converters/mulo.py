@@ -16,7 +16,9 @@ Theta is ``AdafacMLPLOpt``'s (spec A.3), so names, shapes and transposes are tho
   read by :func:`converters.upstream.load_upstream` as for the other kinds;
 * **PyLO's PyTorch layout** (``btherien/mulo``: ``network.{input,linear_0,output}.{weight,
   bias}``): :func:`from_pylo_state_dict`. Those files lack the learned decay offsets; PyLO's
-  hard-coded ones (:data:`PYLO_DECAY_OFFSETS`) are used only when asked for explicitly.
+  hard-coded ones (:data:`PYLO_DECAY_OFFSETS`) are used only when asked for explicitly. A
+  published PyLO folder (``model.safetensors`` + ``config.json``) is read by
+  :func:`lopt_port.load_pylo` and ``lopt-convert --kind mulo --pylo-decay-offsets ...``.
 
 μLO's theta has exactly small_fc_lopt's leaves, so a checkpoint cannot be told apart by
 them: :func:`matches` is always False, and the kind comes from ``config.gin``, the pickle
@@ -38,6 +40,7 @@ from converters import small_fc_lopt as base
 from converters.errors import CheckpointError
 from converters.flax_msgpack import MAX_FILE_BYTES
 from lopt_port import mulo_config as cfg
+from lopt_port import pylo_layout
 
 KIND = cfg.KIND
 UPSTREAM_CLASS = cfg.UPSTREAM_CLASS
@@ -282,13 +285,9 @@ def pickle_bytes(theta: Mapping[str, Any]) -> bytes:
 # PyLO's PyTorch layout.
 
 #: PyLO's hard-coded learned decay offsets for μLO (spec A.3, [external]): the released
-#: ``btherien/mulo`` weights do not contain them.
-PYLO_DECAY_OFFSETS: dict[str, tuple[float, ...]] = {
-    "momentum_decay_offsets": (0.15216392, 0.14245212, 0.06812963),
-    "rms_decay_offsets": (0.01079706,),
-    "adafactor_decay_offsets": (0.18621896, -0.10864615, -0.06185547),
-}
-_PYLO_NAMES = {"network.input": "mlp.0", "network.linear_0": "mlp.1", "network.output": "mlp.2"}
+#: ``btherien/mulo`` weights do not contain them (:mod:`lopt_port.pylo_layout`).
+PYLO_DECAY_OFFSETS = pylo_layout.PYLO_DECAY_OFFSETS
+_PYLO_NAMES = pylo_layout.meta_mlp_names(1)
 
 
 def from_pylo_state_dict(sd: Mapping[str, Any], *,

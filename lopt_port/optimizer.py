@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from lopt_port import extension
+from lopt_port.provenance import fixture_warning
 from lopt_port.state_layout import GLOBAL_STATE, TieBreak, factored_state_shapes
 from lopt_port.weights import LoadedWeights, WeightsError, load_weights
 
@@ -52,6 +54,7 @@ LOSS_HANDOFF = (
     "GradScaler, timm's NativeScaler, accelerate: opt.observe_loss(loss) before the step; "
     "Hugging Face Trainer: lopt_port.integrations.track_loss(model, opt) before train(); "
     "Lightning: Trainer(callbacks=[lopt_port.integrations.LightningLossCallback()])")
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,15 @@ class StepInputs:
         return [g.group for g in self.groups for _ in g.params]
 
 
+def _stacklevel_outside_package() -> int:
+    """The ``stacklevel`` that makes a warning given by the caller point at the first frame
+    outside lopt_port (the user's line, however many of the package's frames lie between)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def check_non_negative(name: str, value: Any) -> float:
     """A non-negative float option (``lr``, ``weight_decay``)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
@@ -150,6 +162,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
     captures_step: ClassVar[bool] = False
 
     hparams: dict[str, Any]
+    #: What the weights are: ``fixture``, ``release``, ``pylo-copy`` or ``unknown``.
+    weights_origin: str
     #: The optimizer's composed parts; they give :meth:`initial_state`.
     parts: Any
 
@@ -157,10 +171,19 @@ class LearnedOptimizer(torch.optim.Optimizer):
                       overrides: Mapping[str, Any] | None) -> dict[str, torch.Tensor]:
         """Load ``weights`` of ``kind``, complete :attr:`hparams` (the weights' metadata, then
         ``overrides``) and check the state dict against them; the weights as float32 CPU
-        tensors. Raises :class:`~lopt_port.weights.WeightsError`."""
+        tensors. Raises :class:`~lopt_port.weights.WeightsError`.
+
+        Sets :attr:`weights_origin` (:mod:`lopt_port.provenance`). Weights that are a test
+        fixture (not meta-trained) give one ``UserWarning`` per optimizer built, saying so;
+        ``release``, ``pylo-copy`` and ``unknown`` weights give none (most weights converted by
+        users are ``unknown``: only what lopt-port can recognise is classified)."""
         loaded = load_weights(weights)
         if loaded.kind not in (None, kind.kind):
             raise WeightsError(f"weights are for {loaded.kind!r}, not {kind.kind!r}")
+        self.weights_origin = loaded.origin
+        if self.weights_origin == "fixture":
+            warnings.warn(fixture_warning(type(self).__name__, loaded.origin_note), UserWarning,
+                          stacklevel=_stacklevel_outside_package())
         given = {**loaded.hparams, **(overrides or {})}
         shapes = {k: tuple(v.shape) for k, v in loaded.state_dict.items()}
         try:

@@ -9,6 +9,10 @@ converted file's metadata names.
 * a Hugging Face Hub repository id, ``"owner/name"`` or ``"owner/name@revision"``, when no
   local path of that name exists: the two files of a pretrained folder are downloaded with
   ``huggingface_hub``, which is used only when it is installed (it is never a dependency);
+* a local copy of pylo's VeLO weights: a folder holding ``VeLO_RNN/`` and ``VeLO_MLP/`` (its two
+  Hub repositories, downloaded side by side; :func:`~lopt_port.weights.load_pylo`, origin
+  ``pylo-copy``); a pylo MetaMLP folder needs its kind and decay offsets, so it goes through
+  ``load_pylo(path, kind=..., decay_offsets=...)`` first;
 * a :class:`~lopt_port.weights.LoadedWeights`, or a state dict carrying lopt-port metadata.
 
 The optimizer class comes from the metadata's ``kind`` and its hyperparameters from the

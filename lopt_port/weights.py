@@ -17,6 +17,10 @@ upstream_gen_id        upstream ``gen_id`` (JSON)
 upstream_step          upstream ``step`` (JSON)
 upstream_layout        JSON skeleton that lets the converter rebuild the upstream bytes
 upstream_config_gin    the upstream ``config.gin`` text, verbatim
+weights_origin         ``fixture``, ``release``, ``pylo-copy`` or ``unknown``
+                       (:mod:`lopt_port.provenance`; optional: older files lack it)
+weights_origin_note    how the origin was established, in words
+pylo_files             JSON ``{file: sha256}`` of a pylo folder read (:func:`load_pylo`)
 =====================  ==================================================================
 
 ``.safetensors`` files carry it as the safetensors header metadata; ``.pt`` files are an
@@ -45,6 +49,9 @@ from typing import Any
 
 import torch
 
+from lopt_port import pylo_layout
+from lopt_port.provenance import origin_of
+
 FORMAT_NAME = "lopt-port-weights"
 FORMAT_VERSION = "1"
 SUPPORTED_FORMAT_VERSIONS = (FORMAT_VERSION,)
@@ -65,6 +72,17 @@ class LoadedWeights:
     state_dict: dict[str, torch.Tensor]
     metadata: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def origin(self) -> str:
+        """``fixture``, ``release``, ``pylo-copy`` or ``unknown``
+        (:func:`lopt_port.provenance.origin_of`)."""
+        return origin_of(self.metadata)[0]
+
+    @property
+    def origin_note(self) -> str:
+        """How :attr:`origin` was established, in words (empty when unknown)."""
+        return origin_of(self.metadata)[1]
+
 
 def _parse_metadata(meta: Mapping[str, str], origin: str) -> tuple[str | None, dict[str, Any]]:
     if not meta:
@@ -82,6 +100,10 @@ def _parse_metadata(meta: Mapping[str, str], origin: str) -> tuple[str | None, d
         raise WeightsError(f"{origin}: metadata 'hparams' is not valid JSON ({e})") from None
     if not isinstance(hparams, dict):
         raise WeightsError(f"{origin}: metadata 'hparams' must be a JSON object")
+    try:
+        origin_of(meta)
+    except ValueError as e:
+        raise WeightsError(f"{origin}: {e}") from None
     return meta.get("kind"), hparams
 
 
@@ -199,7 +221,8 @@ def _load_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 def load_weights(source: str | os.PathLike | Mapping[str, torch.Tensor] | LoadedWeights
                  ) -> LoadedWeights:
     """Load converted weights from a ``.safetensors``/``.pt`` file or a pretrained folder
-    (``config.json`` + ``model.safetensors``), or take a state dict.
+    (``config.json`` + ``model.safetensors``), or pylo's VeLO folders (:func:`load_pylo`), or
+    take a state dict.
 
     A plain state dict carries no metadata unless it has a ``_metadata`` attribute written
     by lopt-port; its kind and hyperparameters then come from the caller.
@@ -208,6 +231,15 @@ def load_weights(source: str | os.PathLike | Mapping[str, torch.Tensor] | Loaded
         return source
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
+        layout = pylo_layout.layout_of(path)
+        if layout == "velo":
+            return load_pylo(path)
+        if layout == "meta_mlp":
+            raise WeightsError(
+                f"{path}: a pylo MetaMLP folder stores neither its optimizer nor its learned "
+                f"decay offsets: load it with lopt_port.load_pylo(path, kind='small_fc_lopt' or "
+                f"'mulo', decay_offsets={{...}} or 'pylo'), or convert it with lopt-convert "
+                f"--kind K --pylo-decay-offsets pylo|JSON")
         tensors, meta = _load_folder(path) if is_pretrained_folder(path) else _load_file(path)
         origin = os.path.join(path, CONFIG_NAME) if is_pretrained_folder(path) else path
     elif isinstance(source, Mapping):
@@ -222,6 +254,24 @@ def load_weights(source: str | os.PathLike | Mapping[str, torch.Tensor] | Loaded
                         f"not {type(source).__name__}")
     kind, hparams = _parse_metadata(meta, origin)
     return LoadedWeights(kind, hparams, tensors, meta)
+
+
+def load_pylo(path: str | os.PathLike, *, kind: str | None = None,
+              decay_offsets: Mapping[str, Any] | str | None = None) -> LoadedWeights:
+    """pylo's published weights folder as lopt-port weights (:mod:`lopt_port.pylo_layout`:
+    the name mapping, what is assumed, origin ``pylo-copy``). A VeLO folder needs nothing
+    more; a MetaMLP folder needs ``kind`` (``small_fc_lopt`` or ``mulo``) and
+    ``decay_offsets`` (the three offsets by lopt-port name, or ``"pylo"`` for pylo's
+    hard-coded ones). Raises :class:`WeightsError` where the folder is not pylo's or the
+    information is missing."""
+    try:
+        tensors, meta = pylo_layout.read_pylo_folder(path, kind=kind,
+                                                     decay_offsets=decay_offsets)
+    except pylo_layout.PyloLayoutError as e:
+        raise WeightsError(str(e)) from None
+    meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **meta}
+    kind_found, hparams = _parse_metadata(meta, os.fspath(path))
+    return LoadedWeights(kind_found, hparams, tensors, meta)
 
 
 def state_dict_with_metadata(tensors: Mapping[str, torch.Tensor],
