@@ -183,7 +183,7 @@ class MuLO(LearnedOptimizer):
                           network=self.parts, lr=lists.group["lr"],
                           scales=[scale_of[p] for p in lists.params],
                           fused=self._fused_flags(lists.params), capture=self._capture)
-        return inputs.returned
+        return self._end_step(inputs)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """torch's ``add_param_group``, plus each parameter's scale (see the class doc)."""

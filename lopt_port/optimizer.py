@@ -39,6 +39,7 @@ import torch
 from lopt_port import extension
 from lopt_port.provenance import fixture_warning
 from lopt_port.state_layout import GLOBAL_STATE, TieBreak, factored_state_shapes
+from lopt_port.step_stats import group_stats
 from lopt_port.weights import LoadedWeights, WeightsError, load_weights
 
 WeightsArg = str | os.PathLike | Mapping[str, torch.Tensor] | LoadedWeights
@@ -104,6 +105,8 @@ class StepInputs:
     #: The training loss (a tensor or float), ``None`` if none was given.
     loss: Any
     groups: list[GroupLists]
+    #: With :attr:`LearnedOptimizer.track_step_stats`: each parameter's value before the step.
+    before: list[torch.Tensor] | None = None
 
     @property
     def params(self) -> list[torch.Tensor]:
@@ -214,6 +217,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
             raise RuntimeError(f"fused=True, but {self._fused_reason}")
         self._warned: set[str] = set()
         self._capture: Any = None
+        #: Record :meth:`last_step_stats` in the coming steps (it costs a copy of the
+        #: parameters per step: turn it on for the steps you log).
+        self.track_step_stats = False
+        self._last_stats: list[dict[str, torch.Tensor]] | None = None
         self._observed: list[torch.Tensor] = []
         self._combine: LossCombine = "mean"
         self._grads_cleared = False
@@ -360,7 +367,28 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if groups and self.requires_loss and loss is None:
             self.global_state  # noqa: B018 (creates it)
             return StepInputs(returned, None, [])
-        return StepInputs(returned, loss, groups)
+        before = ([p.detach().clone() for lists in groups for p in lists.params]
+                  if self.track_step_stats else None)
+        return StepInputs(returned, loss, groups, before)
+
+    def _end_step(self, inputs: StepInputs, *, step_scale: torch.Tensor | None = None,
+                  loss_features: torch.Tensor | None = None) -> Any:
+        """The step's epilogue: records :meth:`last_step_stats` when tracked (``step_scale``:
+        one per parameter of ``inputs``); returns what ``step()`` returns."""
+        if inputs.before is not None:
+            self._last_stats = group_stats(self.param_groups, inputs.params, inputs.before,
+                                           step_scale, loss_features)
+        return inputs.returned
+
+    def last_step_stats(self) -> list[dict[str, torch.Tensor]]:
+        """Diagnostics of the last step taken with ``track_step_stats = True``, one dict of
+        float32 tensors per param group (:mod:`lopt_port.step_stats`: ``update_rms``, and for
+        VeLO's family ``step_scale`` and ``loss_features``). They stay on the parameters'
+        device: nothing is read to the host until you read them."""
+        if self._last_stats is None:
+            raise RuntimeError(f"{type(self).__name__}: no step stats recorded; set "
+                               f"opt.track_step_stats = True before the steps you log")
+        return self._last_stats
 
     def _fused_flags(self, params: list[torch.Tensor]) -> list[bool]:
         """Per parameter, whether it takes the fused path (:class:`FusedPath`): ``fused=True``

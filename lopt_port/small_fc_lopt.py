@@ -168,7 +168,7 @@ class SmallFCLOpt(LearnedOptimizer):
             small_fc_lopt(lists.params, lists.grads, lists.states, network=self.parts,
                           lr=lists.group["lr"], scales=None,
                           fused=self._fused_flags(lists.params), capture=self._capture)
-        return inputs.returned
+        return self._end_step(inputs)
 
 
 def small_fc_lopt(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],

@@ -131,11 +131,13 @@ class VeloFamily(LearnedOptimizer):
         """One update of every parameter with a gradient (:func:`velo`); returns the
         closure's loss."""
         inputs = self._begin_step(closure, loss, skip_empty=True)
-        if inputs.groups:
-            self._warn_past_horizon(int(self.global_state["iteration"]))
-            velo(inputs, self.global_state, self.parts,
-                 fused=all(self._fused_flags(inputs.params)), capture=self._capture)
-        return inputs.returned
+        if not inputs.groups:
+            return self._end_step(inputs)
+        self._warn_past_horizon(int(self.global_state["iteration"]))
+        step_scale, loss_features = velo(inputs, self.global_state, self.parts,
+                                         fused=all(self._fused_flags(inputs.params)),
+                                         capture=self._capture)
+        return self._end_step(inputs, step_scale=step_scale, loss_features=loss_features)
 
 
     def _warn_past_horizon(self, iteration: int) -> None:
@@ -202,23 +204,26 @@ class VeLO(VeloFamily):
 
 
 def velo(inputs: StepInputs, glob: dict[str, Any], parts: VeloParts, *, fused: bool,
-         capture: dict[str, Any] | None) -> None:
+         capture: dict[str, Any] | None) -> tuple[torch.Tensor, torch.Tensor]:
     """One step of VeLO's family for the gathered ``inputs``, advancing ``glob`` (the
-    step-wide state); :func:`_fused_velo` when ``fused``, else :func:`_eager_velo`."""
+    step-wide state); :func:`_fused_velo` when ``fused``, else :func:`_eager_velo`. Returns
+    the per-tensor factor applied to each step and the loss features (for
+    :meth:`~lopt_port.optimizer.LearnedOptimizer.last_step_stats`)."""
     if glob["num_steps"] != parts.horizon.num_steps:
         raise RuntimeError(f"the loaded state was trained with num_steps={glob['num_steps']}, "
                            f"this optimizer has {parts.horizon.num_steps}")
     loss = as_loss_tensor(inputs.loss, inputs.params[0].device)
     step = _fused_velo if fused else _eager_velo
-    step(inputs.params, inputs.grads, inputs.states, inputs.param_groups, glob, loss,
-         parts=parts, capture=capture)
+    taken = step(inputs.params, inputs.grads, inputs.states, inputs.param_groups, glob, loss,
+                 parts=parts, capture=capture)
     glob["iteration"] = glob["iteration"] + 1
+    return taken
 
 
 def _eager_velo(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
                 states: Sequence[dict[str, Any]], groups: Sequence[dict[str, Any]],
                 glob: dict[str, Any], loss: torch.Tensor, *, parts: VeloParts,
-                capture: dict[str, Any] | None) -> None:
+                capture: dict[str, Any] | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The step in PyTorch ops. Sharded (FSDP2) parameters work on their local rows; their
     whole-tensor reductions run as a few batched rounds of collectives
     (:mod:`lopt_port.sharding`)."""
@@ -264,12 +269,13 @@ def _eager_velo(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
                                   decoupled_weight_decay=parts.decoupled_weight_decay,
                                   iteration=iteration, capture=capture), specs[i])
         for i, (p, s, g, group) in enumerate(zip(params, states, clipped, groups, strict=True))])
+    return applied, loss_features
 
 
 def _fused_velo(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
                 states: Sequence[dict[str, Any]], groups: Sequence[dict[str, Any]],
                 glob: dict[str, Any], loss: torch.Tensor, *, parts: VeloParts,
-                capture: dict[str, Any] | None) -> None:
+                capture: dict[str, Any] | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The step with the rule's multi-tensor form (VeLO, Celo: the kernels' phase A before
     the network and phase B after it, :mod:`lopt_port.velo_fused`; Celo-Adam: ``foreach``
     operations); ``capture``: unused, a capturing step is eager."""
@@ -294,9 +300,11 @@ def _fused_velo(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
     controls, lr_mult = parts.heads(h_new, parts.lstm.on_device(device))
     parts.lstm.carry(states, h_new, c_new)
     # 4. the per-parameter rule, for all tensors at once
-    parts.rule.fused_finish(prep, controls, parts.heads.applied(lr_mult), groups,
+    applied = parts.heads.applied(lr_mult)
+    parts.rule.fused_finish(prep, controls, applied, groups,
                             decoupled_weight_decay=parts.decoupled_weight_decay,
                             iteration=iteration)
+    return applied, loss_features
 
 
 def _mean_square_rounds(p32: torch.Tensor, numel: int) -> Rounds:
