@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -40,11 +42,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     build.add_argument("--emulated", action="store_true",
                        help="also build the emulated CUDA backend (LOPT_PORT_FUSED_BACKEND="
                             "cuda-emulated; what `make test` runs)")
+    build.add_argument("--lower-level", action="store_true",
+                       help="also build the CPU backend one x86-64 level below this CPU's "
+                            "(LOPT_CPU_ISA; what a CPU without AVX-512 runs), in a second "
+                            "process at the same time: ninja leaves a core idle during most of "
+                            "a build (tests/test_build.py compares the two bit for bit)")
     args = parser.parse_args(argv)
+    lower = extension.lower_isa() if args.lower_level else None
+    second = None
+    if lower is not None:
+        second = subprocess.Popen([sys.executable, "-m", "lopt_port.cli", "build"],
+                                  env={**os.environ, "LOPT_CPU_ISA": lower})
     ok = _build_one("fused kernels", extension.load, _kernels_detail)
     if args.emulated:
         ok &= _build_one("emulated CUDA backend", extension.load_emulated,
                          lambda: f"host code for {extension.cpu_isa()}")
+    if second is not None:
+        ok &= second.wait() == 0
     return 0 if ok else 1
 
 

@@ -57,8 +57,8 @@ def test_first_build_reports_each_source_then_a_cached_one_nothing(tmp_path, cap
 
     obj = build()
     lines = capsys.readouterr().err.splitlines()
-    assert lines[0] == (f"lopt-port: building the test kernels, once (about 42 s on 2 idle "
-                        f"cores; cached in {out_dir}; LOPT_PORT_QUIET_BUILD=1 hides these lines)")
+    assert lines[0] == (f"lopt-port: building the test kernels, once (about 42 s on 2 cores; "
+                        f"cached in {out_dir}; LOPT_PORT_QUIET_BUILD=1 hides these lines)")
     assert lines[1:3] == ["lopt-port: [1/2] test sources (c++): part0.cpp",
                           "lopt-port: [2/2] test sources (c++): part1.cpp"]
     assert lines[3].startswith("lopt-port: the test kernels built in ")
@@ -143,6 +143,20 @@ def test_build_command_reports_what_and_how(capsys):
         assert line.endswith(f"{name}_{isa}.so")
 
 
+@pytest.mark.slow
+def test_build_command_builds_the_lower_level_beside(capfd):
+    """``--lower-level`` builds the level below this CPU's in a second process (slow where it
+    is not cached yet: one more build; ``make test`` builds it first)."""
+    lower = extension.lower_isa()
+    if lower is None:
+        pytest.skip(f"no x86-64 level below {extension.cpu_isa()}")
+    assert cli.main(["build", "--lower-level"]) == 0
+    out = capfd.readouterr().out.splitlines()
+    assert len(out) == 2
+    assert any(line.startswith(f"fused kernels (CPU backend for {lower}; ") for line in out)
+    assert any(line.endswith(f"{extension.binding_name(lower)}.so") for line in out)
+
+
 def test_build_command_fails_with_the_reason(capsys, monkeypatch):
     def broken() -> str:
         raise extension.ExtensionUnavailable("no compiler (test)")
@@ -195,6 +209,13 @@ def test_without_proc_cpuinfo_torch_detects(host, monkeypatch, capability, isa):
     assert extension.cpu_isa() == isa
 
 
+@pytest.mark.parametrize("flags, lower", [(AVX512_HOST, "avx2"), (AVX2_HOST, "generic"),
+                                          (frozenset({"sse2"}), None)])
+def test_the_level_below(host, flags, lower):
+    host(flags)
+    assert extension.lower_isa() == lower
+
+
 def test_a_lower_level_is_taken(host, monkeypatch):
     host(AVX512_HOST)
     for isa in ("avx2", "generic", "avx512"):
@@ -229,6 +250,7 @@ def test_a_level_the_cpu_lacks_is_refused_before_building(host, monkeypatch):
 def test_other_architectures_build_native_or_generic(host, monkeypatch):
     host(None, machine="aarch64")
     assert extension.cpu_isa() == "native"
+    assert extension.lower_isa() is None
     assert extension.isa_flags("native") == ["-march=native"]
     monkeypatch.setenv("LOPT_CPU_ISA", "generic")
     assert extension.cpu_isa() == "generic"
@@ -283,11 +305,9 @@ def test_lower_level_build_gives_identical_bits(tmp_path):
     order (csrc/reduction_order.h) are the same at every level. Its library holds no AVX-512
     instruction. Slow: a second build, once per TORCH_EXTENSIONS_DIR (about 1.5 minutes on 2
     cores; its name carries the level, so it is cached beside the default build)."""
-    levels = list(extension.X86_LEVELS)
-    isa = extension.cpu_isa()
-    if isa not in levels[:-1]:
+    isa, lower = extension.cpu_isa(), extension.lower_isa()
+    if lower is None:
         pytest.skip(f"no x86-64 level below {isa}")
-    lower = levels[levels.index(isa) + 1]
     out = tmp_path / "lower.pt"
     code = ("import sys, torch; from lopt_port import extension; "
             "from tests.test_build import fused_run; "
