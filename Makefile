@@ -44,9 +44,9 @@ check-cuda-torch: $(CUDA_STAMP)
 
 # The fused kernels (lopt-port build: what was built, the time; a cached build is checked by
 # ninja in about a second). `build-test` adds what `make test` runs: the emulated CUDA backend
-# (the tests and the gate's cuda-emulated lines) and the CPU backend one level below this
-# CPU's (tests/test_build.py's slow test), built in a second process on the core that ninja
-# leaves idle during most of the first build.
+# (the tests and the gate's cuda-emulated lines) and, on an AVX-512 CPU, the CPU backend
+# without AVX-512 (tests/test_build.py's slow test), built in a second process on the core
+# that ninja leaves idle during most of the first build.
 build: $(STAMP)
 	$(BIN)/lopt-port build
 

@@ -43,8 +43,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                        help="also build the emulated CUDA backend (LOPT_PORT_FUSED_BACKEND="
                             "cuda-emulated; what `make test` runs)")
     build.add_argument("--lower-level", action="store_true",
-                       help="also build the CPU backend one x86-64 level below this CPU's "
-                            "(LOPT_CPU_ISA; what a CPU without AVX-512 runs), in a second "
+                       help="on an AVX-512 CPU, also build the CPU backend without AVX-512 "
+                            "(LOPT_CPU_ISA=avx2, what other CPUs run), in a second "
                             "process at the same time: ninja leaves a core idle during most of "
                             "a build (tests/test_build.py compares the two bit for bit)")
     args = parser.parse_args(argv)
