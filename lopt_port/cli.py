@@ -21,7 +21,7 @@ def _build_one(label: str, load: Callable[[], str], detail: Callable[[], str]) -
     try:
         path = load()
     except extension.ExtensionUnavailable as e:
-        print(f"lopt-port: the {label} are unavailable: {e}", file=sys.stderr)
+        print(f"lopt-port: cannot build the {label}: {e}", file=sys.stderr)
         return False
     how = "built" if set(extension.BUILD_TIMES) - before else "loaded from the cache"
     print(f"{label} ({detail()}) {how} in {time.monotonic() - start:.1f}s: {path}")

@@ -163,7 +163,7 @@ def test_build_command_fails_with_the_reason(capsys, monkeypatch):
 
     monkeypatch.setattr(extension, "load", broken)
     assert cli.main(["build"]) == 1
-    assert "the fused kernels are unavailable: no compiler (test)" in capsys.readouterr().err
+    assert "cannot build the fused kernels: no compiler (test)" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------
