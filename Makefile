@@ -1,14 +1,16 @@
-# Three entry points; each sets up .venv from the project's own files on first use.
+# Entry points; each sets up .venv from the project's own files on first use and builds
+# the fused kernels up front (`make build`), so that no job pays for it inside.
 #   make demo   convert the bundled checkpoints, check the round trip, replay upstream's run
 #   make test   ruff + the parity gate + the test suite + the CUDA-torch build check (CI)
 #   make quick  ruff + the tests not marked slow: the inner loop (docs/development.md)
+#   make build  build the fused kernels (cached: a few seconds when nothing changed)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_VERSION := 2.13.0
 
-.PHONY: demo test quick install check-cuda-torch clean
+.PHONY: demo test quick install build build-test check-cuda-torch clean
 
 install: $(STAMP)
 
@@ -43,16 +45,27 @@ $(CUDA_STAMP): pyproject.toml Makefile
 check-cuda-torch: $(CUDA_STAMP)
 	$(CUDA_VENV)/bin/python scripts/check_cuda_torch_build.py
 
+# The fused kernels (lopt-port build: what was built, the time; a cached build is checked by
+# ninja in about a second). `build-test` adds what `make test` runs: the emulated CUDA backend
+# (the tests and the gate's cuda-emulated lines) and, on an AVX-512 CPU, the CPU backend
+# without AVX-512 (tests/test_build.py's slow test), built in a second process on the core
+# that ninja leaves idle during most of the first build.
+build: $(STAMP)
+	$(BIN)/lopt-port build
+
+build-test: $(STAMP)
+	$(BIN)/lopt-port build --emulated --lower-level
+
 GATE_SRC := checkpoints/small_fc_h32_sm0p01
 VELO_SRC := checkpoints/velo_small
 MULO_SRC := checkpoints/mulo_h32_sm0p01
 CELO_SRC := checkpoints/celo
 CELO_ADAM_SRC := checkpoints/celo_adam
 
-demo: $(STAMP)
+demo: build
 	$(BIN)/python scripts/main_job.py
 
-test: $(STAMP) check-cuda-torch
+test: build-test check-cuda-torch
 	$(BIN)/ruff check .
 	$(BIN)/lopt-parity $(GATE_SRC) --gate --reference builtin --tasks 16 --steps 20 \
 		--free-task mlp --free-steps 200
@@ -88,7 +101,7 @@ test: $(STAMP) check-cuda-torch
 		--steps 20 --num-steps 50 --free-task conv --free-steps 100
 	$(BIN)/python -m pytest
 
-quick: $(STAMP)
+quick: build
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -m "not slow"
 

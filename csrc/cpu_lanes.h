@@ -10,15 +10,16 @@
 #include "tensor_args.h"
 #include "velo_math.h"
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
 
 namespace lopt {
 
-// The CPU's lane values: 16 floats in one AVX-512 register (an array without AVX-512), with
-// the lane operations of scalar_math.h, so that the header's MLPs run on 16 elements at once
-// through exactly each element's operations.
+// The CPU's lane values: 16 floats in one AVX-512 register (two AVX2 registers at the avx2
+// level, an array below it; LOPT_CPU_ISA, lopt_port/extension.py), with the lane operations of
+// scalar_math.h, so that the header's MLPs run on 16 elements at once through exactly each
+// element's operations: every level gives the same bits.
 #if defined(__AVX512F__)
 struct Lanes16 {
   __m512 v;
@@ -35,6 +36,34 @@ template <>
 inline Lanes16 lane_splat<Lanes16>(float x) { return {_mm512_set1_ps(x)}; }
 inline Lanes16 load_lanes16(const float* p) { return {_mm512_loadu_ps(p)}; }
 inline void store_lanes16(float* p, Lanes16 a) { _mm512_storeu_ps(p, a.v); }
+#elif defined(__AVX2__) && defined(__FMA__)
+// Lanes 0-7 in lo, 8-15 in hi. (The array below compiles to the same operations, but GCC
+// takes minutes to vectorize it through the unrolled MLPs.)
+struct Lanes16 {
+  __m256 lo, hi;
+};
+inline Lanes16 lane_fma(Lanes16 a, Lanes16 b, Lanes16 c) {
+  return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)};
+}
+inline Lanes16 lane_add(Lanes16 a, Lanes16 b) {
+  return {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)};
+}
+inline Lanes16 lane_mul(Lanes16 a, Lanes16 b) {
+  return {_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)};
+}
+// relu(v) = v < 0 ? 0 : v (NaN passes): zero where v < 0.
+inline __m256 relu8(__m256 a) {
+  const __m256 zero = _mm256_setzero_ps();
+  return _mm256_blendv_ps(a, zero, _mm256_cmp_ps(a, zero, _CMP_LT_OQ));
+}
+inline Lanes16 lane_relu(Lanes16 a) { return {relu8(a.lo), relu8(a.hi)}; }
+template <>
+inline Lanes16 lane_splat<Lanes16>(float x) { return {_mm256_set1_ps(x), _mm256_set1_ps(x)}; }
+inline Lanes16 load_lanes16(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+inline void store_lanes16(float* p, Lanes16 a) {
+  _mm256_storeu_ps(p, a.lo);
+  _mm256_storeu_ps(p + 8, a.hi);
+}
 #else
 struct Lanes16 {
   float v[16];

@@ -12,8 +12,19 @@ dispatched by device. It is built in two parts:
 
 This works with the CPU-only torch wheel as well as a CUDA build (the binding reaches the
 current stream and device guard through c10's device-generic interfaces). Builds are cached
-under ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``); the first build takes
-about half a minute.
+under ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``). The first build takes
+about 3 minutes on a 2-core machine (:data:`EXPECTED_BUILD_S`); it prints its steps to stderr
+(:class:`BuildReport`; ``LOPT_PORT_QUIET_BUILD=1`` silences them), a load from the cache
+prints nothing.
+
+**The CPU instruction set** (:func:`cpu_isa`): the CPU backend is compiled for one x86-64
+level, ``LOPT_CPU_ISA`` = ``auto`` (default: the best this CPU runs), ``avx512``
+(x86-64-v4: the 16 lanes in one AVX-512 register), ``avx2`` (x86-64-v3) or ``generic``
+(x86-64). Each level is a build of its own (the extension's name ends with it), so a cache
+shared by machines never hands one a library for instructions it lacks, and a level this CPU
+lacks is refused (:class:`ExtensionUnavailable`: the eager path runs) instead of crashing. The
+lane count (16) and every sum's order (``csrc/reduction_order.h``) are the same at every
+level, so are the results, bit for bit.
 
 **The emulated CUDA backend** (:func:`load_emulated`) is a second extension, built only when
 first selected: the very ``*.cu`` sources compiled by the host C++ compiler against
@@ -30,8 +41,11 @@ import ctypes
 import functools
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
+import sys
+import time
 
 import torch
 
@@ -45,6 +59,8 @@ CUDA_LAUNCHERS = ("lopt_small_fc_reduce_cuda", "lopt_small_fc_accumulate_cuda",
                   "lopt_small_fc_apply_cuda", "lopt_small_fc_partials",
                   "lopt_velo_accumulate_cuda", "lopt_velo_apply_cuda", "lopt_velo_partials",
                   "lopt_cuda_error_string")
+#: The extension's name; each build's name ends with its CPU level (:func:`binding_name`),
+#: and the nvcc objects are cached in this name's build folder.
 NAME = "lopt_port_kernels"
 EMULATION_SOURCES = ("emulator.cpp",)
 EMULATION_HEADERS = ("cuda_runtime.h", "device_memory.h")
@@ -53,10 +69,138 @@ EMULATED_NAME = "lopt_port_kernels_emulated"
 #: tensors the CUDA kernels), ``cpu`` (CPU tensors only, the CPU backend) and
 #: ``cuda-emulated`` (CPU tensors only, the CUDA kernels under emulation).
 BACKENDS = ("auto", "cpu", "cuda-emulated")
+#: Values of ``LOPT_CPU_ISA`` (:func:`cpu_isa`).
+CPU_ISAS = ("auto", "avx512", "avx2", "generic")
+# The /proc/cpuinfo flags of the x86-64 levels: v2 (SSE3 is ``pni``), v3 (AVX2, FMA, BMI1/2,
+# F16C, LZCNT is ``abm``, MOVBE, XSAVE) and v4 (AVX-512 F, BW, CD, DQ, VL).
+_V2 = frozenset({"cx16", "lahf_lm", "popcnt", "pni", "sse4_1", "sse4_2", "ssse3"})
+_V3 = _V2 | {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"}
+#: Each x86-64 level of ``LOPT_CPU_ISA``, best first: its ``-march`` and the CPU flags it needs.
+X86_LEVELS = {"avx512": ("x86-64-v4", _V3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq",
+                                            "avx512vl"}),
+              "avx2": ("x86-64-v3", _V3),
+              "generic": ("x86-64", frozenset())}
+#: A first build's time, measured on this project's 2-core machine (x86-64 with AVX-512,
+#: g++ 12, nvcc 13; one other job running), in seconds: the default extension with the CUDA
+#: kernels (173 s: nvcc 20 s, then velo_cpu.cpp 153 s) and the emulated CUDA backend
+#: (:func:`load_emulated`, 16 s). Printed as the expected time.
+EXPECTED_BUILD_S = {"kernels": 170, "emulated": 20}
+#: Seconds each extension took to build in this process, by name; a loaded cached build is
+#: absent (what ``lopt-port build`` reports).
+BUILD_TIMES: dict[str, float] = {}
 
 
 class ExtensionUnavailable(RuntimeError):
     """The fused kernels cannot be built or loaded here; the message says why."""
+
+
+def emit(line: str) -> None:
+    """Print one build progress line to stderr, ``lopt-port: line`` (seen by default in a
+    script, a terminal and a notebook), unless ``LOPT_PORT_QUIET_BUILD=1``."""
+    if os.environ.get("LOPT_PORT_QUIET_BUILD") != "1":
+        print(f"lopt-port: {line}", file=sys.stderr, flush=True)
+
+
+class BuildReport:
+    """The progress lines of one extension's build (:func:`emit`): at its first compile step a
+    header (what is built, the expected time, the cache folder, the quiet switch), then one
+    line per step, and at the end the time taken. A build whose every part comes from the
+    cache prints nothing."""
+
+    def __init__(self, what: str, expected_s: int, cache_dir: str, name: str) -> None:
+        self.what, self.expected_s, self.cache_dir, self.name = what, expected_s, cache_dir, name
+        self.start: float | None = None
+
+    def step(self, message: str) -> None:
+        """Report one compile step (the header first, at the first step)."""
+        if self.start is None:
+            self.start = time.monotonic()
+            emit(f"building {self.what}, once (about {self.expected_s} s on 2 cores; "
+                 f"cached in {self.cache_dir}; LOPT_PORT_QUIET_BUILD=1 hides these lines)")
+        emit(message)
+
+    def done(self) -> None:
+        """Report the time taken, if anything was built, and record it in :data:`BUILD_TIMES`."""
+        if self.start is not None:
+            BUILD_TIMES[self.name] = time.monotonic() - self.start
+            emit(f"{self.what} built in {BUILD_TIMES[self.name]:.0f} s")
+
+
+def _is_x86_64() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
+def host_cpu_flags() -> frozenset[str] | None:
+    """The CPU's feature flags (the ``flags`` line of ``/proc/cpuinfo``); ``None`` where that
+    cannot be read (not Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+def host_isa() -> str:
+    """The best level of :data:`X86_LEVELS` this CPU runs; ``native`` on a CPU that is not
+    x86-64 (built with ``-march=native``). Without ``/proc/cpuinfo``, torch's own detection
+    (``torch.backends.cpu.get_cpu_capability``)."""
+    if not _is_x86_64():
+        return "native"
+    flags = host_cpu_flags()
+    if flags is None:
+        capability = torch.backends.cpu.get_cpu_capability()
+        return {"AVX512": "avx512", "AVX2": "avx2"}.get(capability, "generic")
+    return next(isa for isa, (_, needs) in X86_LEVELS.items() if needs <= flags)
+
+
+def cpu_isa() -> str:
+    """The level the CPU code is built for: ``LOPT_CPU_ISA`` (:data:`CPU_ISAS`; default
+    ``auto``, :func:`host_isa`). Raises :class:`ExtensionUnavailable` for an unknown value or a
+    level this CPU cannot run: such a library would stop the process with an illegal
+    instruction."""
+    value = os.environ.get("LOPT_CPU_ISA", "auto")
+    if value not in CPU_ISAS:
+        raise ExtensionUnavailable(f"LOPT_CPU_ISA must be one of {', '.join(CPU_ISAS)}; "
+                                   f"got {value!r}")
+    host = host_isa()
+    if value == "auto" or value == host:
+        return host
+    if host == "native":
+        if value == "generic":
+            return value
+        raise ExtensionUnavailable(f"LOPT_CPU_ISA={value} is an x86-64 level; this CPU is "
+                                   f"{platform.machine()} (use auto or generic)")
+    levels = list(X86_LEVELS)
+    if levels.index(value) < levels.index(host):
+        raise ExtensionUnavailable(f"LOPT_CPU_ISA={value}: this CPU runs {host} at most; a "
+                                   f"{value} build would crash on an illegal instruction")
+    return value
+
+
+def lower_isa() -> str | None:
+    """``avx2`` on a CPU with AVX-512: what a CPU without AVX-512 runs (``lopt-port build
+    --lower-level`` builds it beside the default build, ``tests/test_build.py`` compares its
+    results); ``None`` on other CPUs (below ``avx2`` is ``generic``, whose 16-float arrays
+    took GCC 12 about 9 CPU minutes to compile: built only when asked for)."""
+    return "avx2" if host_isa() == "avx512" else None
+
+
+def isa_flags(isa: str) -> list[str]:
+    """The compiler flags of level ``isa`` (:func:`cpu_isa`): its ``-march`` and, on x86-64,
+    ``-mtune=native`` (tuning picks no instruction)."""
+    if isa == "native":
+        return ["-march=native"]
+    if not _is_x86_64():
+        return []
+    return [f"-march={X86_LEVELS[isa][0]}", "-mtune=native"]
+
+
+def binding_name(isa: str, base: str = NAME) -> str:
+    """The extension's name for level ``isa``, e.g. ``lopt_port_kernels_avx512``."""
+    return f"{base}_{isa}"
 
 
 def find_nvcc() -> str | None:
@@ -90,13 +234,13 @@ def nvcc_flags(archs: list[str]) -> list[str]:
     return [*flags, "-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
 
 
-def emulation_flags(kernel_dir: str = CSRC) -> list[str]:
+def emulation_flags(isa: str, kernel_dir: str = CSRC) -> list[str]:
     """Host compiler flags of the emulated CUDA backend: the ``.cu`` files compile as C++ with
     ``cuda_emulation/`` first on the include path (its ``cuda_runtime.h``), and, as the CPU
-    backend, no floating-point contraction (the header's FMAs only). ``LOPT_CUDA_EMULATION`` is
-    defined before any header (``cuda_runtime.h`` defines it too, but the kernels' own headers
-    come first)."""
-    return ["-O2", "-march=native", "-std=c++17", "-fPIC", "-ffp-contract=off",
+    backend, no floating-point contraction (the header's FMAs only) and level ``isa``'s
+    instructions. ``LOPT_CUDA_EMULATION`` is defined before any header (``cuda_runtime.h``
+    defines it too, but the kernels' own headers come first)."""
+    return ["-O2", *isa_flags(isa), "-std=c++17", "-fPIC", "-ffp-contract=off",
             "-fno-math-errno", "-Wall", "-Werror", "-DLOPT_CUDA_EMULATION=1",
             f"-I{os.path.join(kernel_dir, 'cuda_emulation')}", f"-I{kernel_dir}", f"-I{CSRC}"]
 
@@ -107,10 +251,10 @@ def _build_dir(name: str = NAME) -> str:
 
 
 def _compile_objects(compiler: list[str], sources: list[str], hashed: list[str],
-                     out_dir: str, what: str) -> str:
+                     out_dir: str, what: str, report: BuildReport) -> str:
     """Compile ``sources`` with ``compiler`` (the command and its flags, ``-c`` appended)
     into one relocatable object, cached under ``out_dir`` by the content of ``hashed`` files
-    and the command; its path."""
+    and the command; its path. Each source compiled is a step of ``report``."""
     digest = hashlib.sha256()
     for path in hashed:
         with open(path, "rb") as f:
@@ -121,7 +265,8 @@ def _compile_objects(compiler: list[str], sources: list[str], hashed: list[str],
     if os.path.isfile(obj):
         return obj
     objects = []
-    for source in sources:
+    for i, source in enumerate(sources, 1):
+        report.step(f"[{i}/{len(sources)}] {what}: {os.path.basename(source)}")
         target = os.path.join(out_dir, f"{os.path.basename(source)}.{os.getpid()}.o")
         result = subprocess.run([*compiler, "-c", source, "-o", target],
                                 capture_output=True, text=True)
@@ -135,17 +280,19 @@ def _compile_objects(compiler: list[str], sources: list[str], hashed: list[str],
     for o in objects:
         os.remove(o)
     if result.returncode != 0:
-        raise ExtensionUnavailable(f"linking the CUDA objects failed: {result.stderr.strip()}")
+        raise ExtensionUnavailable(f"linking the {what} objects failed: {result.stderr.strip()}")
     os.replace(tmp, obj)
     return obj
 
 
-def _compile_cuda(nvcc: str) -> str:
+def _compile_cuda(nvcc: str, report: BuildReport) -> str:
     """Compile the CUDA sources into one object (cached by content and flags); its path."""
+    archs = cuda_archs()
     return _compile_objects(
-        [nvcc, *nvcc_flags(cuda_archs())], [os.path.join(CSRC, n) for n in CUDA_SOURCES],
+        [nvcc, *nvcc_flags(archs)], [os.path.join(CSRC, n) for n in CUDA_SOURCES],
         [os.path.join(CSRC, n) for n in (*CUDA_SOURCES, *HEADERS)],
-        os.path.join(_build_dir(), "cuda"), "nvcc")
+        os.path.join(_build_dir(), "cuda"), f"CUDA kernels (nvcc, sm_{', sm_'.join(archs)})",
+        report)
 
 
 def _host_compiler() -> str:
@@ -164,9 +311,29 @@ def _check_toolchain() -> None:
     _host_compiler()
 
 
-def _load_binding(name: str, cflags: list[str], ldflags: list[str], sources: list[str]) -> str:
-    """Build (ninja, cached) and load a binding extension; its path."""
+def binding_is_built(build_dir: str, name: str, cflags: list[str], ldflags: list[str]) -> bool:
+    """Whether ``cpp_extension.load`` will find the binding ``name`` built and up to date in
+    ``build_dir``: its library and ``build.ninja`` exist, the ninja file holds these flags,
+    and ninja's dry run (``ninja -n``: sources, headers by their depfiles, commands) has no
+    work to do. Decides whether the build is reported; it builds nothing."""
+    ninja_file = os.path.join(build_dir, "build.ninja")
+    if not (os.path.isfile(ninja_file) and os.path.isfile(os.path.join(build_dir, f"{name}.so"))):
+        return False
+    with open(ninja_file) as f:
+        text = f.read()
+    if " ".join(cflags) not in text or " ".join(ldflags) not in text:
+        return False
+    dry = subprocess.run(["ninja", "-n", "-C", build_dir], capture_output=True, text=True)
+    return dry.returncode == 0 and "no work to do" in dry.stdout
+
+
+def _load_binding(name: str, cflags: list[str], ldflags: list[str], sources: list[str],
+                  report: BuildReport, what: str) -> str:
+    """Build (ninja, cached) and load a binding extension; its path. The build, if any, is one
+    step of ``report``."""
     from torch.utils import cpp_extension
+    if not binding_is_built(_build_dir(name), name, cflags, ldflags):
+        report.step(f"{what}: {', '.join(sources)} (ninja)")
     try:
         path = cpp_extension.load(
             name=name,
@@ -192,19 +359,26 @@ def load() -> str:
     if missing:
         raise ExtensionUnavailable(f"kernel sources not found in {CSRC}: {missing}")
     _check_toolchain()
-    # -march=native: the build is local and just in time. -ffp-contract=off: only the fused
-    # multiply-adds the sources spell out (fmaf, FMA intrinsics), so the rounding is the
-    # documented one. -fno-math-errno lets sqrt vectorize; it changes no result.
-    cflags = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno",
+    isa = cpu_isa()
+    name = binding_name(isa)
+    # Level isa's instructions (cpu_isa). -ffp-contract=off: only the fused multiply-adds the
+    # sources spell out (fmaf, FMA intrinsics), so the rounding is the documented one.
+    # -fno-math-errno lets sqrt vectorize; it changes no result.
+    cflags = ["-O3", *isa_flags(isa), "-fopenmp", "-ffp-contract=off", "-fno-math-errno",
               "-Wall", "-Werror"]
     ldflags = ["-fopenmp"]
+    report = BuildReport("the fused kernels", EXPECTED_BUILD_S["kernels"], _build_dir(name),
+                         name)
     nvcc = find_nvcc()
     if nvcc is not None:
-        obj = _compile_cuda(nvcc)
+        obj = _compile_cuda(nvcc, report)
         cuda_lib = os.path.join(os.path.dirname(os.path.dirname(nvcc)), "lib64")
         cflags.append("-DLOPT_WITH_CUDA")
         ldflags += [obj, f"-L{cuda_lib}", "-lcudart_static", "-ldl", "-lrt", "-lpthread"]
-    return _load_binding(NAME, cflags, ldflags, list(SOURCES))
+    path = _load_binding(name, cflags, ldflags, list(SOURCES), report,
+                         f"C++ binding and CPU backend ({isa})")
+    report.done()
+    return path
 
 
 _emulated: dict[str, str] = {}
@@ -236,16 +410,20 @@ def load_emulated(kernel_dir: str | None = None) -> str:
     if missing:
         raise ExtensionUnavailable(f"kernel sources not found: {missing}")
     _check_toolchain()
-    obj = _compile_objects([_host_compiler(), "-x", "c++", *emulation_flags(kernel_dir)], sources,
-                           [*sources, *headers], os.path.join(_build_dir(EMULATED_NAME), "emu"),
-                           "the emulated CUDA build")
-    path = _load_binding(EMULATED_NAME,
-                         ["-O2", "-DLOPT_WITH_CUDA", "-DLOPT_CUDA_EMULATION", "-Wall", "-Werror"],
-                         [obj], ["bind.cpp"])
+    isa = cpu_isa()
+    name = binding_name(isa, EMULATED_NAME)
+    build_dir = _build_dir(name)
+    report = BuildReport("the emulated CUDA backend", EXPECTED_BUILD_S["emulated"], build_dir,
+                         name)
+    obj = _compile_objects([_host_compiler(), "-x", "c++", *emulation_flags(isa, kernel_dir)],
+                           sources, [*sources, *headers], os.path.join(build_dir, "emu"),
+                           "CUDA kernels under emulation (c++)", report)
+    path = _load_binding(name, ["-O2", "-DLOPT_WITH_CUDA", "-DLOPT_CUDA_EMULATION", "-Wall",
+                                "-Werror"], [obj], ["bind.cpp"], report,
+                         "C++ binding of the emulated backend")
+    report.done()
     _emulated.update(kernel_dir=kernel_dir, path=path)
     return path
-
-
 def fused_backend() -> str:
     """``LOPT_PORT_FUSED_BACKEND`` (default ``auto``), one of :data:`BACKENDS`."""
     value = os.environ.get("LOPT_PORT_FUSED_BACKEND", "auto")

@@ -269,12 +269,6 @@ def test_unavailable_extension(small_fc_weights, monkeypatch):
         opt.step()
 
 
-def test_build_command(capsys):
-    from lopt_port import cli
-    assert cli.main(["build"]) == 0
-    assert "fused kernels ready" in capsys.readouterr().out
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", [(7,), (6, 5)])
 def test_non_finite_gradients_propagate_like_eager(small_fc_weights, shape, device):
