@@ -61,13 +61,21 @@ IMPLS = ("fused", "eager", "compiled", "jax", "adamw", "adamw-compiled")
 
 
 def median_ms(step: Callable[[], None], repeats: int) -> float:
-    step()  # warm-up (builds, compiles, allocates state)
+    return timed_ms(step, repeats)[0]
+
+
+def timed_ms(step: Callable[[], None], repeats: int) -> tuple[float, float]:
+    """``(median of repeats, warm-up)`` times of ``step()`` in ms; the warm-up step builds,
+    compiles and allocates the state."""
+    start = time.perf_counter()
+    step()
+    first = time.perf_counter() - start
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+    return 1000 * statistics.median(times), 1000 * first
 
 
 def peak_memory_growth_mb(step: Callable[[], None]) -> float | None:
@@ -233,17 +241,19 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{layout:>9} {impl:>6}: skipped ({n:,} params > "
                       f"--max-materializing-params)")
                 continue
-            ms = median_ms(make_step(impl, shapes, weights, args.optimizer, upstream),
-                           args.repeats)
+            ms, first_ms = timed_ms(make_step(impl, shapes, weights, args.optimizer, upstream),
+                                    args.repeats)
             row = {"optimizer": "adamw" if impl.startswith("adamw") else args.optimizer,
                    "impl": impl, "layout": layout, "params": n, "ms": ms,
-                   "sgemm_gflops": gflops}
+                   "first_ms": first_ms, "sgemm_gflops": gflops}
             if impl == "fused" and args.optimizer in ("small_fc_lopt", "mulo"):
                 row["mlp_gflops"] = MLP_FLOP_PER_PARAM * n / (ms / 1000) / 1e9
             rows.append(row)
             cases.append((row, shapes))
             extra = (f"  MLP at {row['mlp_gflops']:.1f} GFLOP/s = "
                      f"{row['mlp_gflops'] / gflops:.0%} of sgemm" if "mlp_gflops" in row else "")
+            if impl.endswith("compiled"):
+                extra += f"  (first step, compiling: {first_ms / 1000:.1f} s)"
             print(f"{layout:>9} {impl:>6}: {ms:10.1f} ms{extra}", flush=True)
     if not args.no_memory:
         # After all timings: the allocator setting below would slow the baselines down.
@@ -263,11 +273,11 @@ def main(argv: list[str] | None = None) -> int:
         if base_impl is None:
             continue
         base = by[(layout, base_impl)]
-        parts = [f"{other} / {base_impl} = {by[(layout, other)] / base:.2f}x"
+        parts = [f"{other} / {base_impl} = {by[(layout, other)] / base:.3g}x"
                  for other in IMPLS if other != base_impl and (layout, other) in by]
         if (layout, "compiled") in by and (layout, "adamw-compiled") in by:
             ratio = by[(layout, "compiled")] / by[(layout, "adamw-compiled")]
-            parts.append(f"compiled / adamw-compiled = {ratio:.2f}x")
+            parts.append(f"compiled / adamw-compiled = {ratio:.3g}x")
         print(f"{layout:>9}: " + ", ".join(parts))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
