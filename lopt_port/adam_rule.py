@@ -111,7 +111,7 @@ class AdamRule:
     def update_rounds(self, p: torch.Tensor, state: dict[str, Any], g: torch.Tensor,
                       ff: Mapping[str, torch.Tensor], lr_mult: torch.Tensor,
                       group: Mapping[str, Any], mean_p2: torch.Tensor | None, *,
-                      decoupled_weight_decay: bool, iteration: int,
+                      decoupled_weight_decay: bool, iteration: int | torch.Tensor,
                       capture: dict[str, Any] | None) -> Rounds:
         """One parameter's Adam step (elementwise: no reductions to share between ranks;
         ``ff`` and ``mean_p2`` are not read)."""

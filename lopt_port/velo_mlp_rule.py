@@ -127,7 +127,7 @@ class MLPRule:
     def update_rounds(self, p: torch.Tensor, state: dict[str, Any], g: torch.Tensor,
                       ff: Mapping[str, torch.Tensor], lr_mult: torch.Tensor,
                       group: Mapping[str, Any], mean_p2: torch.Tensor | None, *,
-                      decoupled_weight_decay: bool, iteration: int,
+                      decoupled_weight_decay: bool, iteration: int | torch.Tensor,
                       capture: dict[str, Any] | None) -> Rounds:
         """One parameter's update, yielding its whole-tensor reductions (completed over the
         other ranks for a sharded parameter, whose ``mean_p2`` the LSTM inputs may have

@@ -77,8 +77,10 @@ class ParameterRule(Protocol):
     def update_rounds(self, p: torch.Tensor, state: dict[str, Any], g: torch.Tensor,
                       ff: Any, lr_mult: torch.Tensor, group: Mapping[str, Any],
                       mean_p2: torch.Tensor | None, *, decoupled_weight_decay: bool,
-                      iteration: int, capture: dict[str, Any] | None) -> Rounds:
-        """One parameter's eager update, yielding its whole-tensor reductions."""
+                      iteration: int | torch.Tensor,
+                      capture: dict[str, Any] | None) -> Rounds:
+        """One parameter's eager update, yielding its whole-tensor reductions; ``iteration``
+        (updates before this one) is a tensor under ``torch.compile``."""
         ...
 
     def fused_begin(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],

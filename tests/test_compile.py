@@ -49,26 +49,28 @@ def _params() -> list[torch.Tensor]:
     return [torch.randn(s, generator=g) for s in SHAPES]
 
 
-#: name -> (builder of the optimizer for ``(params, fused)``, how the step is called with the
-#: loss tensor, the compiled copy's ``fused``). The calls cover ``step()`` (no loss: small_fc
-#: and μLO do not use it), the loss positionally and as ``loss=``. The compiled small_fc_lopt
-#: has ``fused=None``, which under compilation takes the eager path.
+#: name -> (builder of the optimizer for ``(params, fused)``, how a step of the optimizer is
+#: taken with the loss tensor (``(optimizer, its step, loss)``), the compiled copy's
+#: ``fused``). The calls cover ``step()`` (no loss: small_fc_lopt and μLO do not use it), the
+#: loss positionally, as ``loss=``, and handed over by ``observe_loss`` before ``step()``. The
+#: compiled small_fc_lopt has ``fused=None``, which under compilation takes the eager path.
 CASES: dict[str, tuple[Callable[[list[torch.Tensor], bool | None], LearnedOptimizer],
-                       Callable[[Callable[..., Any], torch.Tensor], Any], bool | None]] = {
+                       Callable[[LearnedOptimizer, Callable[..., Any], torch.Tensor], Any],
+                       bool | None]] = {
     "small_fc_lopt": (lambda ps, fused: SmallFCLOpt(ps, _weights("small_fc_h32_sm0p01"),
                                                      fused=fused),
-                      lambda step, loss: step(), None),
+                      lambda opt, step, loss: step(), None),
     "mulo": (lambda ps, fused: MuLO(ps, _weights("mulo_h32_sm0p01"), default_scale=0.5,
                                     fused=fused),
-             lambda step, loss: step(), False),
+             lambda opt, step, loss: step(), False),
     # num_steps below STEPS: the eager run warns past the horizon, the compiled one does not.
     "velo": (lambda ps, fused: VeLO(ps, _weights("velo_small"), num_steps=4, fused=fused),
-             lambda step, loss: step(loss), False),
+             lambda opt, step, loss: step(loss), False),
     "celo": (lambda ps, fused: Celo(ps, _weights("celo"), num_steps=10, fused=fused),
-             lambda step, loss: step(loss=loss), False),
+             lambda opt, step, loss: step(loss=loss), False),
     "celo_adam": (lambda ps, fused: CeloAdam(ps, _weights("celo_adam"), num_steps=10,
                                              fused=fused),
-                  lambda step, loss: step(loss), False),
+                  lambda opt, step, loss: (opt.observe_loss(loss), step())[1], False),
 }
 
 
@@ -91,10 +93,10 @@ def test_compiled_step_matches_eager_and_compiles_once(name: str) -> None:
                 pe.grad = torch.randn(pe.shape, generator=g)
                 pc.grad = pe.grad.clone()
             loss = torch.tensor(2.0 / (i + 1))
-            call(eager.step, loss)
+            call(eager, eager.step, loss)
             with warnings.catch_warnings(record=True) as compiled_warnings:
                 warnings.simplefilter("always")
-                assert call(cstep, loss) is None
+                assert call(compiled, cstep, loss) is None
             assert not [w for w in compiled_warnings if "past num_steps" in str(w.message)]
             assert counter.frame_count == 1, f"recompiled at step {i + 1}"
     past = [w for w in eager_warnings if "past num_steps" in str(w.message)]
