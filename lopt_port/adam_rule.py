@@ -81,18 +81,25 @@ class AdamRule:
         """No per-tensor network weights: one empty mapping per tensor."""
         return [{} for _ in range(controls.shape[0])]
 
-    def bias_corrections(self, iteration: int) -> tuple[float, float]:
+    def bias_corrections(self, iteration: int | torch.Tensor
+                         ) -> tuple[float, float] | tuple[torch.Tensor, torch.Tensor]:
         """``1 / (1 - b1^t)`` and ``1 / (1 - b2^t)`` for ``t = iteration + 1``, float32.
 
         ``b^t`` is computed in float64 and rounded once (what XLA's float32 ``pow`` returns in
         all but a few cases, mulo-celo-spec B.9.4); the authors' jitted update then multiplies
-        by the reciprocal, as here."""
+        by the reciprocal, as here. ``iteration`` a number: numpy on the host, Python floats
+        out; a 0-d tensor (the count under ``torch.compile``): the same operations in torch,
+        0-d float32 tensors out."""
         t = iteration + 1
         out = []
         for key in _DECAY_KEYS:
             beta = np.float32(self.hparams[key][0])
-            correction = np.float32(1) - np.float32(np.float64(beta) ** t)
-            out.append(float(np.float32(1) / correction))
+            if isinstance(t, torch.Tensor):
+                power = torch.full((), float(beta), dtype=torch.float64) ** t.double()
+                out.append(1 / (1 - power.float()))
+            else:
+                correction = np.float32(1) - np.float32(np.float64(beta) ** t)
+                out.append(float(np.float32(1) / correction))
         return out[0], out[1]
 
     def step_factor(self, lr_mult: torch.Tensor, v_hat: torch.Tensor) -> torch.Tensor:
@@ -104,7 +111,7 @@ class AdamRule:
     def update_rounds(self, p: torch.Tensor, state: dict[str, Any], g: torch.Tensor,
                       ff: Mapping[str, torch.Tensor], lr_mult: torch.Tensor,
                       group: Mapping[str, Any], mean_p2: torch.Tensor | None, *,
-                      decoupled_weight_decay: bool, iteration: int,
+                      decoupled_weight_decay: bool, iteration: int | torch.Tensor,
                       capture: dict[str, Any] | None) -> Rounds:
         """One parameter's Adam step (elementwise: no reductions to share between ranks;
         ``ff`` and ``mean_p2`` are not read)."""

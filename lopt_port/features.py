@@ -27,12 +27,15 @@ def timescales(device: torch.device | str) -> torch.Tensor:
     return torch.tensor(TIME_FEATURE_TIMESCALES, dtype=torch.float32, device=device)
 
 
-def time_features(iteration: float, scales: torch.Tensor) -> torch.Tensor:
+def time_features(iteration: float | torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """``tanh(t / s - 1)`` in float32; ``t`` is the number of updates before this one.
 
-    ``t`` enters as a fill value, so nothing is copied from the host to the device.
+    A number ``t`` enters as a fill value, so nothing is copied from the host to the device;
+    a 0-d float32 tensor (the step counter under ``torch.compile``) gives the same values.
     """
-    return torch.tanh(torch.full_like(scales, iteration) / scales - 1.0)
+    t = (iteration.to(scales.device) if isinstance(iteration, torch.Tensor)
+         else torch.full_like(scales, iteration))
+    return torch.tanh(t / scales - 1.0)
 
 
 def mlp_forward(x: torch.Tensor, layers: Sequence[tuple[torch.Tensor, torch.Tensor]],

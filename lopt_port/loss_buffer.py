@@ -85,31 +85,57 @@ class LossHorizon:
         """``t / T`` in float32, as upstream computes it."""
         return float(np.float32(iteration) / np.float32(self.num_steps))
 
-    def fraction_features(self, iteration: int, device: torch.device) -> torch.Tensor:
-        """``tanh(10 (t / T - c))`` for the 9 centres ``c``."""
+    def on_device(self, device: torch.device) -> torch.Tensor:
+        """The 9 centres ``c`` on ``device`` (copied once)."""
         if device not in self._offsets:
             self._offsets[device] = torch.tensor(VELO_FRACTION_TIMESCALES, dtype=torch.float32,
                                                  device=device)
-        offsets = self._offsets[device]
-        return torch.tanh((torch.full_like(offsets, self.fraction(iteration)) - offsets)
-                          * VELO_FRACTION_SHARPNESS)
+        return self._offsets[device]
+
+    def fraction_features(self, iteration: int | torch.Tensor,
+                          device: torch.device) -> torch.Tensor:
+        """``tanh(10 (t / T - c))`` for the 9 centres ``c``. ``t`` a number: ``t / T`` as
+        :meth:`fraction`; a 0-d tensor (the count under ``torch.compile``): the same float32
+        division, on the device."""
+        offsets = self.on_device(device)
+        if isinstance(iteration, torch.Tensor):
+            t = iteration.to(device=device, dtype=torch.float32)
+            fraction = t / float(np.float32(self.num_steps))
+        else:
+            fraction = torch.full_like(offsets, self.fraction(iteration))
+        return torch.tanh((fraction - offsets) * VELO_FRACTION_SHARPNESS)
 
     @staticmethod
-    def advance(glob: dict[str, Any], loss: torch.Tensor, k: int) -> torch.Tensor:
-        """Advance the buffer in ``glob`` with ``loss`` (``k`` updates so far); the 9 loss
-        features."""
+    def advance(glob: dict[str, Any], loss: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
+        """Advance the buffer in ``glob`` (in place) with ``loss`` (``k`` updates so far); the
+        9 loss features.
+
+        ``k`` a number: Python branches on it. A 0-d tensor (the count under
+        ``torch.compile``): the same values selected with ``torch.where`` (both branches
+        computed; the one not taken is finite), and ``decays^(k+1)`` by a tensor power."""
         decays, means = glob["loss_decays"], glob["loss_means"]
+        dynamic = isinstance(k, torch.Tensor)
+        if dynamic:
+            k = k.to(means.device)
         # decays^(k+1) rounded once from float64: what XLA's float32 pow returns here.
-        corr = 1 - (decays.double() ** (k + 1)).float()
-        approx_max = loss if k == 0 else torch.max(means / corr)
+        power = (k + 1).to(torch.float64) if dynamic else k + 1
+        corr = 1 - (decays.double() ** power).float()
+        if dynamic:
+            approx_max = torch.where(k == 0, loss, torch.max(means / corr))
+        else:
+            approx_max = loss if k == 0 else torch.max(means / corr)
         clipped = torch.minimum(torch.abs(approx_max) * 2, loss)
         # means*decays + clipped*(1-decays) as XLA fuses it: one fma.
         means = torch.addcmul(clipped * (1.0 - decays), means, decays)
         running_min = torch.minimum(glob["loss_running_min"], means / corr)
-        glob["loss_means"], glob["loss_running_min"] = means, running_min
-        if k + 1 <= 2:
+        glob["loss_means"].copy_(means)
+        glob["loss_running_min"].copy_(running_min)
+        if not dynamic and k + 1 <= 2:
             return torch.zeros(VELO_LOSS_BUFFER_SIZE - 1, dtype=torch.float32,
                                device=means.device)
         cor_mean = means / corr
         den = torch.clamp_min(cor_mean[1:] - running_min[:-1], VELO_LOSS_DEN_FLOOR)
-        return torch.clamp((cor_mean[:-1] - running_min[:-1]) / den - 1.0, -1.0, 1.0)
+        features = torch.clamp((cor_mean[:-1] - running_min[:-1]) / den - 1.0, -1.0, 1.0)
+        if dynamic:
+            return torch.where(k + 1 <= 2, torch.zeros_like(features), features)
+        return features

@@ -135,6 +135,16 @@ def _stacklevel_outside_package() -> int:
     return level
 
 
+def counter_value(counter: torch.Tensor) -> int | float | torch.Tensor:
+    """A step counter (a CPU tensor in the state) as a step reads it: its Python number in
+    eager mode (reading a CPU tensor is no device sync), the tensor itself under
+    ``torch.compile``, where a number would be a constant of the graph and every step a
+    recompilation (torch.optim's ``_get_value`` does the same)."""
+    if torch.compiler.is_compiling():
+        return counter
+    return counter.item()
+
+
 def check_non_negative(name: str, value: Any) -> float:
     """A non-negative float option (``lr``, ``weight_decay``)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
@@ -167,7 +177,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
     hparams: dict[str, Any]
     #: What the weights are: ``fixture``, ``release``, ``pylo-copy`` or ``unknown``.
     weights_origin: str
-    #: The optimizer's composed parts; they give :meth:`initial_state`.
+    #: The optimizer's composed parts; they give :meth:`initial_state`, and ``on_device``
+    #: (their constants copied to a device, once).
     parts: Any
 
     def _load_weights(self, weights: WeightsArg, kind: WeightsKind,
@@ -357,15 +368,12 @@ class LearnedOptimizer(torch.optim.Optimizer):
             raise RuntimeError(f"{type(self).__name__} needs the training loss; add the one "
                                f"line for your loop: {LOSS_HANDOFF}")
         for lists in groups:
+            self._init_group(lists.group, skip_empty)
             for p in lists.params:
-                state = self.state[p]
-                if not state.keys() - {GLOBAL_STATE}:
-                    state.update(self.initial_state(p))
                 lists.grads.append(p.grad)
-                lists.states.append(state)
+                lists.states.append(self.state[p])
         self._observed, self._grads_cleared = [], False  # handed to this step, final now
         if groups and self.requires_loss and loss is None:
-            self.global_state  # noqa: B018 (creates it)
             return StepInputs(returned, None, [])
         before = ([p.detach().clone() for lists in groups for p in lists.params]
                   if self.track_step_stats else None)
@@ -390,10 +398,38 @@ class LearnedOptimizer(torch.optim.Optimizer):
                                f"opt.track_step_stats = True before the steps you log")
         return self._last_stats
 
+    def _init_group(self, group: dict[str, Any], skip_empty: bool) -> None:
+        """Create the state of ``group``'s parameters that have a gradient (not the zero-size
+        ones with ``skip_empty``) and have none yet, and the step-wide state (optimizers that
+        have one).
+
+        Named as torch.optim's optimizers name theirs: under ``torch.compile`` dynamo runs
+        this method eagerly instead of tracing it (``torch/_dynamo/variables/optimizer.py``)
+        and guards on the state it leaves, so the first compiled step does not trace the state
+        creation (host-side numpy in :func:`~lopt_port.state_layout.factored_dims`) nor the
+        copies of the weights to the parameters' devices (:attr:`parts`' ``on_device``,
+        made here), and the later steps reuse its graph. Dynamo then guards on the identity
+        of every state tensor: the steps update the state in place."""
+        for p in group["params"]:
+            if p.grad is None or (skip_empty and p.numel() == 0):
+                continue
+            self.parts.on_device(p.device)
+            state = self.state[p]
+            if not state.keys() - {GLOBAL_STATE}:
+                state.update(self.initial_state(p))
+        if self._new_global_state is not None:
+            self.global_state  # noqa: B018 (creates it)
+
     def _fused_flags(self, params: list[torch.Tensor]) -> list[bool]:
         """Per parameter, whether it takes the fused path (:class:`FusedPath`): ``fused=True``
         raises where it cannot; ``None`` warns once per reason and runs those eagerly."""
         path = self._fused_path
+        if torch.compiler.is_compiling():
+            # The kernels are opaque to dynamo: a compiled step is the eager path, traced.
+            if self.fused is True:
+                raise RuntimeError("fused=True cannot run under torch.compile (the kernels "
+                                   "are opaque to dynamo); use fused=False or None")
+            return [False] * len(params)
         if self.fused is False or self._capture is not None or not params:
             return [False] * len(params)
         if (self.fused is None and path.auto_devices is not None

@@ -13,6 +13,12 @@ Sharding supported: a ``DTensor`` on a 1-D device mesh with placement ``Shard(0)
 ``torch.distributed.fsdp.fully_shard`` produces; uneven and empty local shards included) or
 ``Replicate()`` (each rank holds the whole tensor: DDP-like, no collectives). Sharded partial
 sums travel in float64; the result is cast back to the request's dtype.
+
+Under ``torch.compile`` (whole tensors only): dynamo (torch 2.13, Python 3.11) traces a
+generator driven by ``next``/``send``, but not ``yield from`` a generator that returns a value
+or is sent one. So a generator delegates to another one with ``yield from`` only for a sharded
+tensor, and runs it with :func:`run_local` for a whole tensor, whose requests are resolved
+locally either way, by the same ops.
 """
 
 from __future__ import annotations
@@ -143,6 +149,13 @@ def all_reduce_batched(partials: Sequence[torch.Tensor], group: Any) -> list[tor
     return out
 
 
+def _returned(done: StopIteration) -> Any:
+    """The value a generator returned (``done.value``), read as ``done.args``: the two are the
+    same (``StopIteration(value)``; a bare ``return`` leaves ``args`` empty), and dynamo
+    (torch 2.13) traces ``args`` but not ``value``."""
+    return done.args[0] if done.args else None
+
+
 def run_local(gen: Generator[list[Request], list[torch.Tensor], Any]) -> Any:
     """Run one generator with every request resolved locally; returns its return value."""
     try:
@@ -150,7 +163,7 @@ def run_local(gen: Generator[list[Request], list[torch.Tensor], Any]) -> Any:
         while True:
             requests = gen.send([_resolve_locally(r) for r in requests])
     except StopIteration as done:
-        return done.value
+        return _returned(done)
 
 
 def run_rounds(tasks: Sequence[tuple[Rounds, ShardSpec | None]]) -> list[Any]:
@@ -162,7 +175,7 @@ def run_rounds(tasks: Sequence[tuple[Rounds, ShardSpec | None]]) -> list[Any]:
         try:
             live.append((index, gen, spec, next(gen)))
         except StopIteration as done:
-            values[index] = done.value
+            values[index] = _returned(done)
     while live:
         results: list[list[torch.Tensor | None]] = []
         pending: dict[Any, list[tuple[int, int, torch.Tensor, float, torch.dtype]]] = {}
@@ -186,6 +199,6 @@ def run_rounds(tasks: Sequence[tuple[Rounds, ShardSpec | None]]) -> list[Any]:
             try:
                 nxt.append((index, gen, spec, gen.send(row)))
             except StopIteration as done:
-                values[index] = done.value
+                values[index] = _returned(done)
         live = nxt
     return values

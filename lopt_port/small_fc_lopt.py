@@ -47,8 +47,17 @@ from lopt_port.optimizer import (
     WeightsArg,
     WeightsKind,
     check_non_negative,
+    counter_value,
 )
-from lopt_port.sharding import Mean, Rounds, local, run_rounds, shard_spec, state_zeros
+from lopt_port.sharding import (
+    Mean,
+    Rounds,
+    local,
+    run_local,
+    run_rounds,
+    shard_spec,
+    state_zeros,
+)
 from lopt_port.state_layout import TieBreak, factored_dims, factored_state_shapes
 
 KIND = WeightsKind(cfg.KIND, cfg.resolve_hparams, cfg.check_state_dict)
@@ -228,7 +237,7 @@ def _update_rounds(p: torch.Tensor, state: dict[str, Any], grad: torch.Tensor,
     if p.numel() == 0:
         # Nothing to update. Upstream would fill the non-empty factored statistic of a
         # shape like (0, 5) with NaN (a mean over zero elements); the state stays zero.
-        state["step"] = state["step"] + 1
+        state["step"].add_(1)
         return
     hparams = network.hparams
     spec = shard_spec(p)
@@ -239,11 +248,12 @@ def _update_rounds(p: torch.Tensor, state: dict[str, Any], grad: torch.Tensor,
     shape = tuple(p_local.shape) or (1,)
     g = local(grad).to(torch.float32).reshape(shape)
     dims = tuple(state["factored_dims"]) or None
-    acc, fac = yield from update_accumulators_rounds(
+    accumulate = update_accumulators_rounds(
         state, g, decays, None if spec is None else spec.global_shape[0])
+    acc, fac = run_local(accumulate) if spec is None else (yield from accumulate)
     # ``step`` lives on the CPU (torch.optim's convention): reading it is no device sync.
-    tfeat = time_features(float(state["step"]), decays["timescales"])
-    state["step"] = state["step"] + 1
+    tfeat = time_features(counter_value(state["step"]), decays["timescales"])
+    state["step"].add_(1)
     p32 = p_local.to(torch.float32).reshape(shape)
     raw = raw_features(p32, g, acc, fac, dims, hparams["variant"])
     flat = raw.reshape(-1, raw.shape[-1])

@@ -64,9 +64,10 @@ class TensorLSTM:
 
     def carry(self, states: Sequence[dict[str, Any]], h: torch.Tensor,
               c: torch.Tensor) -> None:
-        """Keep the new state in each parameter's state (unless it is not carried)."""
+        """Keep the new state in each parameter's state, in place (unless it is not
+        carried)."""
         if not self.carries_state:
             return
         for i, s in enumerate(states):
-            s["lstm_hidden"] = h[i].to(s["lstm_hidden"].device)
-            s["lstm_cell"] = c[i].to(s["lstm_cell"].device)
+            s["lstm_hidden"].copy_(h[i])
+            s["lstm_cell"].copy_(c[i])

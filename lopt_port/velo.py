@@ -50,6 +50,7 @@ from lopt_port.optimizer import (
     WeightsKind,
     check_non_negative,
     check_num_steps,
+    counter_value,
 )
 from lopt_port.sharding import Rounds, Total, local, run_rounds, shard_spec
 from lopt_port.state_layout import TieBreak
@@ -133,7 +134,8 @@ class VeloFamily(LearnedOptimizer):
         inputs = self._begin_step(closure, loss, skip_empty=True)
         if not inputs.groups:
             return self._end_step(inputs)
-        self._warn_past_horizon(int(self.global_state["iteration"]))
+        if not torch.compiler.is_compiling():  # a compiled step does not warn
+            self._warn_past_horizon(int(self.global_state["iteration"]))
         step_scale, loss_features = velo(inputs, self.global_state, self.parts,
                                          fused=all(self._fused_flags(inputs.params)),
                                          capture=self._capture)
@@ -216,7 +218,7 @@ def velo(inputs: StepInputs, glob: dict[str, Any], parts: VeloParts, *, fused: b
     step = _fused_velo if fused else _eager_velo
     taken = step(inputs.params, inputs.grads, inputs.states, inputs.param_groups, glob, loss,
                  parts=parts, capture=capture)
-    glob["iteration"] = glob["iteration"] + 1
+    glob["iteration"].add_(1)
     return taken
 
 
@@ -243,7 +245,7 @@ def _eager_velo(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
     if wd_n:
         loss = loss + weight_decay_loss(wd_n, torch.stack(run_rounds(wd_rounds)))
     # 2. loss buffer and training fraction
-    iteration = int(glob["iteration"])
+    iteration = counter_value(glob["iteration"])
     loss_features = parts.horizon.advance(glob, loss, iteration)
     frac_feat = parts.horizon.fraction_features(iteration, device)
     # 3. the per-tensor network over all tensors at once

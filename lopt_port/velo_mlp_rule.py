@@ -37,7 +37,7 @@ from lopt_port.constants import (
     VELO_PARAM_SCALE_EPS,
 )
 from lopt_port.optimizer import FusedPath
-from lopt_port.sharding import Mean, Rounds, Total, local, shard_spec, state_zeros
+from lopt_port.sharding import Mean, Rounds, Total, local, run_local, shard_spec, state_zeros
 from lopt_port.state_layout import TieBreak, factored_dims, factored_state_shapes
 from lopt_port.velo_config import NUM_FF_GROUPS
 
@@ -127,7 +127,7 @@ class MLPRule:
     def update_rounds(self, p: torch.Tensor, state: dict[str, Any], g: torch.Tensor,
                       ff: Mapping[str, torch.Tensor], lr_mult: torch.Tensor,
                       group: Mapping[str, Any], mean_p2: torch.Tensor | None, *,
-                      decoupled_weight_decay: bool, iteration: int,
+                      decoupled_weight_decay: bool, iteration: int | torch.Tensor,
                       capture: dict[str, Any] | None) -> Rounds:
         """One parameter's update, yielding its whole-tensor reductions (completed over the
         other ranks for a sharded parameter, whose ``mean_p2`` the LSTM inputs may have
@@ -138,12 +138,14 @@ class MLPRule:
         shape = tuple(p_local.shape) or (1,)
         g = g.reshape(shape)
         dims = tuple(state["factored_dims"]) or None
-        acc, fac = yield from update_accumulators_rounds(
+        accumulate = update_accumulators_rounds(
             state, g, consts, None if spec is None else spec.global_shape[0])
+        acc, fac = run_local(accumulate) if spec is None else (yield from accumulate)
         p32 = p_local.to(torch.float32).reshape(shape)
         record: dict[str, Any] | None = {} if capture is not None else None
-        out = yield from self._mlp_rounds(p32, g, acc, fac, dims, ff, record,
-                                          p.numel() if spec is not None else None)
+        mlp = self._mlp_rounds(p32, g, acc, fac, dims, ff, record,
+                               p.numel() if spec is not None else None)
+        out = run_local(mlp) if spec is None else (yield from mlp)
         h = self.hparams
         if mean_p2 is None and spec is not None:
             (mean_p2,) = yield [Mean(p32 * p32, rows=spec.global_shape[0])]

@@ -62,6 +62,10 @@ class ParameterRule(Protocol):
 
     fused_path: FusedPath
 
+    def on_device(self, device: torch.device) -> Any:
+        """The rule's constants on ``device`` (copied once)."""
+        ...
+
     def initial_state(self, p: torch.Tensor) -> dict[str, Any]:
         """The rule's state of a parameter."""
         ...
@@ -73,8 +77,10 @@ class ParameterRule(Protocol):
     def update_rounds(self, p: torch.Tensor, state: dict[str, Any], g: torch.Tensor,
                       ff: Any, lr_mult: torch.Tensor, group: Mapping[str, Any],
                       mean_p2: torch.Tensor | None, *, decoupled_weight_decay: bool,
-                      iteration: int, capture: dict[str, Any] | None) -> Rounds:
-        """One parameter's eager update, yielding its whole-tensor reductions."""
+                      iteration: int | torch.Tensor,
+                      capture: dict[str, Any] | None) -> Rounds:
+        """One parameter's eager update, yielding its whole-tensor reductions; ``iteration``
+        (updates before this one) is a tensor under ``torch.compile``."""
         ...
 
     def fused_begin(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
@@ -100,6 +106,12 @@ class VeloParts:
     rule: ParameterRule
     #: AdamW's convention (``p * (1 - lr * wd)``) instead of prefab's ``g += wd * p``.
     decoupled_weight_decay: bool
+
+    def on_device(self, device: torch.device) -> None:
+        """Copy every part's constants to ``device`` (each keeps its copies per device)."""
+        self.horizon.on_device(device)
+        self.lstm.on_device(device)
+        self.rule.on_device(device)
 
     def initial_state(self, p: torch.Tensor) -> dict[str, Any]:
         """The rule's state, then the LSTM's."""

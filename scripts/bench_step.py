@@ -2,18 +2,24 @@
 
 ``--optimizer small_fc_lopt`` (default), ``velo``, ``mulo`` (every tensor at scale 1),
 ``celo`` or ``celo_adam`` (the released weights). Implementations: ``fused`` (lopt_port
-kernels), ``eager`` (lopt_port PyTorch path), ``jax`` (parity.reference under
-jit) and ``adamw`` (``torch.optim.AdamW(fused=True)``, the hand-designed baseline). Layouts:
-``10m`` (one 10M tensor), ``100x100k`` (100 tensors of 100k) and ``gpt2`` (the parameter
-shapes of GPT-2 small, 124M). Also measured in the same run: the throughput of a 2048^3
-float32 matmul, the machine's practical compute ceiling, and the peak resident memory each
-implementation adds during one step (``step_peak_mb``).
+kernels), ``eager`` (lopt_port PyTorch path), ``compiled`` (the eager path under
+``torch.compile(opt.step, fullgraph=True)``, inductor), ``jax`` (parity.reference under
+jit), ``adamw`` (``torch.optim.AdamW(fused=True)``, the hand-designed baseline) and
+``adamw-compiled`` (``torch.compile`` of ``AdamW(foreach=True).step``). The warm-up step
+before the timed ones compiles. Layouts: ``10m`` (one 10M tensor), ``100x100k`` (100 tensors
+of 100k), ``gpt2`` (the parameter shapes of GPT-2 small, 124M) and ``mlp`` (a 784-1024-1024-10
+MLP, 1.86M parameters in 6 tensors: a size that compiles in about a minute). Also measured in
+the same run: the throughput of a 2048^3 float32 matmul, the machine's practical compute
+ceiling, and the peak resident memory each implementation adds during one step
+(``step_peak_mb``).
 
 Run with ``OMP_WAIT_POLICY=PASSIVE`` on a shared machine; compare ratios, not times::
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python scripts/bench_step.py --json out/bench.json
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python scripts/bench_step.py --optimizer velo \
         --layouts gpt2 --json out/bench_velo.json
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python scripts/bench_step.py --optimizer velo \
+        --layouts mlp --impls eager compiled adamw-compiled --no-memory
 """
 
 from __future__ import annotations
@@ -49,17 +55,27 @@ LAYOUTS: dict[str, Callable[[], list[tuple[int, ...]]]] = {
     "10m": lambda: [(10_000_000,)],
     "100x100k": lambda: [(100_000,)] * 100,
     "gpt2": gpt2_small_shapes,
+    "mlp": lambda: [(1024, 784), (1024,), (1024, 1024), (1024,), (10, 1024), (10,)],
 }
+IMPLS = ("fused", "eager", "compiled", "jax", "adamw", "adamw-compiled")
 
 
 def median_ms(step: Callable[[], None], repeats: int) -> float:
-    step()  # warm-up (builds, compiles, allocates state)
+    return timed_ms(step, repeats)[0]
+
+
+def timed_ms(step: Callable[[], None], repeats: int) -> tuple[float, float]:
+    """``(median of repeats, warm-up)`` times of ``step()`` in ms; the warm-up step builds,
+    compiles and allocates the state."""
+    start = time.perf_counter()
+    step()
+    first = time.perf_counter() - start
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+    return 1000 * statistics.median(times), 1000 * first
 
 
 def peak_memory_growth_mb(step: Callable[[], None]) -> float | None:
@@ -103,17 +119,26 @@ def torch_step(impl: str, shapes: list[tuple[int, ...]], weights: str,
     params = [torch.randn(s, generator=g) for s in shapes]
     for p in params:
         p.grad = torch.randn(p.shape, generator=g)
+    fused = impl == "fused"
     if impl == "adamw":
         opt = torch.optim.AdamW(params, lr=1e-3, fused=True)
+    elif impl == "adamw-compiled":
+        opt = torch.optim.AdamW(params, lr=1e-3, foreach=True)
     elif optimizer in ("velo", "celo", "celo_adam"):
         cls = {"velo": VeLO, "celo": Celo, "celo_adam": CeloAdam}[optimizer]
-        velo = cls(params, weights, num_steps=10_000, fused=impl == "fused")
-        return lambda: velo.step(loss=1.0)
+        opt = cls(params, weights, num_steps=10_000, fused=fused)
     elif optimizer == "mulo":
-        opt = MuLO(params, weights, default_scale=1.0, fused=impl == "fused")
+        opt = MuLO(params, weights, default_scale=1.0, fused=fused)
     else:
-        opt = SmallFCLOpt(params, weights, fused=impl == "fused")
-    return lambda: opt.step()
+        opt = SmallFCLOpt(params, weights, fused=fused)
+    step = opt.step
+    if impl in ("compiled", "adamw-compiled"):
+        torch._dynamo.reset()  # every optimizer compiles afresh (dynamo's cache is bounded)
+        step = torch.compile(opt.step, fullgraph=impl == "compiled")
+    loss = torch.tensor(1.0)
+    if getattr(opt, "requires_loss", False):
+        return lambda: step(loss=loss)
+    return lambda: step()
 
 
 def jax_step(shapes: list[tuple[int, ...]], weights: str, optimizer: str,
@@ -185,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
                         "else checkpoints/velo_small)")
     parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
     parser.add_argument("--impls", nargs="+", default=["fused", "eager", "jax", "adamw"],
-                        choices=["fused", "eager", "jax", "adamw"])
+                        choices=list(IMPLS))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--max-materializing-params", type=int, default=30_000_000,
                         help="skip jax, and small_fc_lopt's eager path, above this size: they "
@@ -210,23 +235,25 @@ def main(argv: list[str] | None = None) -> int:
         shapes = LAYOUTS[layout]()
         n = sum(int(np.prod(s)) for s in shapes)
         for impl in args.impls:
-            materializes = impl == "jax" or (impl == "eager" and args.optimizer in
-                                             ("small_fc_lopt", "mulo"))
+            materializes = impl == "jax" or (impl in ("eager", "compiled") and args.optimizer
+                                             in ("small_fc_lopt", "mulo"))
             if materializes and n > args.max_materializing_params:
                 print(f"{layout:>9} {impl:>6}: skipped ({n:,} params > "
                       f"--max-materializing-params)")
                 continue
-            ms = median_ms(make_step(impl, shapes, weights, args.optimizer, upstream),
-                           args.repeats)
-            row = {"optimizer": "adamw" if impl == "adamw" else args.optimizer,
+            ms, first_ms = timed_ms(make_step(impl, shapes, weights, args.optimizer, upstream),
+                                    args.repeats)
+            row = {"optimizer": "adamw" if impl.startswith("adamw") else args.optimizer,
                    "impl": impl, "layout": layout, "params": n, "ms": ms,
-                   "sgemm_gflops": gflops}
+                   "first_ms": first_ms, "sgemm_gflops": gflops}
             if impl == "fused" and args.optimizer in ("small_fc_lopt", "mulo"):
                 row["mlp_gflops"] = MLP_FLOP_PER_PARAM * n / (ms / 1000) / 1e9
             rows.append(row)
             cases.append((row, shapes))
             extra = (f"  MLP at {row['mlp_gflops']:.1f} GFLOP/s = "
                      f"{row['mlp_gflops'] / gflops:.0%} of sgemm" if "mlp_gflops" in row else "")
+            if impl.endswith("compiled"):
+                extra += f"  (first step, compiling: {first_ms / 1000:.1f} s)"
             print(f"{layout:>9} {impl:>6}: {ms:10.1f} ms{extra}", flush=True)
     if not args.no_memory:
         # After all timings: the allocator setting below would slow the baselines down.
@@ -240,14 +267,17 @@ def main(argv: list[str] | None = None) -> int:
                       flush=True)
     print("\nratios (same run):")
     by = {(r["layout"], r["impl"]): r["ms"] for r in rows}
-    base_impl = "fused"
     for layout in args.layouts:
-        base = by.get((layout, base_impl))
-        if base is None:
+        # Against the fused kernels where they ran, else against the eager path.
+        base_impl = next((i for i in ("fused", "eager") if (layout, i) in by), None)
+        if base_impl is None:
             continue
-        parts = [f"{other} / {base_impl} = {by[(layout, other)] / base:.2f}x"
-                 for other in ("fused", "eager", "jax", "adamw")
-                 if other != base_impl and (layout, other) in by]
+        base = by[(layout, base_impl)]
+        parts = [f"{other} / {base_impl} = {by[(layout, other)] / base:.3g}x"
+                 for other in IMPLS if other != base_impl and (layout, other) in by]
+        if (layout, "compiled") in by and (layout, "adamw-compiled") in by:
+            ratio = by[(layout, "compiled")] / by[(layout, "adamw-compiled")]
+            parts.append(f"compiled / adamw-compiled = {ratio:.3g}x")
         print(f"{layout:>9}: " + ", ".join(parts))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
