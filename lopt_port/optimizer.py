@@ -285,7 +285,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
         else:
             value = torch.tensor(float(loss), dtype=torch.float32)
         if self._grads_cleared:
-            self._observed, self._grads_cleared = [], False
+            self._observed.clear()
+            self._grads_cleared = False
         if self._observed and combine != self._combine:
             raise ValueError(f"observe_loss(combine={combine!r}) after combine="
                              f"{self._combine!r} in the same step: one step's losses are all "
@@ -372,7 +373,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
             for p in lists.params:
                 lists.grads.append(p.grad)
                 lists.states.append(self.state[p])
-        self._observed, self._grads_cleared = [], False  # handed to this step, final now
+        self._observed.clear()  # handed to this step, final now (in place: torch.compile)
+        self._grads_cleared = False
         if groups and self.requires_loss and loss is None:
             return StepInputs(returned, None, [])
         before = ([p.detach().clone() for lists in groups for p in lists.params]
