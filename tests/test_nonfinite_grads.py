@@ -4,11 +4,12 @@ gradients").
 
 Upstream has no guard: one NaN element of a gradient reaches every element of that tensor
 (its factored second moments and its features' normalizers are NaN), and small_fc_lopt turns
-one ``+inf`` or ``-inf`` into NaN as well; VeLO and Celo clip gradients to ``[-1000, 1000]``
-first, so infinities stay finite, while NaN passes the clip and reaches the whole tensor and,
-through VeLO's per-tensor LSTM, other tensors a step later. Each case below runs against
-upstream's own code (small_fc_lopt: the 2022 wheel) or the JAX references (VeLO, Celo):
-which elements are NaN, and the finite values, must agree.
+one ``+inf`` or ``-inf`` into NaN as well; μLO's ``nan_to_num`` makes a NaN 0 but an infinity
+float32's largest value, which its global-norm clip turns into NaN; VeLO and Celo clip
+gradients to ``[-1000, 1000]`` first, so infinities stay finite, while NaN passes the clip and
+reaches the whole tensor and, through VeLO's per-tensor LSTM, other tensors a step later.
+Each case runs against upstream's own code (small_fc_lopt: the 2022 wheel) or the JAX
+references (MuLO, VeLO, Celo): which elements are NaN, and the finite values, must agree.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from tests.test_optimizer_conventions import OPTIMIZERS
 pytestmark = pytest.mark.slow
 
 SOURCES = {"small_fc_lopt": ("small_fc_h32_sm0p01", "upstream"),
-           "velo": ("velo_small", "builtin"), "celo": ("celo", "builtin")}
+           "mulo": ("mulo_h32_sm0p01", "builtin"), "velo": ("velo_small", "builtin"),
+           "celo": ("celo", "builtin")}
 STEPS = 3
 
 
