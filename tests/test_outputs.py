@@ -255,3 +255,15 @@ def test_symlink_output_refused_and_force_replaces_the_link(tmp_path, capsys, sm
     assert not (tmp_path / "up").is_symlink()
     assert sorted(os.listdir(tmp_path / "up")) == ["config.gin", "params"]
     assert os.listdir(folder) == ["keep"]
+
+
+def test_without_renameat2_the_fallbacks_hold(tmp_path, monkeypatch, small_fc):
+    monkeypatch.setattr(atomic, "_renameat2", None)
+    results = _race(lambda i: small_fc.save(tmp_path / "w.safetensors"))
+    assert sorted(r == "ok" for r in results) == [False, True], results
+    converters.convert(checkpoint_dir("celo")).save(tmp_path / "up", "upstream")
+    with pytest.raises(CheckpointError, match="output exists"):
+        small_fc.save(tmp_path / "up", "upstream")
+    small_fc.save(tmp_path / "up", "upstream", overwrite=True)
+    assert sorted(os.listdir(tmp_path / "up")) == ["config.gin", "params"]
+    assert sorted(os.listdir(tmp_path)) == ["up", "w.safetensors"]
