@@ -157,7 +157,9 @@ class Converted:
 
         ``safetensors`` and ``pt`` write one file; ``hf`` a pretrained folder (``config.json``
         and ``model.safetensors``, the Hugging Face convention); ``upstream`` a folder with
-        ``params`` and ``config.gin``. On any error no output file is left behind.
+        ``params`` and ``config.gin``. The bytes depend only on the tensors and the metadata
+        (keys sorted). A new output is created exclusively; ``overwrite`` replaces an existing
+        one as a whole; on any error nothing is left behind (:mod:`converters.atomic`).
         """
         target = os.fspath(path)
         if format in ("safetensors", "hf"):
@@ -171,7 +173,7 @@ class Converted:
                 with atomic_target(target, overwrite) as tmp:
                     write_weights(tmp)
                 return [target]
-            config = json.dumps(metadata_to_config(self.metadata), indent=2)
+            config = json.dumps(metadata_to_config(self.metadata), indent=2, sort_keys=True)
 
             def write_hf_config(p: str) -> None:
                 with open(p, "w", encoding="utf-8") as f:
@@ -181,7 +183,8 @@ class Converted:
                                                WEIGHTS_NAME: write_weights}, overwrite)
         if format == "pt":
             buffer = io.BytesIO()
-            torch.save(state_dict_with_metadata(self.state_dict, self.metadata), buffer)
+            torch.save(state_dict_with_metadata(dict(sorted(self.state_dict.items())),
+                                                dict(sorted(self.metadata.items()))), buffer)
             with atomic_target(target, overwrite) as tmp, open(tmp, "wb") as f:
                 f.write(buffer.getvalue())
             return [target]

@@ -118,7 +118,7 @@ def safetensors_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str
     """A safetensors file, byte for byte determined by its inputs.
 
     Layout (the safetensors format): the header length as a little-endian u64, the JSON header
-    (``__metadata__`` first, in the mapping's order, then the tensors sorted by name, each with
+    (``__metadata__`` first, its keys sorted, then the tensors sorted by name, each with
     ``dtype``, ``shape`` and ``data_offsets``; compact separators; space-padded to a multiple of
     8 bytes), then the tensors' little-endian data in the same order.
     """
@@ -128,7 +128,7 @@ def safetensors_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str
     bad = [k for k, v in metadata.items() if not (isinstance(k, str) and isinstance(v, str))]
     if bad:
         raise TypeError(f"safetensors metadata must map str to str: {bad[:5]}")
-    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
     chunks: list[bytes] = []
     offset = 0
     for name in sorted(tensors):

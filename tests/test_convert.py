@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import converters
-from converters import CheckpointError, flax_msgpack
+from converters import CheckpointError, atomic, flax_msgpack
 from lopt_port.weights import WeightsError, load_weights
 from tests.conftest import SMALL_FC_CHECKPOINTS, checkpoint_dir
 
@@ -205,11 +205,10 @@ def test_failed_writes_leave_nothing(tmp_path, monkeypatch):
 
     # The files are written in full under temporary names; the final rename fails.
     with monkeypatch.context() as m:
-        m.setattr(os, "replace", disk_full)
-        m.setattr(os, "rename", disk_full)
-        with pytest.raises(OSError, match="disk full"):
+        m.setattr(atomic, "_move_noreplace", disk_full)
+        with pytest.raises(CheckpointError, match="disk full"):
             c.save(tmp_path / "w.safetensors")
-        with pytest.raises(OSError, match="disk full"):
+        with pytest.raises(CheckpointError, match="disk full"):
             c.save(tmp_path / "hf", "hf")
     monkeypatch.setattr(type(c), "upstream_config_text", lambda self: 1 / 0)
     with pytest.raises(ZeroDivisionError):
