@@ -154,6 +154,15 @@ def test_deep_json_in_config_json(tmp_path, capsys):
     _one_line_error(capsys, CONFIG_NAME, "MAX_JSON_DEPTH")
 
 
+def test_deep_json_on_the_command_line(tmp_path, capsys):
+    names = tmp_path / "names.json"
+    names.write_text(DEEP_JSON)
+    assert cli.main([SRC, "--state", str(names)]) == 2
+    _one_line_error(capsys, "names mapping", "names.json", "MAX_JSON_DEPTH")
+    assert cli.main([SRC, "-o", str(tmp_path / "w.pt"), "--pylo-decay-offsets", DEEP_JSON]) == 2
+    _one_line_error(capsys, "--pylo-decay-offsets", "MAX_JSON_DEPTH")
+
+
 def test_deep_pickle_tree_is_refused(tmp_path):
     tree: dict = {}
     for _ in range(MAX_TREE_DEPTH * 4):
