@@ -140,6 +140,18 @@ def test_deep_json_in_hparams_metadata(tmp_path, capsys, converted, suffix):
     _one_line_error(capsys, path.name, "'hparams'", "MAX_JSON_DEPTH")
 
 
+@pytest.mark.parametrize("key", ["hparams", "upstream_layout"])
+def test_lopt_parity_refuses_deep_json(tmp_path, capsys, converted, key):
+    from parity import cli as parity_cli  # imports jax: only here
+    tensors, meta = converted
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(safetensors_bytes(tensors, {**meta, key: DEEP_JSON}))
+    assert parity_cli.main([str(path), "--tasks", "1", "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lopt-parity: error: ") and err.count("\n") == 1, err
+    assert key in err and "MAX_JSON_DEPTH" in err
+
+
 def test_deep_json_in_config_json(tmp_path, capsys):
     folder = tmp_path / "hf"
     assert cli.main([SRC, "-o", str(folder), "--format", "hf"]) == 0
