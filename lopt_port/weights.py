@@ -85,9 +85,13 @@ class LoadedWeights:
         return origin_of(self.metadata)[1]
 
 
-def loads_json(text: str, origin: str, what: str) -> Any:
-    """``json.loads(text)`` once ``text`` is within the JSON limits (:mod:`lopt_port.limits`);
-    :class:`WeightsError` naming ``origin`` and ``what`` (a metadata key, say) otherwise."""
+def loads_json(text: Any, origin: str, what: str) -> Any:
+    """``json.loads(text)`` once ``text`` is a string within the JSON limits
+    (:mod:`lopt_port.limits`); :class:`WeightsError` naming ``origin`` and ``what`` (a metadata
+    key, say) otherwise."""
+    if not isinstance(text, str):
+        raise WeightsError(f"{origin}: {what} must be a string of JSON, found "
+                           f"{type(text).__name__}")
     problem = json_depth_problem(text)
     if problem is not None:
         raise WeightsError(f"{origin}: {what}: {problem}")

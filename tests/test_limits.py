@@ -152,6 +152,17 @@ def test_lopt_parity_refuses_deep_json(tmp_path, capsys, converted, key):
     assert key in err and "MAX_JSON_DEPTH" in err
 
 
+def test_pt_metadata_that_is_not_a_string(tmp_path, converted):
+    tensors, meta = converted
+    nested: list = []
+    for _ in range(50):  # torch.save recurses too deeply to write much more
+        nested = [nested]
+    path = tmp_path / "w.pt"
+    torch.save(state_dict_with_metadata(tensors, {**meta, "hparams": nested}), path)
+    with pytest.raises(WeightsError, match="'hparams' must be a string of JSON, found list"):
+        from_pretrained(str(path), _params())
+
+
 def test_deep_json_in_config_json(tmp_path, capsys):
     folder = tmp_path / "hf"
     assert cli.main([SRC, "-o", str(folder), "--format", "hf"]) == 0
