@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from converters import cli, mulo
 from converters.convert import convert
 from converters.errors import CheckpointError
 from converters.gin_config import parse_gin
-from lopt_port import from_pretrained
+from lopt_port import from_pretrained, limits
 from lopt_port.limits import MAX_GIN_DEPTH, MAX_JSON_DEPTH, MAX_TREE_DEPTH, json_depth_problem
 from lopt_port.weights import (
     CONFIG_NAME,
@@ -92,6 +93,8 @@ def test_gin_macro_chain_is_refused(tmp_path, capsys):
     src = _checkpoint_with(tmp_path, CHAIN + "\nAdafacMLPLOpt.exp_mult = %A2999")
     assert cli.main([src, "-o", str(tmp_path / "w.safetensors")]) == 2
     _one_line_error(capsys, "config.gin", "MAX_GIN_DEPTH", "macro %A")
+    assert cli.main([src, "-o", str(tmp_path / "w.safetensors"), "--debug"]) == 2
+    assert "Traceback" in capsys.readouterr().err
 
 
 def test_gin_deep_containers_are_refused():
@@ -109,6 +112,14 @@ def test_json_depth_scan_ignores_brackets_in_strings():
     assert json_depth_problem("[" * MAX_JSON_DEPTH + "]" * MAX_JSON_DEPTH) is None
     problem = json_depth_problem("[" * (MAX_JSON_DEPTH + 1))
     assert problem is not None and f"MAX_JSON_DEPTH = {MAX_JSON_DEPTH}" in problem
+
+
+def test_every_limit_is_documented():
+    text = (Path(ROOT) / "docs" / "conversion.md").read_text(encoding="utf-8")
+    names = [n for n in dir(limits) if n.startswith("MAX_")]
+    assert len(names) == 8
+    for name in names:
+        assert f"| `{name}` |" in text, name
 
 
 @pytest.fixture(scope="module")
