@@ -9,6 +9,7 @@ not) are its constructor arguments. The file also names many configurables we ne
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,9 @@ from gin import config_parser
 
 from converters.errors import CheckpointError
 from lopt_port.limits import MAX_CONFIG_BYTES, MAX_GIN_DEPTH, MAX_GIN_EXPANSION
+
+#: A quoted string or a comment (whose brackets do not nest), or a bracket.
+_GIN_TOKEN = re.compile(r""""(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*'|#[^\n]*|[\[\](){}]""")
 
 
 @dataclass(frozen=True)
@@ -72,8 +76,8 @@ class _Expander:
         nesting levels (macros and containers); ``stack`` holds a macro's name or ``""`` (a
         container) for each level being measured."""
         if len(stack) > MAX_GIN_DEPTH:
-            raise self._fail(f"macros nest deeper than MAX_GIN_DEPTH = {MAX_GIN_DEPTH} levels",
-                             where)
+            raise self._fail(f"nests deeper than MAX_GIN_DEPTH = {MAX_GIN_DEPTH} levels "
+                             f"(macros and containers)", where)
         if isinstance(value, _Macro):
             name = value.name
             if name in stack:
@@ -125,6 +129,22 @@ class _Expander:
         return self._expand(value)
 
 
+def _check_bracket_depth(text: str, file: str) -> None:
+    """Refuse brackets nested deeper than MAX_GIN_DEPTH before gin's parser, which recurses
+    once per level, sees them."""
+    depth = 0
+    for match in _GIN_TOKEN.finditer(text):
+        token = match.group()
+        if token in "([{":
+            depth += 1
+            if depth > MAX_GIN_DEPTH:
+                line = text.count("\n", 0, match.start()) + 1
+                raise CheckpointError(f"brackets nest deeper than MAX_GIN_DEPTH = "
+                                      f"{MAX_GIN_DEPTH} levels at line {line}", file=file)
+        elif token in ")]}":
+            depth = max(depth - 1, 0)
+
+
 def parse_gin(text: str, file: str = "config.gin") -> GinConfig:
     """Find the class behind ``run_train.lopt`` and collect its bindings.
 
@@ -132,6 +152,7 @@ def parse_gin(text: str, file: str = "config.gin") -> GinConfig:
     macros (``%NAME``) are resolved. Raises :class:`CheckpointError` on syntax errors or when
     no learned optimizer is named.
     """
+    _check_bracket_depth(text, file)
     statements = []
     try:
         for statement in config_parser.ConfigParser(text, _Delegate()):

@@ -31,9 +31,9 @@ MAX_JSON_DEPTH = 100
 #: Longest JSON text parsed from metadata (a string inside a file already bounded by
 #: MAX_FILE_BYTES): ``upstream_layout``, the largest, is a few KB.
 MAX_JSON_CHARS = 16 << 20
-#: Deepest expansion of a ``config.gin`` value, counting each macro reference and each list,
-#: tuple or dict it passes through: upstream's configs use one level; expansion recurses once
-#: per level.
+#: Deepest bracket nesting in a ``config.gin``, and deepest expansion of one of its values,
+#: counting each macro reference and each list, tuple or dict it passes through: upstream's
+#: configs use one or two levels; gin's parser and the expansion recurse once per level.
 MAX_GIN_DEPTH = 64
 #: Largest expansion of the ``config.gin`` values read, in values plus characters of strings,
 #: all bindings together: macros referring to macros grow geometrically (ten references per

@@ -98,9 +98,16 @@ def test_gin_macro_chain_is_refused(tmp_path, capsys):
 
 
 def test_gin_deep_containers_are_refused():
-    nested = "[" * (MAX_GIN_DEPTH + 5) + "]" * (MAX_GIN_DEPTH + 5)
-    with pytest.raises(CheckpointError):
-        parse_gin(GIN + f"AdafacMLPLOpt.exp_mult = {nested}\n")
+    for depth in (MAX_GIN_DEPTH + 1, 100_000):  # gin's parser would recurse 100,000 deep
+        nested = "[" * depth + "]" * depth
+        with pytest.raises(CheckpointError, match=f"brackets nest deeper than MAX_GIN_DEPTH = "
+                           f"{MAX_GIN_DEPTH} levels at line 2"):
+            parse_gin(f"# ((( in a comment\nAdafacMLPLOpt.exp_mult = {nested}\n" + GIN)
+    # within the bracket limit, but macros add levels
+    nested = "[" * (MAX_GIN_DEPTH - 1) + "]" * (MAX_GIN_DEPTH - 1)
+    with pytest.raises(CheckpointError, match="nests deeper than MAX_GIN_DEPTH"):
+        parse_gin(f"B0 = {nested}\nB1 = %B0\nB2 = [%B1]\n" + GIN
+                  + "AdafacMLPLOpt.exp_mult = %B2\n")
     # a short chain and a few containers stay well within the limits
     cfg = parse_gin("B0 = (0.9, [1, 2])\nB1 = %B0\n" + GIN
                     + "AdafacMLPLOpt.initial_rms_decays = %B1\n")
