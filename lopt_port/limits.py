@@ -1,4 +1,4 @@
-"""Every limit the readers of untrusted files enforce, in one place (docs/reliability.md).
+"""Every limit the readers of untrusted files enforce, in one place (docs/conversion.md: Limits).
 
 A checkpoint, ``config.gin``, ``config.json`` or weights file may come from anywhere, so every
 reader bounds the work and memory a file can ask for and every recursive walk is bounded far
