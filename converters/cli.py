@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import ast
 import hashlib
-import json
 import os
 import sys
 import traceback
@@ -18,7 +17,7 @@ from converters.origin import DECLARABLE
 from converters.state import migrate_state
 from converters.upstream import MAPPINGS
 from lopt_port.provenance import NOTE_KEY, ORIGIN_KEY
-from lopt_port.weights import WeightsError
+from lopt_port.weights import WeightsError, loads_json, read_json_file
 
 _SUFFIX = {"safetensors": ".safetensors", "pt": ".pt", "hf": "_hf", "upstream": "_upstream"}
 
@@ -42,8 +41,8 @@ def _parse_decay_offsets(text: str | None) -> dict[str, Any] | str | None:
     if text is None or text == "pylo":
         return text
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
+        value = loads_json(text, "--pylo-decay-offsets", "the value")
+    except WeightsError as e:
         raise CheckpointError(f"--pylo-decay-offsets expects 'pylo' or a JSON object ({e})"
                               ) from None
     if not isinstance(value, dict):
@@ -161,10 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _migrate(args: argparse.Namespace) -> str:
     """``--state``: migrate, write, and the summary to print."""
     try:
-        with open(args.state, encoding="utf-8") as f:
-            names = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read the names mapping ({e})", file=args.state) from None
+        names = read_json_file(args.state)
+    except WeightsError as e:
+        raise CheckpointError(f"cannot read the names mapping ({e})") from None
     if not isinstance(names, dict):
         raise CheckpointError("the names mapping must be a JSON object", file=args.state)
     migrated = migrate_state(args.src, names, kind=args.kind)

@@ -28,6 +28,7 @@ from lopt_port.weights import (
     is_pretrained_folder,
     load_pylo,
     load_weights,
+    loads_json,
     metadata_to_config,
     safetensors_bytes,
     state_dict_with_metadata,
@@ -121,12 +122,15 @@ class Converted:
         if layout is None and getattr(mapping, "RAW_ROOT", False):
             return _nest(leaves)
         if layout is None:
-            gen_id = json.loads(self.metadata.get("upstream_gen_id", '""'))
-            step = json.loads(self.metadata.get("upstream_step", "0"))
+            gen_id = loads_json(self.metadata.get("upstream_gen_id", '""'), "metadata",
+                                "upstream_gen_id")
+            step = loads_json(self.metadata.get("upstream_step", "0"), "metadata",
+                              "upstream_step")
             return {"params": _nest(leaves), "gen_id": gen_id or "", "step": step or 0}
         used: set = set()
         try:
-            root = _rebuild(json.loads(layout), leaves, used, mapping.CHAIN_ALIASES)
+            skeleton = loads_json(layout, "metadata", "upstream_layout")
+            root = _rebuild(skeleton, leaves, used, mapping.CHAIN_ALIASES)
         except (ValueError, TypeError, KeyError) as e:
             raise CheckpointError(f"metadata upstream_layout is unusable: {e}") from None
         if used != set(leaves):

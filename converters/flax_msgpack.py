@@ -23,13 +23,10 @@ import msgpack
 import numpy as np
 
 from converters.errors import CheckpointError
+from lopt_port.limits import MAX_FILE_BYTES, MAX_NDIM, MAX_TREE_DEPTH
 
 EXT_NDARRAY = 1
 EXT_NPSCALAR = 3
-
-MAX_FILE_BYTES = 1 << 30
-MAX_DEPTH = 32
-MAX_NDIM = 16
 
 _DTYPE_WHITELIST = (
     "float16", "float32", "float64",
@@ -94,7 +91,8 @@ def _decode_ext(ext: msgpack.ExtType, file: str, path: list[str]) -> np.ndarray 
                               key_path=path)
     shape, dtype_name, buf = payload
     if not isinstance(shape, list) or len(shape) > MAX_NDIM:
-        raise CheckpointError(f"array shape must be a list of at most {MAX_NDIM} ints",
+        raise CheckpointError(f"array shape must be a list of at most MAX_NDIM = {MAX_NDIM} "
+                              f"ints",
                               file=file, key_path=path)
     if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise CheckpointError(f"array shape {shape!r:.80} has a negative or non-integer dim",
@@ -117,8 +115,9 @@ def _decode_ext(ext: msgpack.ExtType, file: str, path: list[str]) -> np.ndarray 
 
 
 def _decode_node(node: Any, file: str, path: list[str], depth: int) -> Any:
-    if depth > MAX_DEPTH:
-        raise CheckpointError(f"nesting deeper than {MAX_DEPTH} levels", file=file,
+    if depth > MAX_TREE_DEPTH:
+        raise CheckpointError(f"nesting deeper than MAX_TREE_DEPTH = {MAX_TREE_DEPTH} levels",
+                              file=file,
                               key_path=path)
     if isinstance(node, dict):
         out: Tree = {}
@@ -159,14 +158,17 @@ def read_file(path: str | os.PathLike, max_bytes: int = MAX_FILE_BYTES) -> tuple
     try:
         size = os.path.getsize(name)
         if size > max_bytes:
-            raise CheckpointError(f"file is {size} bytes, more than the limit of {max_bytes}",
+            raise CheckpointError(f"file is {size:,} bytes, more than the limit of "
+                                  f"{max_bytes:,} (max_bytes; by default MAX_FILE_BYTES)",
                                   file=name)
         with open(name, "rb") as f:
             data = f.read(max_bytes + 1)
     except OSError as e:
         raise CheckpointError(f"cannot read: {e.strerror or e}", file=name) from None
     if len(data) > max_bytes:
-        raise CheckpointError(f"file grew past the limit of {max_bytes} bytes", file=name)
+        raise CheckpointError(f"file grew past the limit of {max_bytes:,} bytes "
+                              f"(max_bytes; by default MAX_FILE_BYTES)",
+                              file=name)
     return decode_bytes(data, name), data
 
 

@@ -9,14 +9,17 @@ not) are its constructor arguments. The file also names many configurables we ne
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from gin import config_parser
 
 from converters.errors import CheckpointError
+from lopt_port.limits import MAX_CONFIG_BYTES, MAX_GIN_DEPTH, MAX_GIN_EXPANSION
 
-MAX_CONFIG_BYTES = 4 << 20
+#: A quoted string or a comment (whose brackets do not nest), or a bracket.
+_GIN_TOKEN = re.compile(r""""(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*'|#[^\n]*|[\[\](){}]""")
 
 
 @dataclass(frozen=True)
@@ -51,18 +54,95 @@ def _last(selector: str) -> str:
     return selector.rsplit(".", 1)[-1]
 
 
-def _resolve(value: Any, macros: dict[str, Any], file: str, seen: tuple[str, ...] = ()) -> Any:
-    if isinstance(value, _Macro):
-        if value.name in seen:
-            raise CheckpointError(f"macro %{value.name} refers to itself", file=file)
-        if value.name not in macros:
-            raise CheckpointError(f"macro %{value.name} is not defined", file=file)
-        return _resolve(macros[value.name], macros, file, (*seen, value.name))
-    if isinstance(value, (list, tuple)):
-        return type(value)(_resolve(v, macros, file, seen) for v in value)
-    if isinstance(value, dict):
-        return {k: _resolve(v, macros, file, seen) for k, v in value.items()}
-    return value
+class _Expander:
+    """Expands macros in binding values, bounded by MAX_GIN_DEPTH and MAX_GIN_EXPANSION.
+
+    The size and height of every macro's expansion are computed (memoized, so a macro used
+    ten times is measured once) before any value is expanded, so a file whose macros grow
+    geometrically is refused without building anything.
+    """
+
+    def __init__(self, macros: dict[str, Any], file: str) -> None:
+        self.macros = macros
+        self.file = file
+        self.measured: dict[str, tuple[int, int]] = {}
+        self.total = 0
+
+    def _fail(self, message: str, where: str) -> CheckpointError:
+        return CheckpointError(f"{where}: {message}", file=self.file)
+
+    def _measure(self, value: Any, stack: tuple[str, ...], where: str) -> tuple[int, int]:
+        """``(size, height)`` of ``value`` expanded: values plus string characters, and
+        nesting levels (macros and containers); ``stack`` holds a macro's name or ``""`` (a
+        container) for each level being measured."""
+        if len(stack) > MAX_GIN_DEPTH:
+            raise self._fail(f"nests deeper than MAX_GIN_DEPTH = {MAX_GIN_DEPTH} levels "
+                             f"(macros and containers)", where)
+        if isinstance(value, _Macro):
+            name = value.name
+            if name in stack:
+                raise self._fail(f"macro %{name} refers to itself", where)
+            if name not in self.macros:
+                raise self._fail(f"macro %{name} is not defined", where)
+            if name not in self.measured:
+                size, height = self._measure(self.macros[name], (*stack, name), f"macro %{name}")
+                self.measured[name] = (size, height + 1)
+            size, height = self.measured[name]
+        elif isinstance(value, (list, tuple, dict)):
+            items = (list(value.keys()) + list(value.values()) if isinstance(value, dict)
+                     else value)
+            size, height = 1, 0
+            for item in items:
+                item_size, item_height = self._measure(item, (*stack, ""), where)
+                size += item_size
+                height = max(height, item_height)
+                if size > MAX_GIN_EXPANSION:
+                    break
+            height += 1
+        else:
+            size, height = 1 + (len(value) if isinstance(value, (str, bytes)) else 0), 0
+        if size > MAX_GIN_EXPANSION:
+            raise self._fail(f"expands to more than MAX_GIN_EXPANSION = {MAX_GIN_EXPANSION:,} "
+                             f"values and characters", where)
+        if height + len(stack) > MAX_GIN_DEPTH:
+            raise self._fail(f"nests deeper than MAX_GIN_DEPTH = {MAX_GIN_DEPTH} levels "
+                             f"(macros and containers)", where)
+        return size, height
+
+    def _expand(self, value: Any) -> Any:
+        if isinstance(value, _Macro):
+            return self._expand(self.macros[value.name])
+        if isinstance(value, (list, tuple)):
+            return type(value)(self._expand(v) for v in value)
+        if isinstance(value, dict):
+            return {k: self._expand(v) for k, v in value.items()}
+        return value
+
+    def resolve(self, value: Any, where: str) -> Any:
+        """``value`` (bound to ``where``) with its macros expanded, once measured within the
+        limits, all values resolved so far counted together."""
+        size, _ = self._measure(value, (), where)
+        self.total += size
+        if self.total > MAX_GIN_EXPANSION:
+            raise self._fail(f"the values read expand to more than MAX_GIN_EXPANSION = "
+                             f"{MAX_GIN_EXPANSION:,} values and characters", where)
+        return self._expand(value)
+
+
+def _check_bracket_depth(text: str, file: str) -> None:
+    """Refuse brackets nested deeper than MAX_GIN_DEPTH before gin's parser, which recurses
+    once per level, sees them."""
+    depth = 0
+    for match in _GIN_TOKEN.finditer(text):
+        token = match.group()
+        if token in "([{":
+            depth += 1
+            if depth > MAX_GIN_DEPTH:
+                line = text.count("\n", 0, match.start()) + 1
+                raise CheckpointError(f"brackets nest deeper than MAX_GIN_DEPTH = "
+                                      f"{MAX_GIN_DEPTH} levels at line {line}", file=file)
+        elif token in ")]}":
+            depth = max(depth - 1, 0)
 
 
 def parse_gin(text: str, file: str = "config.gin") -> GinConfig:
@@ -72,6 +152,7 @@ def parse_gin(text: str, file: str = "config.gin") -> GinConfig:
     macros (``%NAME``) are resolved. Raises :class:`CheckpointError` on syntax errors or when
     no learned optimizer is named.
     """
+    _check_bracket_depth(text, file)
     statements = []
     try:
         for statement in config_parser.ConfigParser(text, _Delegate()):
@@ -87,7 +168,8 @@ def parse_gin(text: str, file: str = "config.gin") -> GinConfig:
         raise CheckpointError("no 'run_train.lopt = @Class()' binding: cannot tell which "
                               "learned optimizer this is (pass the kind explicitly)", file=file)
     unscoped = [s for s in refs if not s.scope]
-    ref = _resolve((unscoped or refs)[-1].value, macros, file)
+    expander = _Expander(macros, file)
+    ref = expander.resolve((unscoped or refs)[-1].value, "run_train.lopt")
     if not isinstance(ref, _Reference):
         raise CheckpointError(f"run_train.lopt is {ref!r}, not a configurable reference",
                               file=file)
@@ -97,7 +179,7 @@ def parse_gin(text: str, file: str = "config.gin") -> GinConfig:
     for scope in ("", ref_scope) if ref_scope else ("",):
         for s in bindings:
             if s.scope == scope and _last(s.selector) == cls and s.arg_name:
-                value = _resolve(s.value, macros, file)
+                value = expander.resolve(s.value, f"{cls}.{s.arg_name}")
                 if isinstance(value, _Reference):
                     raise CheckpointError(f"{cls}.{s.arg_name} is bound to a configurable "
                                           f"(@{value.name}); only literal values are supported",
@@ -111,7 +193,8 @@ def read_gin(path: str | os.PathLike) -> GinConfig:
     name = os.fspath(path)
     try:
         if os.path.getsize(name) > MAX_CONFIG_BYTES:
-            raise CheckpointError(f"config is larger than {MAX_CONFIG_BYTES} bytes", file=name)
+            raise CheckpointError(f"config is larger than MAX_CONFIG_BYTES = "
+                                  f"{MAX_CONFIG_BYTES:,} bytes", file=name)
         with open(name, encoding="utf-8") as f:
             text = f.read()
     except OSError as e:

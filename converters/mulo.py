@@ -38,9 +38,9 @@ import numpy as np
 
 from converters import small_fc_lopt as base
 from converters.errors import CheckpointError
-from converters.flax_msgpack import MAX_FILE_BYTES
 from lopt_port import mulo_config as cfg
 from lopt_port import pylo_layout
+from lopt_port.limits import MAX_FILE_BYTES, MAX_TREE_DEPTH
 
 KIND = cfg.KIND
 UPSTREAM_CLASS = cfg.UPSTREAM_CLASS
@@ -173,6 +173,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 
 def _check_tree(node: Any, path: tuple[str, ...], origin: str) -> dict[str, Any]:
+    if len(path) > MAX_TREE_DEPTH:
+        raise CheckpointError(f"nesting deeper than MAX_TREE_DEPTH = {MAX_TREE_DEPTH} levels",
+                              file=origin, key_path=list(path))
     if not isinstance(node, dict):
         raise CheckpointError(f"expected a dict, found {type(node).__name__}", file=origin,
                               key_path=list(path))
@@ -197,7 +200,8 @@ def read_pickle(path: str | os.PathLike, max_bytes: int = MAX_FILE_BYTES
     name = os.fspath(path)
     size = os.path.getsize(name)
     if size > max_bytes:
-        raise CheckpointError(f"file is {size:,} bytes, above the limit of {max_bytes:,}",
+        raise CheckpointError(f"file is {size:,} bytes, above the limit of {max_bytes:,} "
+                              f"(max_bytes; by default MAX_FILE_BYTES)",
                               file=name)
     with open(name, "rb") as f:
         raw = f.read()

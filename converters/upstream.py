@@ -12,6 +12,7 @@ import numpy as np
 from converters import celo, flax_msgpack, mulo, small_fc_lopt, velo
 from converters.errors import CheckpointError
 from converters.gin_config import GinConfig, read_gin
+from lopt_port.limits import MAX_FILE_BYTES
 
 #: One mapping module per optimizer kind. A mapping module provides ``KIND``,
 #: ``UPSTREAM_CLASS``, ``NO_CONFIG_DEFAULTS`` (upstream's loader choices for tuple-rooted
@@ -126,7 +127,7 @@ def _kind_from_tree(theta: dict[str, Any], file: str, at_root: bool) -> str:
 
 
 def load_upstream(path: str | os.PathLike, kind: str | None = None, *,
-                  upstream_defaults: bool = False, max_bytes: int = flax_msgpack.MAX_FILE_BYTES,
+                  upstream_defaults: bool = False, max_bytes: int = MAX_FILE_BYTES,
                   **hparams: Any) -> UpstreamCheckpoint:
     """Read an upstream checkpoint folder (``params`` + ``config.gin``) or ``params`` file.
 

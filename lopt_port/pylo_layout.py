@@ -73,6 +73,7 @@ import torch
 
 from lopt_port import velo_config
 from lopt_port.constants import UPSTREAM_DECAYS
+from lopt_port.limits import MAX_CONFIG_BYTES, json_depth_problem
 from lopt_port.provenance import NOTE_KEY, ORIGIN_KEY
 from lopt_port.version import __version__
 
@@ -125,7 +126,8 @@ def meta_mlp_names(n: int) -> dict[str, str]:
 
 def layout_of(path: str | os.PathLike) -> str | None:
     """``"velo"`` for a pylo VeLO folder, ``"meta_mlp"`` for a pylo MetaMLP folder, else None
-    (a lopt-port pretrained folder, whose ``config.json`` names lopt-port's format, is not)."""
+    (a lopt-port pretrained folder, whose ``config.json`` names lopt-port's format, is not; nor
+    is a folder whose ``config.json`` cannot be read: its reader reports why)."""
     name = os.fspath(path)
     if not os.path.isdir(name):
         return None
@@ -133,7 +135,12 @@ def layout_of(path: str | os.PathLike) -> str | None:
            for d in (VELO_RNN_DIR, VELO_MLP_DIR)):
         return "velo"
     weights = os.path.join(name, WEIGHTS_NAME)
-    if not os.path.isfile(weights) or _read_config(name).get("format") is not None:
+    if not os.path.isfile(weights):
+        return None
+    try:
+        if _read_config(name).get("format") is not None:
+            return None
+    except PyloLayoutError:
         return None
     from safetensors import safe_open
     with safe_open(weights, framework="pt") as f:
@@ -146,8 +153,14 @@ def _read_config(folder: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         return {}
     try:
+        if os.path.getsize(path) > MAX_CONFIG_BYTES:
+            raise PyloLayoutError(f"{path}: larger than MAX_CONFIG_BYTES = {MAX_CONFIG_BYTES:,}")
         with open(path, encoding="utf-8") as f:
-            config = json.load(f)
+            text = f.read()
+        problem = json_depth_problem(text)
+        if problem is not None:
+            raise PyloLayoutError(f"{path}: {problem}")
+        config = json.loads(text)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise PyloLayoutError(f"{path}: not a readable JSON file ({e})") from None
     if not isinstance(config, dict):

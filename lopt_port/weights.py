@@ -50,6 +50,7 @@ from typing import Any
 import torch
 
 from lopt_port import pylo_layout
+from lopt_port.limits import MAX_CONFIG_BYTES, json_depth_problem
 from lopt_port.provenance import origin_of
 
 FORMAT_NAME = "lopt-port-weights"
@@ -84,6 +85,40 @@ class LoadedWeights:
         return origin_of(self.metadata)[1]
 
 
+def loads_json(text: Any, origin: str, what: str) -> Any:
+    """``json.loads(text)`` once ``text`` is a string within the JSON limits
+    (:mod:`lopt_port.limits`); :class:`WeightsError` naming ``origin`` and ``what`` (a metadata
+    key, say) otherwise."""
+    if not isinstance(text, str):
+        raise WeightsError(f"{origin}: {what} must be a string of JSON, found "
+                           f"{type(text).__name__}")
+    problem = json_depth_problem(text)
+    if problem is not None:
+        raise WeightsError(f"{origin}: {what}: {problem}")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise WeightsError(f"{origin}: {what} is not valid JSON ({e})") from None
+
+
+def read_json_file(path: str) -> Any:
+    """The JSON document in the file ``path``, within MAX_CONFIG_BYTES and the JSON limits;
+    :class:`WeightsError` naming the file otherwise."""
+    try:
+        size = os.path.getsize(path)
+        if size > MAX_CONFIG_BYTES:
+            raise WeightsError(f"{path}: file is {size:,} bytes, more than MAX_CONFIG_BYTES = "
+                               f"{MAX_CONFIG_BYTES:,}")
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        problem = json_depth_problem(text)
+        if problem is not None:
+            raise WeightsError(f"{path}: {problem}")
+        return json.loads(text)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WeightsError(f"{path}: not a readable JSON file ({e})") from None
+
+
 def _parse_metadata(meta: Mapping[str, str], origin: str) -> tuple[str | None, dict[str, Any]]:
     if not meta:
         return None, {}
@@ -94,10 +129,7 @@ def _parse_metadata(meta: Mapping[str, str], origin: str) -> tuple[str | None, d
     if version not in SUPPORTED_FORMAT_VERSIONS:
         raise WeightsError(f"{origin}: metadata format_version {version!r} is not supported by "
                            f"this lopt-port (supported: {', '.join(SUPPORTED_FORMAT_VERSIONS)})")
-    try:
-        hparams = json.loads(meta.get("hparams", "{}"))
-    except json.JSONDecodeError as e:
-        raise WeightsError(f"{origin}: metadata 'hparams' is not valid JSON ({e})") from None
+    hparams = loads_json(meta.get("hparams", "{}"), origin, "metadata 'hparams'")
     if not isinstance(hparams, dict):
         raise WeightsError(f"{origin}: metadata 'hparams' must be a JSON object")
     try:
@@ -154,7 +186,7 @@ def metadata_to_config(metadata: Mapping[str, str]) -> dict[str, Any]:
     """The ``config.json`` object of a pretrained folder: the metadata, ``hparams`` parsed."""
     config: dict[str, Any] = dict(metadata)
     if "hparams" in config:
-        config["hparams"] = json.loads(config["hparams"])
+        config["hparams"] = loads_json(config["hparams"], "metadata", "'hparams'")
     return config
 
 
@@ -180,12 +212,7 @@ def config_to_metadata(config: Any, origin: str) -> dict[str, str]:
 def _load_folder(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     config_path = os.path.join(path, CONFIG_NAME)
     weights_path = os.path.join(path, WEIGHTS_NAME)
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise WeightsError(f"{config_path}: not a readable JSON file ({e})") from None
-    meta = config_to_metadata(config, config_path)
+    meta = config_to_metadata(read_json_file(config_path), config_path)
     if not os.path.isfile(weights_path):
         raise WeightsError(f"{path}: a pretrained folder needs {WEIGHTS_NAME} beside "
                            f"{CONFIG_NAME}")

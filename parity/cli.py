@@ -7,6 +7,7 @@ import sys
 import time
 import traceback
 from collections.abc import Sequence
+from typing import TextIO
 
 from parity import harness, report
 
@@ -14,9 +15,9 @@ from parity import harness, report
 class _Progress:
     """A progress bar on a terminal, one line per phase otherwise."""
 
-    def __init__(self, stream=sys.stderr) -> None:
-        self.stream = stream
-        self.tty = stream.isatty()
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream if stream is not None else sys.stderr  # sys.stderr as of now
+        self.tty = self.stream.isatty()
         self.start = time.monotonic()
 
     def __call__(self, phase: str, done: int, total: int) -> None:

@@ -49,7 +49,7 @@ import torch
 
 import converters
 from lopt_port import Celo, CeloAdam, SmallFCLOpt, VeLO, extension
-from lopt_port.weights import LoadedWeights
+from lopt_port.weights import LoadedWeights, WeightsError
 from parity import tolerances
 from parity.errors import (
     relative,
@@ -176,12 +176,12 @@ def _build_sides(src: str | os.PathLike, reference: Reference, impl: Impl,
                  variant: str | None) -> Sides:
     try:
         conv = converters.convert(src)
-    except converters.CheckpointError as e:
+        if conv.kind not in ("small_fc_lopt", "velo", "mulo", *CELO_KINDS):
+            raise HarnessError(f"{src}: lopt-parity supports small_fc_lopt, velo, mulo, celo "
+                               f"and celo_adam, not {conv.kind}")
+        root = conv.upstream_tree()
+    except (converters.CheckpointError, WeightsError) as e:
         raise HarnessError(str(e)) from None
-    if conv.kind not in ("small_fc_lopt", "velo", "mulo", *CELO_KINDS):
-        raise HarnessError(f"{src}: lopt-parity supports small_fc_lopt, velo, mulo, celo and "
-                           f"celo_adam, not {conv.kind}")
-    root = conv.upstream_tree()
     theta = (root["params"] if {"params", "gen_id"} <= set(root)
              else root["0"] if set(root) == {"0", "1", "2"} else root)
     info: dict[str, Any] = {"source": os.fspath(src), "kind": conv.kind, "impl": impl,
