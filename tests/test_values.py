@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -63,6 +64,26 @@ def test_cli_refuses_out_of_range_set(tmp_path, capsys, setting: str, allowed: s
     assert "\n" not in err
     assert setting.split("=")[0] in err and allowed in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(("binding", "bad", "message"), [
+    ("AdafacMLPLOpt.exp_mult = 0.001", "AdafacMLPLOpt.exp_mult = -0.001",
+     r"exp_mult=-0.001 \(must be a finite float > 0\)"),
+    ("AdafacMLPLOpt.initial_adafactor_decays = (0.9, 0.99, 0.999)",
+     "AdafacMLPLOpt.initial_adafactor_decays = (0.9, 0.99, 1.5)",
+     r"initial_adafactor_decays=\[0.9, 0.99, 1.5\] \(each decay"),
+])
+def test_config_gin_bindings_are_checked(tmp_path, binding: str, bad: str,
+                                         message: str) -> None:
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "params").write_bytes(Path(SMALL_FC, "params").read_bytes())
+    text = Path(SMALL_FC, "config.gin").read_text(encoding="utf-8")
+    assert binding in text
+    (folder / "config.gin").write_text(text.replace(binding, bad), encoding="utf-8")
+    with pytest.raises(CheckpointError, match=message) as info:
+        converters.convert(folder)
+    assert info.value.file is not None and info.value.file.endswith("config.gin")
 
 
 @pytest.mark.parametrize(("folder", "kind", "hparams", "names"), [
