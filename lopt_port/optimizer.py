@@ -27,6 +27,7 @@ _begin_step`) and calls module-level functions, ``_eager_<kind>`` and ``_fused_<
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 import warnings
@@ -154,9 +155,10 @@ def counter_value(counter: torch.Tensor) -> int | float | torch.Tensor:
 
 
 def check_non_negative(name: str, value: Any) -> float:
-    """A non-negative float option (``lr``, ``weight_decay``)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ValueError(f"{name} must be a non-negative float, got {value!r}")
+    """A finite, non-negative float option (``lr``, ``weight_decay``)."""
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not math.isfinite(value) or value < 0):
+        raise ValueError(f"{name} must be a finite, non-negative float, got {value!r}")
     return float(value)
 
 

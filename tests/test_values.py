@@ -138,6 +138,13 @@ def test_constructor_overrides_are_checked(build, message: str) -> None:
         build(_params())
 
 
+@pytest.mark.parametrize("value", [math.nan, math.inf, -1.0])
+@pytest.mark.parametrize("option", ["lr", "weight_decay"])
+def test_options_must_be_finite_and_non_negative(option: str, value: float) -> None:
+    with pytest.raises(ValueError, match=f"{option} must be a finite, non-negative float"):
+        VeLO(_params(), _weights("velo_small"), num_steps=10, **{option: value})
+
+
 # ------------------------------------------------------------------- complex and sparse
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_complex_parameters_are_refused(name: str) -> None:
