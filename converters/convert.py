@@ -18,6 +18,7 @@ from converters.errors import CheckpointError
 from converters.upstream import MAPPINGS, UpstreamCheckpoint, load_upstream
 from lopt_port import pylo_layout
 from lopt_port.provenance import NOTE_KEY, ORIGIN_KEY, origin_of
+from lopt_port.value_rules import check_real_dense
 from lopt_port.version import __version__
 from lopt_port.weights import (
     CONFIG_NAME,
@@ -292,6 +293,7 @@ def _from_weights(path: str, kind: str | None, upstream_defaults: bool, declared
     mapping = MAPPINGS[kind]
     shapes = {k: tuple(v.shape) for k, v in loaded.state_dict.items()}
     try:
+        check_real_dense(loaded.state_dict, os.path.basename(path))
         resolved = mapping.resolve_torch_hparams({**loaded.hparams, **hparams}, shapes,
                                                  upstream_defaults)
         mapping.check_state_dict(loaded.state_dict, resolved, os.path.basename(path))

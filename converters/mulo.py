@@ -207,8 +207,10 @@ def read_pickle(path: str | os.PathLike, max_bytes: int = MAX_FILE_BYTES
         raw = f.read()
     try:
         tree = _RestrictedUnpickler(io.BytesIO(raw), name).load()
-    except CheckpointError:
-        raise
+    except CheckpointError as e:  # the reconstruction helpers do not know the file
+        if e.file is not None:
+            raise
+        raise CheckpointError(e.detail, file=name, key_path=e.key_path) from None
     except Exception as e:  # truncated or malformed pickles raise many error types
         raise CheckpointError(f"not a readable pickle ({type(e).__name__}: {e})",
                               file=name) from None

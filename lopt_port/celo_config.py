@@ -35,6 +35,7 @@ from typing import Any
 
 from lopt_port import velo_config
 from lopt_port.constants import DECAY_KEYS, UPSTREAM_DECAYS
+from lopt_port.value_rules import check_hparams
 from lopt_port.weights_schema import check_shapes
 
 KINDS = ("celo", "celo_adam")
@@ -109,6 +110,7 @@ def normalize_hparams(kind: str, hparams: Mapping[str, Any]) -> dict[str, Any]:
     if missing:
         raise ValueError(f"missing {kind} hyperparameters: {', '.join(missing)}")
     out = {k: _check_value(kind, k, hparams[k]) for k in known}
+    check_hparams(kind, out)
     if kind == "celo":
         m, r, a = decay_counts(out)
         if r not in (1, m) or a not in (1, m):

@@ -230,7 +230,9 @@ class MuLO(LearnedOptimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state from :meth:`state_dict`; refuses one whose recorded scales differ
-        from this optimizer's (its accumulators were built for other steps)."""
+        from this optimizer's (its accumulators were built for other steps), or that
+        another kind of optimizer saved."""
+        self._check_saved_kind(state_dict)
         saved_groups = state_dict["param_groups"]
         n_saved = sum(len(g["params"]) for g in saved_groups)
         n_ours = sum(len(g["params"]) for g in self.param_groups)

@@ -51,10 +51,10 @@ def resolve_hparams(given: Mapping[str, Any], shapes: Mapping[str, tuple[int, ..
                          f"must be 'head', got {variant!r}")
     if "step_mult" not in given:
         raise ValueError(STEP_MULT_HINT)
-    return base.resolve_hparams(given, shapes, upstream_defaults=upstream_defaults)
+    return base.resolve_hparams(given, shapes, upstream_defaults=upstream_defaults, kind=KIND)
 
 
 def check_state_dict(state_dict: Mapping[str, Any], hparams: Mapping[str, Any],
                      origin: str) -> None:
     """Strict match of names and shapes (small_fc_lopt's schema); raises ``ValueError``."""
-    base.check_state_dict(state_dict, hparams, origin)
+    base.check_state_dict(state_dict, hparams, origin, kind=KIND)

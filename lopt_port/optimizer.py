@@ -27,6 +27,7 @@ _begin_step`) and calls module-level functions, ``_eager_<kind>`` and ``_fused_<
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 import warnings
@@ -40,6 +41,7 @@ from lopt_port import extension
 from lopt_port.provenance import fixture_warning
 from lopt_port.state_layout import GLOBAL_STATE, TieBreak, factored_state_shapes
 from lopt_port.step_stats import group_stats
+from lopt_port.value_rules import DISPLAY, check_real_dense
 from lopt_port.weights import LoadedWeights, WeightsError, load_weights
 
 WeightsArg = str | os.PathLike | Mapping[str, torch.Tensor] | LoadedWeights
@@ -56,6 +58,13 @@ LOSS_HANDOFF = (
     "Hugging Face Trainer: lopt_port.integrations.track_loss(model, opt) before train(); "
     "Lightning: Trainer(callbacks=[lopt_port.integrations.LightningLossCallback()])")
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+#: The param-group key of :meth:`LearnedOptimizer.state_dict` that records the weights kind
+#: (``small_fc_lopt``, ``mulo``, ...): a state loads only into an optimizer of its kind. State
+#: dicts written before it existed lack it and load as before.
+KIND_KEY = "lopt_kind"
+#: Why complex parameters are refused.
+COMPLEX_REASON = ("complex parameters are not supported: the learned optimizers are "
+                  "real-valued (the imaginary part would be lost)")
 
 
 @dataclass(frozen=True)
@@ -146,9 +155,10 @@ def counter_value(counter: torch.Tensor) -> int | float | torch.Tensor:
 
 
 def check_non_negative(name: str, value: Any) -> float:
-    """A non-negative float option (``lr``, ``weight_decay``)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ValueError(f"{name} must be a non-negative float, got {value!r}")
+    """A finite, non-negative float option (``lr``, ``weight_decay``)."""
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not math.isfinite(value) or value < 0):
+        raise ValueError(f"{name} must be a finite, non-negative float, got {value!r}")
     return float(value)
 
 
@@ -194,6 +204,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         loaded = load_weights(weights)
         if loaded.kind not in (None, kind.kind):
             raise WeightsError(f"weights are for {loaded.kind!r}, not {kind.kind!r}")
+        self._kind = kind.kind
         self.weights_origin = loaded.origin
         if self.weights_origin == "fixture":
             warnings.warn(fixture_warning(type(self).__name__, loaded.origin_note), UserWarning,
@@ -201,6 +212,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         given = {**loaded.hparams, **(overrides or {})}
         shapes = {k: tuple(v.shape) for k, v in loaded.state_dict.items()}
         try:
+            check_real_dense(loaded.state_dict, "weights")
             self.hparams = kind.resolve_hparams(given, shapes)
             kind.check_state_dict(loaded.state_dict, self.hparams, "weights")
         except ValueError as e:
@@ -244,7 +256,25 @@ class LearnedOptimizer(torch.optim.Optimizer):
         """torch's ``add_param_group``; warns once when a group starts with an ``lr`` far below
         the meta-trained scale (``0 < lr < 0.05``): here ``lr`` multiplies the learned step
         (``1.0`` = as meta-trained), it is not AdamW's step size. Values set later
-        (schedulers, warm-up) and ``lr = 0`` never warn."""
+        (schedulers, warm-up) and ``lr = 0`` never warn.
+
+        Complex and sparse parameters are refused (``ValueError``) before the group is added.
+        """
+        params = param_group["params"]
+        if isinstance(params, torch.Tensor):
+            params = [params]
+        elif not isinstance(params, set):  # torch refuses sets: its error stays
+            params = list(params)  # a generator is read once, here
+        param_group = {**param_group, "params": params}
+        for p in params:
+            if not isinstance(p, torch.Tensor):
+                continue  # torch's TypeError names it
+            where = f"{type(self).__name__}: parameter of shape {tuple(p.shape)} ({p.dtype})"
+            if p.is_complex():
+                raise ValueError(f"{where}: {COMPLEX_REASON}")
+            if p.layout != torch.strided:
+                raise ValueError(f"{where}: sparse parameters ({p.layout}) are not supported: "
+                                 f"the learned optimizers' state and features are dense")
         super().add_param_group(param_group)
         lr = self.param_groups[-1]["lr"]
         if 0 < lr < LOW_LR and "low lr" not in self._warned:
@@ -474,9 +504,30 @@ class LearnedOptimizer(torch.optim.Optimizer):
             self._capture = previous
 
     # ------------------------------------------------------------------------ state dicts
+    def state_dict(self) -> dict[str, Any]:
+        """torch's ``state_dict``, each param group recording the weights kind
+        (:data:`KIND_KEY`)."""
+        out = super().state_dict()
+        for group in out["param_groups"]:
+            group[KIND_KEY] = self._kind
+        return out
+
+    def _check_saved_kind(self, state_dict: Mapping[str, Any]) -> None:
+        """``ValueError`` where ``state_dict`` records (:data:`KIND_KEY`) another kind than
+        this optimizer's; a state that records none (saved before the key existed) passes."""
+        saved_kinds = {g[KIND_KEY] for g in state_dict["param_groups"] if KIND_KEY in g}
+        if saved_kinds - {self._kind}:
+            saved = ", ".join(f"{DISPLAY.get(k, k)} (kind {k!r})" for k in sorted(saved_kinds))
+            raise ValueError(f"the state dict was saved by {saved}; {type(self).__name__} "
+                             f"(kind {self._kind!r}) loads only its own kind's state")
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a :meth:`state_dict`: validates everything before changing anything, and keeps
-        the state float32 on each parameter's device (the step count on the CPU)."""
+        the state float32 on each parameter's device (the step count on the CPU). A state saved
+        by an optimizer of another kind (:data:`KIND_KEY`) is refused."""
+        self._check_saved_kind(state_dict)
+        state_dict = {**state_dict, "param_groups": [
+            {k: v for k, v in g.items() if k != KIND_KEY} for g in state_dict["param_groups"]]}
         saved_state = state_dict["state"]
         params = [p for g in self.param_groups for p in g["params"]]
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from lopt_port.constants import UPSTREAM_DECAYS
+from lopt_port.value_rules import DISPLAY, check_hparams
 from lopt_port.weights_schema import check_shapes
 
 KIND = "small_fc_lopt"
@@ -67,16 +68,18 @@ def _as_decay_tuple(name: str, value: Any) -> tuple[float, ...]:
     return tuple(out)
 
 
-def normalize_hparams(hparams: Mapping[str, Any]) -> dict[str, Any]:
-    """Validate and canonicalize a full small_fc_lopt hyperparameter dict (JSON-friendly)."""
+def normalize_hparams(hparams: Mapping[str, Any], *, kind: str = KIND) -> dict[str, Any]:
+    """Validate and canonicalize a full small_fc_lopt hyperparameter dict (JSON-friendly);
+    ``kind`` (``small_fc_lopt`` or ``mulo``, whose hyperparameters these are too) names the
+    optimizer in the errors and picks its value rules (:mod:`lopt_port.value_rules`)."""
     known = {*UPSTREAM_DEFAULTS, "variant"}
     unknown = sorted(set(hparams) - known)
     if unknown:
-        raise ValueError(f"unknown small_fc_lopt hyperparameters: {', '.join(unknown)} "
+        raise ValueError(f"unknown {DISPLAY[kind]} hyperparameters: {', '.join(unknown)} "
                          f"(known: {', '.join(sorted(known))})")
     missing = sorted(k for k in UPSTREAM_DEFAULTS if k not in hparams)
     if missing:
-        raise ValueError(f"missing small_fc_lopt hyperparameters: {', '.join(missing)}")
+        raise ValueError(f"missing {DISPLAY[kind]} hyperparameters: {', '.join(missing)}")
     out: dict[str, Any] = {}
     for key in ("exp_mult", "step_mult"):
         v = hparams[key]
@@ -99,6 +102,7 @@ def normalize_hparams(hparams: Mapping[str, Any]) -> dict[str, Any]:
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     out["variant"] = variant
+    check_hparams(kind, out)
     m, r, a = (len(out[k]) for k in ("initial_momentum_decays", "initial_rms_decays",
                                      "initial_adafactor_decays"))
     try:
@@ -157,8 +161,9 @@ def infer_decay_counts(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
 
 
 def resolve_hparams(given: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], *,
-                    upstream_defaults: bool = False) -> dict[str, Any]:
-    """Complete ``given`` hyperparameters from the weights' shapes (architecture only).
+                    upstream_defaults: bool = False, kind: str = KIND) -> dict[str, Any]:
+    """Complete ``given`` hyperparameters from the weights' shapes (architecture only);
+    ``kind`` as in :func:`normalize_hparams`.
 
     Hyperparameters that cannot be read off the shapes (:data:`NOT_INFERABLE`) must be given,
     unless ``upstream_defaults`` is set, in which case upstream's constructor defaults fill
@@ -174,8 +179,8 @@ def resolve_hparams(given: Mapping[str, Any], shapes: Mapping[str, tuple[int, ..
     missing = [k for k in NOT_INFERABLE if k not in merged]
     if missing and not upstream_defaults:
         raise ValueError(
-            "these small_fc_lopt hyperparameters cannot be read off the weights and were not "
-            f"given: {', '.join(missing)}; pass them (upstream defaults: "
+            f"these {DISPLAY[kind]} hyperparameters cannot be read off the weights and were "
+            f"not given: {', '.join(missing)}; pass them (upstream defaults: "
             + ", ".join(f"{k}={UPSTREAM_DEFAULTS[k]!r}" for k in missing)
             + ") or opt in to upstream's defaults explicitly")
     for key in UPSTREAM_DEFAULTS:
@@ -184,13 +189,13 @@ def resolve_hparams(given: Mapping[str, Any], shapes: Mapping[str, tuple[int, ..
         if len(_as_decay_tuple(key, merged[key])) != n:
             raise ValueError(f"{key}={merged[key]!r} has {len(merged[key])} values but the "
                              f"weights have {n} decay offsets")
-    return normalize_hparams(merged)
+    return normalize_hparams(merged, kind=kind)
 
 
 def check_state_dict(state_dict: Mapping[str, Any], hparams: Mapping[str, Any],
-                     origin: str) -> None:
+                     origin: str, *, kind: str = KIND) -> None:
     """Strict match of names and shapes; raises ``ValueError`` naming every mismatch."""
     check_shapes(state_dict_shapes(hparams), state_dict,
-                 f"{origin}: small_fc_lopt weights do not match hyperparameters "
+                 f"{origin}: {DISPLAY[kind]} weights do not match hyperparameters "
                  f"(hidden_size={hparams['hidden_size']}, "
                  f"hidden_layers={hparams['hidden_layers']})")

@@ -50,6 +50,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from lopt_port.constants import DECAY_KEYS, UPSTREAM_DECAYS, VELO_FF_MULT
+from lopt_port.value_rules import check_hparams
 from lopt_port.weights_schema import check_shapes
 
 KIND = "velo"
@@ -200,6 +201,7 @@ def normalize_hparams(hparams: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"missing velo hyperparameters: {', '.join(missing)}")
     out = {k: _check_value(k, hparams[k]) for k in UPSTREAM_DEFAULTS}
     out.update({k: _check_value(k, hparams.get(k, v)) for k, v in EXTENSION_DEFAULTS.items()})
+    check_hparams(KIND, out)
     m, r, a = decay_counts(out)
     if r not in (1, m) or a not in (1, m):
         raise ValueError(f"decay counts M={m}, R={r}, A={a} do not broadcast: upstream needs "

@@ -24,11 +24,11 @@ ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("lopt_port", "converters", "parity")
 
 #: The only ``lopt_port`` modules the converters may import: the configs (shapes and
-#: hyperparameters), the state layout, the weights files and their origin, the version and the
-#: readers' limits.
+#: hyperparameters), the state layout, the weights files and their origin, the value rules,
+#: the version and the readers' limits.
 CONVERTERS_MAY_IMPORT = frozenset(f"lopt_port.{m}" for m in (
     "small_fc_lopt_config", "mulo_config", "velo_config", "celo_config", "constants",
-    "state_layout", "weights", "provenance", "pylo_layout", "version", "limits"))
+    "state_layout", "weights", "provenance", "pylo_layout", "value_rules", "version", "limits"))
 #: Top-level packages the product and the converters never import (JAX is parity's alone).
 JAX_STACK = frozenset({"jax", "jaxlib", "flax", "optax"})
 

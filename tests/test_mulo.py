@@ -16,6 +16,7 @@ import torch
 import converters
 from lopt_port import MuLO, SmallFCLOpt, WeightsError, mup_scales
 from lopt_port.mulo import mulo_grads
+from lopt_port.optimizer import KIND_KEY
 from lopt_port.weights import LoadedWeights
 from parity import harness
 from parity.harness_mulo import HIDDEN_LR_MULT, shape_scale
@@ -231,9 +232,14 @@ def test_state_dict_records_scales_and_refuses_others(weights):
     with pytest.raises(ValueError, match=r"saved s=0.25, this optimizer's s=1.0"):
         fresh.load_state_dict(saved)
     assert not fresh.state
-    small = SmallFCLOpt(_params(), weights.state_dict, hparams=weights.hparams)
+    small = SmallFCLOpt(_params(), weights.state_dict, hparams=weights.hparams).state_dict()
+    with pytest.raises(ValueError, match=r"saved by small_fc_lopt .*; MuLO \(kind 'mulo'\)"):
+        fresh.load_state_dict(small)
+    # A state saved before the kind was recorded (no lopt_kind) is told by its missing scales.
+    unrecorded = {**small, "param_groups": [{k: v for k, v in g.items() if k != KIND_KEY}
+                                            for g in small["param_groups"]]}
     with pytest.raises(ValueError, match="no scales"):
-        fresh.load_state_dict(small.state_dict())
+        fresh.load_state_dict(unrecorded)
 
 
 def test_weights_and_hparams_are_checked(weights, small_fc_weights):
