@@ -35,7 +35,7 @@ from typing import Any
 
 from lopt_port import velo_config
 from lopt_port.constants import DECAY_KEYS, UPSTREAM_DECAYS
-from lopt_port.value_rules import check_hparams
+from lopt_port.value_rules import as_float, check_hparams
 from lopt_port.weights_schema import check_shapes
 
 KINDS = ("celo", "celo_adam")
@@ -86,7 +86,7 @@ def _check_value(kind: str, key: str, value: Any) -> Any:
     if key in _FLOATS:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{key} must be a float, got {value!r}")
-        return float(value)
+        return as_float(key, value)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         value = (value,)
     if (not isinstance(value, (list, tuple)) or not value
@@ -95,7 +95,7 @@ def _check_value(kind: str, key: str, value: Any) -> Any:
     if kind == "celo_adam" and len(value) != 1:
         raise ValueError(f"{key}={value!r}: Celo-Adam is implemented for one momentum and one "
                          f"rms decay (the released weights' beta1 and beta2)")
-    return [float(v) for v in value]
+    return [as_float(key, v) for v in value]
 
 
 def normalize_hparams(kind: str, hparams: Mapping[str, Any]) -> dict[str, Any]:

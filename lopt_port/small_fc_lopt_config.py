@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from lopt_port.constants import UPSTREAM_DECAYS
-from lopt_port.value_rules import DISPLAY, check_hparams
+from lopt_port.value_rules import DISPLAY, as_float, check_hparams
 from lopt_port.weights_schema import check_shapes
 
 KIND = "small_fc_lopt"
@@ -64,7 +64,7 @@ def _as_decay_tuple(name: str, value: Any) -> tuple[float, ...]:
     for v in value:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise ValueError(f"{name} must contain floats, got {value!r}")
-        out.append(float(v))
+        out.append(as_float(name, v))
     return tuple(out)
 
 
@@ -85,7 +85,7 @@ def normalize_hparams(hparams: Mapping[str, Any], *, kind: str = KIND) -> dict[s
         v = hparams[key]
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise ValueError(f"{key} must be a float, got {v!r}")
-        out[key] = float(v)
+        out[key] = as_float(key, v)
     for key in ("hidden_size", "hidden_layers"):
         v = hparams[key]
         if isinstance(v, bool) or not isinstance(v, int) or v < (1 if key == "hidden_size" else 0):
@@ -186,9 +186,10 @@ def resolve_hparams(given: Mapping[str, Any], shapes: Mapping[str, tuple[int, ..
     for key in UPSTREAM_DEFAULTS:
         merged.setdefault(key, UPSTREAM_DEFAULTS[key])
     for key, n in counts.items():
-        if len(_as_decay_tuple(key, merged[key])) != n:
-            raise ValueError(f"{key}={merged[key]!r} has {len(merged[key])} values but the "
-                             f"weights have {n} decay offsets")
+        given = len(_as_decay_tuple(key, merged[key]))
+        if given != n:
+            raise ValueError(f"{key}={merged[key]!r} has {given} value(s) but the weights "
+                             f"have {n} decay offsets")
     return normalize_hparams(merged, kind=kind)
 
 

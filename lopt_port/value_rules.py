@@ -56,6 +56,16 @@ DISPLAY = {"small_fc_lopt": "small_fc_lopt", "mulo": "μLO", "velo": "VeLO", "ce
            "celo_adam": "Celo-Adam"}
 
 
+def as_float(name: str, value: int | float) -> float:
+    """``float(value)`` for a hyperparameter; an integer too large for a float (``--set
+    step_mult=111...1``) is a ``ValueError`` naming it, not an ``OverflowError``."""
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(f"{name}: an integer of {int(value).bit_length()} bits is out of "
+                         f"range (too large for a float)") from None
+
+
 def _fits(rule: Rule, value: Any) -> bool:
     if rule == "decays":
         values = value if isinstance(value, (list, tuple)) else (value,)

@@ -50,7 +50,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from lopt_port.constants import DECAY_KEYS, UPSTREAM_DECAYS, VELO_FF_MULT
-from lopt_port.value_rules import check_hparams
+from lopt_port.value_rules import as_float, check_hparams
 from lopt_port.weights_schema import check_shapes
 
 KIND = "velo"
@@ -155,18 +155,18 @@ def _check_value(key: str, value: Any) -> Any:
     elif key in _FLOATS:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{key} must be a float, got {value!r}")
-        value = float(value)
+        value = as_float(key, value)
     elif key in _DECAYS:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             value = (value,)
         if (not isinstance(value, (list, tuple)) or not value
                 or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value)):
             raise ValueError(f"{key} must be a non-empty sequence of floats, got {value!r}")
-        value = [float(v) for v in value]
+        value = [as_float(key, v) for v in value]
     elif key == "clip_param_scale_amount":
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise ValueError(f"{key} must be None or a float, got {value!r}")
-        value = None if value is None else float(value)
+        value = None if value is None else as_float(key, value)
     elif not isinstance(value, bool):
         raise ValueError(f"{key} must be a bool, got {value!r}")
     if key in SUPPORTED_ONLY and value != SUPPORTED_ONLY[key]:

@@ -56,6 +56,12 @@ def test_rules_name_only_known_hyperparameters() -> None:
     ("step_mult=1e999", "finite float > 0"),
     ("step_mult=-0.01", "finite float > 0"),
     ("exp_mult=0", "finite float > 0"),
+    # an integer beyond float's range was an OverflowError, "internal error", exit 1
+    # (found by tests/test_fuzz_inputs.py)
+    (f"step_mult={'1' * 400}", "too large for a float"),
+    (f"initial_rms_decays=({'9' * 400},)", "too large for a float"),
+    # one number where the weights have three offsets was a TypeError, exit 1 (fuzzing)
+    ("initial_momentum_decays=0.9", "has 1 value(s) but the weights have 3"),
 ])
 def test_cli_refuses_out_of_range_set(tmp_path, capsys, setting: str, allowed: str) -> None:
     out = tmp_path / "w.safetensors"
