@@ -83,6 +83,7 @@ def test_from_pretrained_picks_the_class_and_round_trips_both_layouts(kind, tmp_
         results.append(params)
     for other in results[1:]:
         for p, q in zip(results[0], other, strict=True):
+            # exact: the same weights and hyperparameters run the same float32 operations
             torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
