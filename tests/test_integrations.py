@@ -110,6 +110,13 @@ def _assert_same_parameters(a, b):
         assert torch.equal(x.detach(), y.detach())
 
 
+def _checked(hand, model, before):
+    """The run's parameters, once its hand-over was checked and it was seen to train."""
+    hand.check_observed()
+    assert _moved(model, before)
+    return model.parameters()
+
+
 def _moved(model, before):
     """The run trained: some parameter changed (an equal pair of frozen runs proves nothing)."""
     return any(not torch.equal(p.detach(), q) for p, q in zip(model.parameters(), before,
@@ -134,9 +141,7 @@ def _grad_scaler_run(hooked):
             scaler.step(opt)
             scaler.update()
             opt.zero_grad()
-    hand.check_observed()
-    assert _moved(model, before)
-    return model.parameters()
+    return _checked(hand, model, before)
 
 
 def test_grad_scaler_loop_with_accumulation():
@@ -208,9 +213,7 @@ def _accelerate_run(hooked, mixed_precision):
             accelerator.backward(loss)
             wrapped.step()
             wrapped.zero_grad()
-    hand.check_observed()
-    assert _moved(model, before)
-    return accelerator.unwrap_model(model).parameters()
+    return _checked(hand, accelerator.unwrap_model(model), before)
 
 
 @pytest.mark.parametrize("mixed_precision", ["no", "bf16"])
@@ -260,9 +263,7 @@ def _timm_run(hooked):
                     need_update=last)
         if last:
             opt.zero_grad()
-    hand.check_observed()
-    assert _moved(model, before)
-    return model.parameters()
+    return _checked(hand, model, before)
 
 
 def test_timm_native_scaler_with_accumulation_and_clipping():
@@ -328,9 +329,7 @@ def _hf_run(hooked, tmp_path):
         track_loss(model, opt)
     trainer.train()
     assert not opt._observed  # the evaluation after the last step observed nothing
-    hand.check_observed()
-    assert _moved(model, before)
-    return model.parameters()
+    return _checked(hand, model, before)
 
 
 def test_hugging_face_trainer_with_accumulation_and_evaluation(tmp_path):
@@ -378,9 +377,7 @@ def _lightning_run(hooked, precision):
     assert trainer.global_step == STEPS
     if plugins:
         assert trainer.precision_plugin.scaler is scaler and scaler._scale is not None
-    hand.check_observed()
-    assert _moved(module, before)
-    return module.parameters()
+    return _checked(hand, module, before)
 
 
 @pytest.mark.parametrize("precision", ["32", "16-mixed", "bf16-mixed"])
