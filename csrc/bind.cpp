@@ -129,6 +129,8 @@ Group make_group(at::TensorList params, at::TensorList grads, at::TensorList mom
                     rms[i].numel() == params[i].numel(),
                 "state sizes do not match parameter ", i);
     t.n = params[i].numel();
+    t.n_total = t.n;
+    t.entry_sums = t.sums = nullptr;
     t.dtype = dtype_of(params[i]);
     t.p = ptr<void>(params[i]);
     t.g = ptr<void>(grads[i]);
@@ -199,8 +201,9 @@ void check_cuda(int code, const char* phase) {
 // copied back and their guards checked by finish().
 class OnDevice {
  public:
-  // `features`: floats of each tensor's sumsq; `sumsq_out`: whether the phase writes it.
-  OnDevice(Group& g, int features, bool sumsq_out)
+  // `features`: floats of each tensor's sumsq; `sumsq_out`: whether the phase writes it;
+  // `sums`: doubles of each tensor's partial sums (TensorArgs::sums, where set).
+  OnDevice(Group& g, int features, bool sumsq_out, int sums = 0)
 #if !defined(LOPT_CUDA_EMULATION)
       : guard_(g.device)
 #endif
@@ -221,10 +224,13 @@ class OnDevice {
       t.row_factor = mem_.add(t.row_factor, t.n_row * k, "row factors" + n);
       t.col_factor = mem_.add(t.col_factor, t.n_col * k, "column factors" + n);
       t.sumsq = mem_.add(t.sumsq, features, "sumsq" + n, !sumsq_out);
+      t.entry_sums = mem_.add(t.entry_sums, t.n_row + t.n_col, "entry sums" + n, false);
+      t.sums = mem_.add(t.sums, sums, "partial sums" + n, false);
     }
 #else
     (void)features;
     (void)sumsq_out;
+    (void)sums;
 #endif
   }
 
@@ -279,6 +285,65 @@ void cuda_unavailable(const Group& group) {
 }
 #endif
 
+void set_grad_transform(Group& g, at::ArrayRef<double> grad_wd, double grad_clip) {
+  TORCH_CHECK(grad_wd.size() == g.tensors.size(), "grad_wd needs one value per parameter");
+  TORCH_CHECK(grad_clip > 0, "grad_clip must be positive");
+  for (size_t i = 0; i < g.tensors.size(); ++i) {
+    g.tensors[i].grad_wd = static_cast<float>(grad_wd[i]);
+    g.tensors[i].grad_clip = static_cast<float>(grad_clip);
+  }
+}
+
+// Sharded parameters: the normalizers' element counts, those of the whole tensors (none given:
+// each tensor's own).
+void set_counts(Group& g, at::IntArrayRef counts) {
+  TORCH_CHECK(counts.empty() || counts.size() == g.tensors.size(),
+              "counts needs one value per parameter (or none)");
+  for (size_t i = 0; i < counts.size(); ++i) {
+    TORCH_CHECK(counts[i] >= g.tensors[i].n, "count ", i, " is below its tensor's elements");
+    g.tensors[i].n_total = counts[i];
+  }
+}
+
+// Sharded parameters, phase 1's sums only: for each factored tensor the sums of g^2 + 1e-30
+// over this rank's elements of its v_row entries, then of its v_col entries (float64,
+// concatenated over the factored tensors in order), for the caller to complete over the ranks
+// and finish; nothing else is written.
+Tensor factored_sums(at::TensorList params, at::TensorList grads, at::TensorList momentum,
+                     at::TensorList rms, at::TensorList v_row, at::TensorList v_col,
+                     at::TensorList v_diag, at::TensorList row_factor, at::TensorList col_factor,
+                     at::IntArrayRef dims, const Tensor& decays, at::ArrayRef<double> grad_wd,
+                     double grad_clip) {
+  Group g = make_group(params, grads, momentum, rms, v_row, v_col, v_diag, row_factor,
+                       col_factor, dims, decays);
+  set_grad_transform(g, grad_wd, grad_clip);
+  int64_t total = 0;
+  for (const lopt::TensorArgs& t : g.tensors)
+    if (t.factored) total += t.n_row + t.n_col;
+  Tensor out = at::empty({total}, params[0].options().dtype(at::kDouble));
+  int64_t next = 0;
+  for (lopt::TensorArgs& t : g.tensors)
+    if (t.factored) {
+      t.entry_sums = out.data_ptr<double>() + next;
+      next += t.n_row + t.n_col;
+    }
+  const int count = static_cast<int>(g.tensors.size());
+  if constexpr (!kEmulated) {
+    if (g.device.is_cpu()) {
+      lopt::factored_sums_cpu(g.tensors.data(), count);
+      return out;
+    }
+  }
+#if defined(LOPT_WITH_CUDA)
+  OnDevice dev(g, 0, false);
+  dev.finish(lopt_factored_sums_cuda(g.tensors.data(), count, &g.decays, dev.stream()),
+             "factored sums");
+#else
+  cuda_unavailable(g);
+#endif
+  return out;
+}
+
 void reduce(at::TensorList params, at::TensorList grads, at::TensorList momentum,
             at::TensorList rms, at::TensorList v_row, at::TensorList v_col,
             at::TensorList v_diag, at::TensorList row_factor, at::TensorList col_factor,
@@ -301,25 +366,32 @@ void reduce(at::TensorList params, at::TensorList grads, at::TensorList momentum
 #endif
 }
 
-Tensor accumulate(at::TensorList params, at::TensorList grads, at::TensorList momentum,
-                  at::TensorList rms, at::TensorList v_row, at::TensorList v_col,
-                  at::TensorList v_diag, at::TensorList row_factor,
-                  at::TensorList col_factor, at::IntArrayRef dims, const Tensor& decays,
-                  bool head_variant) {
+// Returns (sumsq [count, F] float32, sums): with `sharded`, sums holds each tensor's float64
+// sums of squares [count, F] (this rank's elements), for the caller to complete over the
+// ranks; otherwise it is empty.
+std::tuple<Tensor, Tensor> accumulate(
+    at::TensorList params, at::TensorList grads, at::TensorList momentum, at::TensorList rms,
+    at::TensorList v_row, at::TensorList v_col, at::TensorList v_diag,
+    at::TensorList row_factor, at::TensorList col_factor, at::IntArrayRef dims,
+    const Tensor& decays, bool head_variant, bool sharded) {
   Group g = make_group(params, grads, momentum, rms, v_row, v_col, v_diag, row_factor,
                        col_factor, dims, decays);
   const int count = static_cast<int>(g.tensors.size());
   const int nf = lopt::raw_feature_count(g.decays.k);
   Tensor sumsq = at::empty({count, nf}, params[0].options().dtype(at::kFloat));
-  for (int i = 0; i < count; ++i) g.tensors[i].sumsq = sumsq.data_ptr<float>() + i * nf;
+  Tensor sums = at::empty({sharded ? count : 0, nf}, params[0].options().dtype(at::kDouble));
+  for (int i = 0; i < count; ++i) {
+    g.tensors[i].sumsq = sumsq.data_ptr<float>() + i * nf;
+    if (sharded) g.tensors[i].sums = sums.data_ptr<double>() + i * nf;
+  }
   if constexpr (!kEmulated) {
     if (g.device.is_cpu()) {
       lopt::small_fc_accumulate_cpu(g.tensors.data(), count, g.decays, head_variant);
-      return sumsq;
+      return {sumsq, sums};
     }
   }
 #if defined(LOPT_WITH_CUDA)
-  OnDevice dev(g, nf, true);
+  OnDevice dev(g, nf, true, sharded ? nf : 0);
   Tensor partials = at::empty(
       {lopt_small_fc_partials(g.tensors.data(), count, g.decays.k)},
       params[0].options().dtype(at::kDouble));
@@ -330,7 +402,7 @@ Tensor accumulate(at::TensorList params, at::TensorList grads, at::TensorList mo
 #else
   cuda_unavailable(g);
 #endif
-  return sumsq;
+  return {sumsq, sums};
 }
 
 void apply(at::TensorList params, at::TensorList grads, at::TensorList momentum,
@@ -338,9 +410,11 @@ void apply(at::TensorList params, at::TensorList grads, at::TensorList momentum,
            at::TensorList v_diag, at::TensorList row_factor, at::TensorList col_factor,
            at::IntArrayRef dims, const Tensor& decays, bool head_variant,
            const Tensor& sumsq, const Tensor& time_features, at::TensorList mlp,
-           double exp_mult, double step_mult, double lr, at::ArrayRef<double> step_scales) {
+           double exp_mult, double step_mult, double lr, at::ArrayRef<double> step_scales,
+           at::IntArrayRef counts) {
   Group g = make_group(params, grads, momentum, rms, v_row, v_col, v_diag, row_factor,
                        col_factor, dims, decays);
+  set_counts(g, counts);
   const int count = static_cast<int>(g.tensors.size());
   // MuLO's per-tensor scale s (p <- p - lr * (step * s)); an empty list means s = 1.
   TORCH_CHECK(step_scales.empty() || step_scales.size() == static_cast<size_t>(count),
@@ -401,20 +475,16 @@ void apply(at::TensorList params, at::TensorList grads, at::TensorList momentum,
 #endif
 }
 
-void set_grad_transform(Group& g, at::ArrayRef<double> grad_wd, double grad_clip) {
-  TORCH_CHECK(grad_wd.size() == g.tensors.size(), "grad_wd needs one value per parameter");
-  TORCH_CHECK(grad_clip > 0, "grad_clip must be positive");
-  for (size_t i = 0; i < g.tensors.size(); ++i) {
-    g.tensors[i].grad_wd = static_cast<float>(grad_wd[i]);
-    g.tensors[i].grad_clip = static_cast<float>(grad_clip);
-  }
-}
-
-std::tuple<Tensor, Tensor> velo_accumulate(
+// Returns (stats, sumsq, sums). With `sharded`, the factored statistics are this step's already
+// (factored_sums, completed over the ranks, then finished by the caller) and sums holds each
+// tensor's float64 moments and sums of squares [count, moments + F] over this rank's
+// elements, for the caller to complete over the ranks (stats and sumsq then describe this
+// rank's elements only); otherwise sums is empty.
+std::tuple<Tensor, Tensor, Tensor> velo_accumulate(
     at::TensorList params, at::TensorList grads, at::TensorList momentum, at::TensorList rms,
     at::TensorList v_row, at::TensorList v_col, at::TensorList v_diag,
     at::TensorList row_factor, at::TensorList col_factor, at::IntArrayRef dims,
-    const Tensor& decays, at::ArrayRef<double> grad_wd, double grad_clip) {
+    const Tensor& decays, at::ArrayRef<double> grad_wd, double grad_clip, bool sharded) {
   Group g = make_group(params, grads, momentum, rms, v_row, v_col, v_diag, row_factor,
                        col_factor, dims, decays);
   set_grad_transform(g, grad_wd, grad_clip);
@@ -423,26 +493,32 @@ std::tuple<Tensor, Tensor> velo_accumulate(
   const auto options = params[0].options().dtype(at::kFloat);
   Tensor stats = at::empty({count, lopt::velo_stats_count(g.decays.k)}, options);
   Tensor sumsq = at::empty({count, nf}, options);
-  for (int i = 0; i < count; ++i) g.tensors[i].sumsq = sumsq.data_ptr<float>() + i * nf;
+  const int width = lopt::velo_moment_count(g.decays.k) + nf;
+  Tensor sums = at::empty({sharded ? count : 0, width}, options.dtype(at::kDouble));
+  for (int i = 0; i < count; ++i) {
+    g.tensors[i].sumsq = sumsq.data_ptr<float>() + i * nf;
+    if (sharded) g.tensors[i].sums = sums.data_ptr<double>() + i * width;
+  }
   if constexpr (!kEmulated) {
     if (g.device.is_cpu()) {
-      lopt::velo_accumulate_cpu(g.tensors.data(), count, g.decays, stats.data_ptr<float>());
-      return {stats, sumsq};
+      lopt::velo_accumulate_cpu(g.tensors.data(), count, g.decays, sharded,
+                                stats.data_ptr<float>());
+      return {stats, sumsq, sums};
     }
   }
 #if defined(LOPT_WITH_CUDA)
-  OnDevice dev(g, nf, true);
+  OnDevice dev(g, nf, true, sharded ? width : 0);
   Tensor partials = at::empty({lopt_velo_partials(g.tensors.data(), count, g.decays.k)},
                               params[0].options().dtype(at::kDouble));
   float* stats_out = dev.device(stats.data_ptr<float>(), stats.numel(), "stats", false);
   double* scratch = dev.device(partials.data_ptr<double>(), partials.numel(), "partials", false);
-  dev.finish(lopt_velo_accumulate_cuda(g.tensors.data(), count, &g.decays, stats_out, scratch,
-                                       dev.stream()),
+  dev.finish(lopt_velo_accumulate_cuda(g.tensors.data(), count, &g.decays, sharded, stats_out,
+                                       scratch, dev.stream()),
              "VeLO accumulate");
 #else
   cuda_unavailable(g);
 #endif
-  return {stats, sumsq};
+  return {stats, sumsq, sums};
 }
 
 void velo_apply(at::TensorList params, at::TensorList grads, at::TensorList momentum,
@@ -452,10 +528,11 @@ void velo_apply(at::TensorList params, at::TensorList grads, at::TensorList mome
                 double grad_clip, const Tensor& sumsq, const Tensor& weights, int64_t hidden,
                 int64_t layers, const Tensor& lr_mult, const Tensor& param_scale,
                 at::ArrayRef<double> lr, at::ArrayRef<double> decay_mult, double exp_mult,
-                double step_mult) {
+                double step_mult, at::IntArrayRef counts) {
   Group g = make_group(params, grads, momentum, rms, v_row, v_col, v_diag, row_factor,
                        col_factor, dims, decays);
   set_grad_transform(g, grad_wd, grad_clip);
+  set_counts(g, counts);
   const int count = static_cast<int>(g.tensors.size());
   const int k = g.decays.k;
   const int nf = lopt::velo_feature_count(k);
@@ -511,28 +588,34 @@ TORCH_LIBRARY(LOPT_OPS_LIBRARY, m) {
   m.def("small_fc_reduce(Tensor[] params, Tensor[] grads, Tensor[] momentum, "
         "Tensor[] rms, Tensor(a!)[] v_row, Tensor(b!)[] v_col, Tensor[] v_diag, "
         "Tensor(c!)[] row_factor, Tensor(d!)[] col_factor, int[] dims, Tensor decays) -> ()");
+  m.def("factored_sums(Tensor[] params, Tensor[] grads, Tensor[] momentum, Tensor[] rms, "
+        "Tensor[] v_row, Tensor[] v_col, Tensor[] v_diag, Tensor[] row_factor, "
+        "Tensor[] col_factor, int[] dims, Tensor decays, float[] grad_wd, "
+        "float grad_clip) -> Tensor");
   m.def("small_fc_accumulate(Tensor[] params, Tensor[] grads, Tensor(a!)[] momentum, "
         "Tensor(b!)[] rms, Tensor[] v_row, Tensor[] v_col, Tensor(c!)[] v_diag, "
         "Tensor[] row_factor, Tensor[] col_factor, int[] dims, Tensor decays, "
-        "bool head_variant) -> Tensor");
+        "bool head_variant, bool sharded) -> (Tensor, Tensor)");
   m.def("small_fc_apply(Tensor(a!)[] params, Tensor[] grads, Tensor[] momentum, "
         "Tensor[] rms, Tensor[] v_row, Tensor[] v_col, Tensor[] v_diag, "
         "Tensor[] row_factor, Tensor[] col_factor, int[] dims, Tensor decays, "
         "bool head_variant, Tensor sumsq, Tensor time_features, Tensor[] mlp, "
-        "float exp_mult, float step_mult, float lr, float[] step_scales) -> ()");
+        "float exp_mult, float step_mult, float lr, float[] step_scales, "
+        "int[] counts) -> ()");
   m.def("velo_accumulate(Tensor[] params, Tensor[] grads, Tensor(a!)[] momentum, "
         "Tensor(b!)[] rms, Tensor(c!)[] v_row, Tensor(d!)[] v_col, Tensor(e!)[] v_diag, "
         "Tensor(f!)[] row_factor, Tensor(g!)[] col_factor, int[] dims, Tensor decays, "
-        "float[] grad_wd, float grad_clip) -> (Tensor, Tensor)");
+        "float[] grad_wd, float grad_clip, bool sharded) -> (Tensor, Tensor, Tensor)");
   m.def("velo_apply(Tensor(a!)[] params, Tensor[] grads, Tensor[] momentum, Tensor[] rms, "
         "Tensor[] v_row, Tensor[] v_col, Tensor[] v_diag, Tensor[] row_factor, "
         "Tensor[] col_factor, int[] dims, Tensor decays, float[] grad_wd, float grad_clip, "
         "Tensor sumsq, Tensor weights, int hidden, int layers, Tensor lr_mult, "
         "Tensor param_scale, float[] lr, float[] decay_mult, float exp_mult, "
-        "float step_mult) -> ()");
+        "float step_mult, int[] counts) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(LOPT_OPS_LIBRARY, CPU, m) {
+  m.impl("factored_sums", factored_sums);
   m.impl("small_fc_reduce", reduce);
   m.impl("small_fc_accumulate", accumulate);
   m.impl("small_fc_apply", apply);
@@ -542,6 +625,7 @@ TORCH_LIBRARY_IMPL(LOPT_OPS_LIBRARY, CPU, m) {
 
 #if !defined(LOPT_CUDA_EMULATION)
 TORCH_LIBRARY_IMPL(LOPT_OPS_LIBRARY, CUDA, m) {
+  m.impl("factored_sums", factored_sums);
   m.impl("small_fc_reduce", reduce);
   m.impl("small_fc_accumulate", accumulate);
   m.impl("small_fc_apply", apply);

@@ -320,7 +320,7 @@ inline std::vector<double> per_tensor(const std::vector<WorkItem>& items,
 inline std::vector<float> normalizers(const TensorArgs* t, int count, int F) {
   std::vector<float> inv(static_cast<size_t>(count) * F);
   for (int i = 0; i < count; ++i)
-    for (int f = 0; f < F; ++f) inv[i * F + f] = normalizer(t[i].sumsq[f], t[i].n);
+    for (int f = 0; f < F; ++f) inv[i * F + f] = normalizer(t[i].sumsq[f], t[i].n_total);
   return inv;
 }
 

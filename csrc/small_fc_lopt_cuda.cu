@@ -12,7 +12,8 @@ using namespace lopt;
 using namespace lopt::gpu;
 
 // ---------------------------------------------------------------------------------------
-// Phase 1a: one warp per v_row entry (sum over d0) and per v_col entry (sum over d1).
+// Phase 1a: one warp per v_row entry (sum over d0) and per v_col entry (sum over d1); for a
+// sharded tensor (entry_sums set) only the sums, written for the caller to complete.
 __global__ void rowcol_kernel(const __grid_constant__ Chunk c,
                               const __grid_constant__ GroupDecays d) {
   const int64_t unit = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
@@ -35,6 +36,10 @@ __global__ void rowcol_kernel(const __grid_constant__ Chunk c,
         t.grad_wd, t.grad_clip));
   }
   s = warp_sum(s);
+  if (t.entry_sums != nullptr) {  // a sharded tensor: the caller completes the sum
+    if (lane == 0) t.entry_sums[(is_row ? 0 : t.n_row) + e] = s;
+    return;
+  }
   if (lane < d.k) {
     const float mean = static_cast<float>(s / static_cast<double>(len));
     float* v = (is_row ? t.v_row : t.v_col) + e * d.k + lane;
@@ -122,6 +127,7 @@ __global__ void sumsq_kernel(const __grid_constant__ Chunk c, const double* part
   double total = 0.0;
   for (int64_t b = 0; b < tiles; ++b) total += partials[(c.part_offset[i] + b) * F + f];
   t.sumsq[f] = static_cast<float>(total);
+  if (t.sums != nullptr) t.sums[f] = total;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -152,7 +158,7 @@ apply_kernel(const __grid_constant__ Chunk c, const __grid_constant__ GroupDecay
     b[l] = smem + off;
     off += net.sizes[l + 1];
   }
-  if (threadIdx.x < F) inv[threadIdx.x] = normalizer(t.sumsq[threadIdx.x], t.n);
+  if (threadIdx.x < F) inv[threadIdx.x] = normalizer(t.sumsq[threadIdx.x], t.n_total);
   __syncthreads();
   const int64_t begin = (unit - c.offset[i]) * kApplyTile;
   const int64_t end = begin + kApplyTile < t.n ? begin + kApplyTile : t.n;
@@ -243,6 +249,20 @@ int apply_k(const TensorArgs* tensors, int count, const GroupDecays& d, bool hea
 }  // namespace
 
 extern "C" {
+
+int lopt_factored_sums_cuda(const TensorArgs* tensors, int count, const GroupDecays* decays,
+                            void* stream) {
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const GroupDecays d = *decays;
+  return for_each_chunk(
+      tensors, count,
+      [](const TensorArgs& t) { return t.factored ? t.n_row + t.n_col : int64_t{0}; },
+      [&](Chunk& c, int) {
+        LOPT_LAUNCH(static_cast<unsigned>(blocks_for(c.offset[c.count], kWarps)), kThreads, 0,
+                    s, rowcol_kernel)(c, d);
+        return last_error();
+      });
+}
 
 int lopt_small_fc_reduce_cuda(const TensorArgs* tensors, int count, const GroupDecays* decays,
                               void* stream) {

@@ -10,6 +10,11 @@
 extern "C" {
 
 // Phase 1: v_row/v_col moving averages and the row/column factors of factored tensors.
+// Sharded parameters: phase 1a only, each factored tensor's per-entry sums into its
+// entry_sums (which must be set), as factored_sums_cpu.
+int lopt_factored_sums_cuda(const lopt::TensorArgs* tensors, int count,
+                            const lopt::GroupDecays* decays, void* stream);
+
 int lopt_small_fc_reduce_cuda(const lopt::TensorArgs* tensors, int count,
                               const lopt::GroupDecays* decays, void* stream);
 

@@ -38,6 +38,7 @@ LOPT_HD float factored_update(const GroupDecays& d, int a, float v, float mean) 
 // contiguous, on the device the phase runs on.
 struct TensorArgs {
   int64_t n;
+  int64_t n_total;  // elements of the whole tensor, the normalizers' count (n unless sharded)
   DType dtype;
   void* p;
   const void* g;
@@ -57,6 +58,11 @@ struct TensorArgs {
   float grad_wd;      // effective_grad: weight decay added to the gradient (0: none)
   float grad_clip;    // effective_grad: clip bound (+inf: none)
   float scale;        // small_fc apply: the step's per-tensor multiplier (MuLO's s; else 1)
+  // Sharded parameters (this rank's rows): the partial sums the phases leave for the caller
+  // to complete over the ranks. nullptr: the phase finishes the sums itself.
+  double* entry_sums;  // factored_sums: [n_row + n_col] sums of g^2 + 1e-30 per entry
+  double* sums;        // accumulate: the tensor's float64 sums (small_fc: the F feature
+                       // columns; VeLO: velo_moment_count(k) moments, then the F columns)
 };
 
 }  // namespace lopt

@@ -840,13 +840,14 @@ void update_tile_walk(const TensorArgs& t, const GroupDecays& d, const RunLayout
 }
 
 template <int K>
-void accumulate_k(const TensorArgs* t, int count, const GroupDecays& d, float* stats) {
+void accumulate_k(const TensorArgs* t, int count, const GroupDecays& d, bool factored_ready,
+                  float* stats) {
   constexpr int F = 6 + 8 * K;
   using M = VeloMoments<K>;
   constexpr int W = M::kCount + F;
   std::vector<RunLayout> layout(count);
   for (int i = 0; i < count; ++i) layout[i] = run_layout(t[i]);
-  velo_reduce(t, count, d, layout);
+  if (!factored_ready) velo_reduce(t, count, d, layout);
   // Phase A walks runs in whole lane groups (reduction order 1 numbers lanes by the offset in
   // the tile); a factored tensor with runs of another length walks by cursor.
   std::vector<Walk> walk(count, Walk::kDiag);
@@ -883,6 +884,7 @@ void accumulate_k(const TensorArgs* t, int count, const GroupDecays& d, float* s
     if (t[i].factored) side_sums<K>(t[i], sums.data() + i * W + M::kCount);
   const int S = velo_stats_count(K);
   for (int i = 0; i < count; ++i) {
+    if (t[i].sums != nullptr) std::copy(sums.data() + i * W, sums.data() + (i + 1) * W, t[i].sums);
     velo_stats<K>(sums.data() + i * W, t[i].n, stats + i * S);
     for (int f = 0; f < F; ++f) t[i].sumsq[f] = static_cast<float>(sums[i * W + M::kCount + f]);
   }
@@ -941,12 +943,13 @@ void apply_k(const TensorArgs* t, int count, const GroupDecays& d, const VeloApp
 
 }  // namespace
 
-void velo_accumulate_cpu(const TensorArgs* t, int count, const GroupDecays& d, float* stats) {
+void velo_accumulate_cpu(const TensorArgs* t, int count, const GroupDecays& d,
+                         bool factored_ready, float* stats) {
   switch (d.k) {
-    case 1: accumulate_k<1>(t, count, d, stats); break;
-    case 2: accumulate_k<2>(t, count, d, stats); break;
-    case 3: accumulate_k<3>(t, count, d, stats); break;
-    case 4: accumulate_k<4>(t, count, d, stats); break;
+    case 1: accumulate_k<1>(t, count, d, factored_ready, stats); break;
+    case 2: accumulate_k<2>(t, count, d, factored_ready, stats); break;
+    case 3: accumulate_k<3>(t, count, d, factored_ready, stats); break;
+    case 4: accumulate_k<4>(t, count, d, factored_ready, stats); break;
     default: break;
   }
 }

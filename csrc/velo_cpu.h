@@ -11,7 +11,10 @@ namespace lopt {
 // velo_math.h: velo_stats_count(k) floats per tensor); the factored statistics (as
 // small_fc_reduce_cpu); the moving averages; the per-feature sums of squares of the 6 + 8k
 // features into sumsq. Gradients are effective_grad (weight decay, clip) throughout.
-void velo_accumulate_cpu(const TensorArgs* t, int count, const GroupDecays& d, float* stats);
+// factored_ready: v_row, v_col and the row and column factors are this step's already
+// (sharded parameters: factored_sums, completed over the ranks); otherwise phase A forms them.
+void velo_accumulate_cpu(const TensorArgs* t, int count, const GroupDecays& d,
+                         bool factored_ready, float* stats);
 
 struct VeloApplyArgs {
   const float* weights;      // [count, velo_mlp_size]: each tensor's interpolated MLP

@@ -2,12 +2,14 @@
 // reduction orders (reduction_order.h), with the header's per-element math. Pure CUDA C++, no
 // torch headers; the chunking and the per-element state are multi_tensor_cuda.cuh's.
 //
-// Phase A, after lopt_small_fc_reduce_cuda (the factored statistics), per chunk of tensors:
+// Phase A, after lopt_small_fc_reduce_cuda (the factored statistics; a sharded step has formed
+// them before: factored_ready), per chunk of tensors:
 //   update_kernel  one warp per tile: the moments of the old state, the moving averages
 //                  (stored) and the squares of the new state's features, lanes as in
 //                  reduction orders 1-3, into the tile's partial row;
 //   side_kernel    one warp per side column of each factored tensor (reduction order 5);
-//   stats_kernel   one block per tensor: the tiles' rows in order, velo_stats, sumsq.
+//   stats_kernel   one block per tensor: the tiles' rows in order, velo_stats, sumsq (and for
+//                  a sharded tensor its float64 sums, for the caller to complete).
 // No atomics: results depend on the data only.
 // Phase B: apply_kernel, one block per kApplyTile elements of one tensor, with that tensor's
 // MLP weights in shared memory.
@@ -148,12 +150,14 @@ stats_kernel(const __grid_constant__ Chunk c, int first, const double* part, con
   }
   __syncthreads();
   if (threadIdx.x == 0) velo_stats<K>(total, t.n, stats + index * velo_stats_count(K));
+  if (t.sums != nullptr && threadIdx.x < M) t.sums[threadIdx.x] = total[threadIdx.x];
   if (threadIdx.x < F) {
     const int f = threadIdx.x;
     const int c0 = 6 + 3 * K;
     const bool from_side = t.factored && f >= c0 && f < c0 + side_columns(K);
-    t.sumsq[f] = static_cast<float>(from_side ? side[index * side_columns(K) + f - c0]
-                                              : total[M + f]);
+    const double sum = from_side ? side[index * side_columns(K) + f - c0] : total[M + f];
+    t.sumsq[f] = static_cast<float>(sum);
+    if (t.sums != nullptr) t.sums[M + f] = sum;
   }
 }
 
@@ -190,7 +194,7 @@ apply_kernel(const __grid_constant__ Chunk c, const __grid_constant__ GroupDecay
   const int width = velo_mlp_size(K, h, l);
   const float* src = weights + index * width;
   for (int j = threadIdx.x; j < width; j += kThreads) w[j] = src[j];
-  if (threadIdx.x < F) inv[threadIdx.x] = normalizer(t.sumsq[threadIdx.x], t.n);
+  if (threadIdx.x < F) inv[threadIdx.x] = normalizer(t.sumsq[threadIdx.x], t.n_total);
   __syncthreads();
   const float lm = lr_mult[index], scale = param_scale[index];
   const float lr = v.lr[i], decay = v.decay_mult[i];
@@ -216,9 +220,11 @@ apply_kernel(const __grid_constant__ Chunk c, const __grid_constant__ GroupDecay
 // Launchers.
 
 template <int K>
-int accumulate_k(const TensorArgs* tensors, int count, const GroupDecays& d, float* stats,
-                 double* partials, cudaStream_t stream) {
-  if (const int err = lopt_small_fc_reduce_cuda(tensors, count, &d, stream); err != 0) return err;
+int accumulate_k(const TensorArgs* tensors, int count, const GroupDecays& d,
+                 bool factored_ready, float* stats, double* partials, cudaStream_t stream) {
+  if (!factored_ready)
+    if (const int err = lopt_small_fc_reduce_cuda(tensors, count, &d, stream); err != 0)
+      return err;
   int64_t tiles = 0;
   for (int i = 0; i < count; ++i) tiles += accumulate_tiles(tensors[i].n);
   // Scratch (lopt_velo_partials): the tiles' partial rows [tiles, W], then the side columns
@@ -299,13 +305,14 @@ int apply_k(const TensorArgs* tensors, int count, const GroupDecays& d, const fl
 extern "C" {
 
 int lopt_velo_accumulate_cuda(const TensorArgs* tensors, int count, const GroupDecays* decays,
-                              float* stats, double* partials, void* stream) {
+                              bool factored_ready, float* stats, double* partials,
+                              void* stream) {
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (decays->k) {
-    case 1: return accumulate_k<1>(tensors, count, *decays, stats, partials, s);
-    case 2: return accumulate_k<2>(tensors, count, *decays, stats, partials, s);
-    case 3: return accumulate_k<3>(tensors, count, *decays, stats, partials, s);
-    case 4: return accumulate_k<4>(tensors, count, *decays, stats, partials, s);
+    case 1: return accumulate_k<1>(tensors, count, *decays, factored_ready, stats, partials, s);
+    case 2: return accumulate_k<2>(tensors, count, *decays, factored_ready, stats, partials, s);
+    case 3: return accumulate_k<3>(tensors, count, *decays, factored_ready, stats, partials, s);
+    case 4: return accumulate_k<4>(tensors, count, *decays, factored_ready, stats, partials, s);
     default: return static_cast<int>(cudaErrorInvalidValue);
   }
 }

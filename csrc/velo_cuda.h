@@ -12,14 +12,15 @@
 
 extern "C" {
 
-// Phase A, as velo_accumulate_cpu: the factored statistics (lopt_small_fc_reduce_cuda); each
-// tensor's statistics of the state before this step's update into `stats` (device,
-// [count, 2 + 3k], velo_stats_count's layout); the moving averages; the per-feature sums of
-// squares of the 6 + 8k features into each tensor's sumsq. `partials` is device scratch of
-// lopt_velo_partials(tensors, count, k) doubles.
+// Phase A, as velo_accumulate_cpu: the factored statistics (lopt_small_fc_reduce_cuda, unless
+// factored_ready); each tensor's statistics of the state before this step's update into
+// `stats` (device, [count, 2 + 3k], velo_stats_count's layout); the moving averages; the
+// per-feature sums of squares of the 6 + 8k features into each tensor's sumsq (and its float64
+// sums into `sums` where set). `partials` is device scratch of lopt_velo_partials(tensors,
+// count, k) doubles.
 int lopt_velo_accumulate_cuda(const lopt::TensorArgs* tensors, int count,
-                              const lopt::GroupDecays* decays, float* stats, double* partials,
-                              void* stream);
+                              const lopt::GroupDecays* decays, bool factored_ready,
+                              float* stats, double* partials, void* stream);
 
 // Scratch needed by lopt_velo_accumulate_cuda, in doubles.
 int64_t lopt_velo_partials(const lopt::TensorArgs* tensors, int count, int k);

@@ -22,8 +22,9 @@ import torch
 
 from lopt_port.accumulators import fixed_decays, update_momentum, update_rms
 from lopt_port.constants import CELO_ADAM_SQRT_EPS, DECAY_KEYS, VELO_GRAD_CLIP
+from lopt_port.fused_shards import complete_each
 from lopt_port.optimizer import FusedPath
-from lopt_port.sharding import Rounds, is_dtensor, local, state_zeros
+from lopt_port.sharding import Rounds, is_dtensor, local, shard_spec, state_zeros
 from lopt_port.velo_mlp_rule import apply_step
 
 #: Adam's two decays: b1 (momentum) and b2 (rms).
@@ -31,9 +32,13 @@ _DECAY_KEYS = DECAY_KEYS[:2]
 
 
 def param_unsupported_reason(p: torch.Tensor) -> str | None:
-    """Why a parameter cannot take the multi-tensor path (``None`` when it can)."""
+    """Why a parameter cannot take the multi-tensor path (``None`` when it can): FSDP2's
+    layouts run on their local shards; other ``DTensor`` layouts do not."""
     if is_dtensor(p):
-        return "DTensor (sharded) parameters take the per-parameter path"
+        try:
+            shard_spec(p)
+        except ValueError as e:
+            return f"{e}: only FSDP2's layouts run (no tensor parallelism)"
     return None
 
 
@@ -136,15 +141,25 @@ class AdamRule:
                     states: Sequence[dict[str, Any]], grad_wd: Sequence[float]
                     ) -> AdamFusedStep:
         """Prefab weight decay (``g + wd * p``, and ``mean(p^2)`` in float64 for the loss term)
-        and the clip, before the network."""
-        clipped, means = [], {}
+        and the clip, before the network. FSDP2 parameters work on their local shards; the
+        sums of ``p^2`` of the sharded ones are completed in one ``all_reduce``."""
+        clipped, means, sums, specs = [], {}, {}, {}
         for i, (p, g, wd) in enumerate(zip(params, grads, grad_wd, strict=True)):
-            g = g.to(torch.float32)
+            p_local = local(p)
+            g = local(g).to(torch.float32)
             if wd:
-                g = g + wd * p.to(torch.float32)
-                means[i] = torch.mean(p.double() ** 2).float()
+                g = g + wd * p_local.to(torch.float32)
+                if (spec := shard_spec(p)) is None:
+                    means[i] = torch.mean(p_local.double() ** 2).float()
+                else:
+                    sums[i], specs[i] = torch.sum(p_local.double() ** 2), spec
             clipped.append(torch.clamp(g, -VELO_GRAD_CLIP, VELO_GRAD_CLIP).unsqueeze(-1))
-        return AdamFusedStep(list(params), list(states), clipped, means)
+        totals = complete_each(list(sums.values()), list(specs.values()))
+        means.update({i: (total / params[i].numel()).float()
+                      for i, total in zip(sums, totals, strict=True)})
+        return AdamFusedStep([local(p) for p in params],
+                             [{k: local(v) for k, v in s.items()} for s in states], clipped,
+                             means)
 
     def fused_finish(self, prep: AdamFusedStep, controls: torch.Tensor, lr_mult: torch.Tensor,
                      groups: Sequence[Mapping[str, Any]], *, decoupled_weight_decay: bool,

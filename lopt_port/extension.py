@@ -55,7 +55,8 @@ CUDA_SOURCES = ("small_fc_lopt_cuda.cu", "velo_cuda.cu")
 HEADERS = ("scalar_math.h", "factored_index.h", "reduction_order.h", "small_fc_lopt_math.h",
            "velo_math.h", "tensor_args.h", "small_fc_lopt_cpu.h", "small_fc_lopt_cuda.h",
            "cpu_lanes.h", "velo_cpu.h", "velo_cuda.h", "multi_tensor_cuda.cuh")
-CUDA_LAUNCHERS = ("lopt_small_fc_reduce_cuda", "lopt_small_fc_accumulate_cuda",
+CUDA_LAUNCHERS = ("lopt_factored_sums_cuda", "lopt_small_fc_reduce_cuda",
+                  "lopt_small_fc_accumulate_cuda",
                   "lopt_small_fc_apply_cuda", "lopt_small_fc_partials",
                   "lopt_velo_accumulate_cuda", "lopt_velo_apply_cuda", "lopt_velo_partials",
                   "lopt_cuda_error_string")

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from lopt_port import mulo_config
+from lopt_port.fused_shards import complete_each
 from lopt_port.optimizer import (
     LearnedOptimizer,
     ParamsArg,
@@ -36,7 +37,7 @@ from lopt_port.optimizer import (
     WeightsKind,
     check_non_negative,
 )
-from lopt_port.sharding import is_dtensor
+from lopt_port.sharding import local, shard_spec
 from lopt_port.small_fc_lopt import SmallFCLOptNetwork, fused_path_of, small_fc_lopt
 from lopt_port.state_layout import TieBreak
 
@@ -259,15 +260,19 @@ class MuLO(LearnedOptimizer):
 def mulo_grads(grads: Sequence[torch.Tensor], clip_grad: bool) -> list[torch.Tensor]:
     """The gradients μLO's update reads: after the optional global-norm clip
     (``g / n`` when ``n = sqrt(sum of all g^2) >= 1``) and ``nan_to_num``, in the gradient's
-    dtype as upstream (``p.grad`` itself is left as it is)."""
-    grads = list(grads)
+    dtype as upstream (``p.grad`` itself is left as it is). FSDP2 gradients (``DTensor``)
+    come back as this rank's local tensors; their sums of squares are completed over the
+    shards in float64 (one ``all_reduce``)."""
+    specs = [shard_spec(g) for g in grads]
+    grads = [local(g) for g in grads]
     if clip_grad and grads:
-        if any(is_dtensor(g) for g in grads):
-            raise NotImplementedError("MuLO: clip_grad with sharded (DTensor) parameters "
-                                      "is not supported")
         device = grads[0].device
-        total = torch.stack([g.to(torch.float32).square().sum().to(device)
-                             for g in grads]).sum()
+        sums = [g.to(torch.float32).square().sum() if spec is None
+                else g.to(torch.float64).square().sum() for g, spec in zip(grads, specs,
+                                                                         strict=True)]
+        # A sharded gradient's sum of squares over its shards: one all_reduce for all.
+        sums = complete_each(sums, specs)
+        total = torch.stack([t.to(device=device, dtype=torch.float32) for t in sums]).sum()
         norm = total.sqrt()
         grads = [torch.where(norm.to(g.device) < 1.0, g, g / norm.to(g.device, g.dtype))
                  for g in grads]

@@ -9,6 +9,7 @@ any step.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -16,7 +17,8 @@ import torch
 
 from lopt_port import extension
 from lopt_port.features import time_features
-from lopt_port.sharding import is_dtensor
+from lopt_port.fused_shards import LocalStep, any_dtensor, complete, finish_factored
+from lopt_port.sharding import is_dtensor, local, shard_spec
 
 MAX_DECAYS = 4
 MAX_HIDDEN = 64
@@ -57,11 +59,13 @@ def param_unsupported_reason(p: torch.Tensor) -> str | None:
 def layout_unsupported_reason(p: torch.Tensor) -> str | None:
     """The device-independent checks every fused kernel makes: dtype, layout, rank."""
     if is_dtensor(p):
-        return ("the parameter is a DTensor (FSDP2): sharded parameters take the eager path, "
-                "whose whole-tensor reductions run as batched collectives")
+        try:
+            shard_spec(p)
+        except ValueError as e:
+            return f"{e}: only FSDP2's layouts run (no tensor parallelism)"
     if p.dtype not in FUSED_DTYPES:
         return f"the fused kernels take float32, bfloat16 or float16 parameters (got {p.dtype})"
-    if not p.is_contiguous():
+    if not local(p).is_contiguous():
         return "the parameter is not contiguous"
     if p.grad is not None and p.grad.dtype != p.dtype:
         return f"the gradient is {p.grad.dtype}, the parameter {p.dtype}"
@@ -110,13 +114,19 @@ def group_step(params: Sequence[torch.Tensor], states: Sequence[dict[str, Any]],
     ``decays``, ``scales`` (the time-feature timescales) and the step counts stay on the CPU;
     ``layers`` are on the parameters' device. ``grads`` replace ``p.grad`` (MuLO's scrubbed
     gradients); ``step_scales`` are per-tensor step multipliers ``s`` (MuLO:
-    ``p <- p - lr * (step * s)``; none given: ``s = 1``, which is exact).
+    ``p <- p - lr * (step * s)``; none given: ``s = 1``, which is exact). FSDP2 parameters
+    (``DTensor``) run on their local shards (:mod:`lopt_port.fused_shards`).
     """
+    if any_dtensor(params):
+        _sharded_group_step(params, states, decays, layers, scales, hparams, lr,
+                            grads=list(grads) if grads is not None else [p.grad for p in params],
+                            step_scales=step_scales)
+        return
     ops = extension.ops()
     head = hparams["variant"] == "head"
     tensors = (*state_lists(params, states, grads), decays)
     ops.small_fc_reduce(*tensors)
-    sumsq = ops.small_fc_accumulate(*tensors, head)
+    sumsq, _ = ops.small_fc_accumulate(*tensors, head, False)
     # Time features per distinct step count (usually one for the whole group), computed as
     # the eager path computes them, so both paths see the same bits.
     steps = [float(s["step"]) for s in states]
@@ -124,5 +134,38 @@ def group_step(params: Sequence[torch.Tensor], states: Sequence[dict[str, Any]],
     tfeat = torch.stack([by_step[t] for t in steps])
     mlp = [t for pair in layers for t in pair]
     ops.small_fc_apply(*tensors, head, sumsq, tfeat, mlp, hparams["exp_mult"],
-                       hparams["step_mult"], lr, [float(x) for x in step_scales])
+                       hparams["step_mult"], lr, [float(x) for x in step_scales], [])
+    torch._foreach_add_([s["step"] for s in states], 1.0)
+
+
+def _sharded_group_step(params: Sequence[torch.Tensor], states: Sequence[dict[str, Any]],
+                        decays: torch.Tensor, layers: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                        scales: torch.Tensor, hparams: Mapping[str, Any], lr: float, *,
+                        grads: Sequence[torch.Tensor], step_scales: Sequence[float]) -> None:
+    """:func:`group_step` on this rank's shards, in three rounds of batched collectives
+    (:mod:`lopt_port.fused_shards`): the factored means, the row-column means, the feature
+    sums of squares."""
+    ops = extension.ops()
+    head = hparams["variant"] == "head"
+    step = LocalStep.of(params, grads, states)
+    live = step.live
+    lists = (state_lists([step.params[i] for i in live], [step.states[i] for i in live],
+                         [step.grads[i] for i in live]) if live else None)
+    finish_factored(step, ops, lists, decays, [0.0] * len(live), math.inf)
+    features = 4 + 8 * ((decays.numel() - 1) // 2)
+    partial = torch.zeros(len(params), features, dtype=torch.float64,
+                          device=params[0].device)
+    if live:
+        _, sums = ops.small_fc_accumulate(*lists, decays, head, True)
+        partial[live] = sums
+    sumsq = complete(partial, step.specs).to(torch.float32)
+    if live:
+        steps = [float(states[i]["step"]) for i in live]
+        by_step = {t: time_features(t, scales) for t in set(steps)}
+        tfeat = torch.stack([by_step[t] for t in steps])
+        mlp = [t for pair in layers for t in pair]
+        ops.small_fc_apply(*lists, decays, head, sumsq[live].contiguous(), tfeat, mlp,
+                           hparams["exp_mult"], hparams["step_mult"], lr,
+                           [float(step_scales[i]) for i in live] if step_scales else [],
+                           step.counts(live))
     torch._foreach_add_([s["step"] for s in states], 1.0)

@@ -18,19 +18,22 @@ are). The state is the eager path's, so runs can switch between ``fused=True`` a
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from lopt_port import extension
 from lopt_port.constants import VELO_GRAD_CLIP
+from lopt_port.fused_shards import LocalStep, any_dtensor, complete, finish_factored, velo_stats
 from lopt_port.small_fc_lopt_fused import (
     decays_unsupported_reason,
     param_unsupported_reason,
     state_lists,
 )
 
-__all__ = ["config_unsupported_reason", "param_unsupported_reason", "phase_a", "phase_b"]
+__all__ = ["PhaseA", "config_unsupported_reason", "param_unsupported_reason", "phase_a",
+           "phase_b"]
 
 MAX_HIDDEN = 16
 
@@ -45,23 +48,75 @@ def config_unsupported_reason(hparams: Mapping[str, Any]) -> str | None:
     return None
 
 
+@dataclass
+class PhaseA:
+    """``velo_accumulate``'s results for a step's tensors."""
+
+    #: The kernels' argument lists of the tensors ``live`` (``None``: none has local elements).
+    lists: tuple[list, ...] | None
+    #: ``[n, 2 + 3k]``: mean p^2, the k momentum means, their variances, the mean rms, the
+    #: ``var_rms`` columns (of the whole tensors).
+    stats: torch.Tensor
+    #: ``[n, F]``: the feature sums of squares (of the whole tensors).
+    sumsq: torch.Tensor
+    #: The tensors the kernels run on (all but empty local shards).
+    live: list[int]
+    #: The whole tensors' element counts of ``live`` (empty: the tensors are whole).
+    counts: list[int]
+
+
 def phase_a(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
             states: Sequence[dict[str, Any]], decays: torch.Tensor, grad_wd: Sequence[float]
-            ) -> tuple[tuple[list, ...], torch.Tensor, torch.Tensor]:
-    """Run ``velo_accumulate``; ``(the op's tensor lists, stats [n, 2+3k], sumsq [n, F])``."""
+            ) -> PhaseA:
+    """Run ``velo_accumulate`` (FSDP2 parameters: on their local shards, the statistics and
+    sums of squares completed over the ranks, :mod:`lopt_port.fused_shards`)."""
+    if any_dtensor(params):
+        return _sharded_phase_a(params, grads, states, decays, grad_wd)
     lists = state_lists(params, states, grads)
-    stats, sumsq = extension.ops().velo_accumulate(*lists, decays, list(grad_wd),
-                                                   VELO_GRAD_CLIP)
-    return lists, stats, sumsq
+    stats, sumsq, _ = extension.ops().velo_accumulate(*lists, decays, list(grad_wd),
+                                                      VELO_GRAD_CLIP, False)
+    return PhaseA(lists, stats, sumsq, list(range(len(params))), [])
 
 
-def phase_b(lists: tuple[list, ...], decays: torch.Tensor, grad_wd: Sequence[float],
-            sumsq: torch.Tensor, weights: torch.Tensor, hparams: Mapping[str, Any],
-            lr_mult: torch.Tensor, param_scale: torch.Tensor, lr: Sequence[float],
-            decay_mult: Sequence[float]) -> None:
-    """Run ``velo_apply``: features, normalization, each tensor's MLP, the parameter write."""
+def _sharded_phase_a(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                     states: Sequence[dict[str, Any]], decays: torch.Tensor,
+                     grad_wd: Sequence[float]) -> PhaseA:
+    """Phase A on this rank's shards in three rounds of batched collectives: the factored
+    means, the row-column means, then the moments and the feature sums of squares."""
+    ops = extension.ops()
+    step = LocalStep.of(params, grads, states)
+    live = step.live
+    lists = (state_lists([step.params[i] for i in live], [step.states[i] for i in live],
+                         [step.grads[i] for i in live]) if live else None)
+    wd = [float(grad_wd[i]) for i in live]
+    finish_factored(step, ops, lists, decays, wd, VELO_GRAD_CLIP)
+    k = (decays.numel() - 1) // 2
+    moments = 3 + 2 * k
+    partial = torch.zeros(len(params), moments + 6 + 8 * k, dtype=torch.float64,
+                          device=params[0].device)
+    if live:
+        _, _, sums = ops.velo_accumulate(*lists, decays, wd, VELO_GRAD_CLIP, True)
+        partial[live] = sums
+    total = complete(partial, step.specs)
+    stats = velo_stats(total[:, :moments], step.counts(range(len(params))), k)
+    return PhaseA(lists, stats, total[:, moments:].to(torch.float32), live, step.counts(live))
+
+
+def phase_b(a: PhaseA, decays: torch.Tensor, grad_wd: Sequence[float], weights: torch.Tensor,
+            hparams: Mapping[str, Any], lr_mult: torch.Tensor, param_scale: torch.Tensor,
+            lr: Sequence[float], decay_mult: Sequence[float]) -> None:
+    """Run ``velo_apply``: features, normalization, each tensor's MLP, the parameter write
+    (the arguments per tensor of the step; the tensors ``a.live`` run)."""
+    if a.lists is None:
+        return
+    live = a.live
+    rows = torch.tensor(live, device=a.sumsq.device) if a.counts else None
+
+    def pick(t: torch.Tensor) -> torch.Tensor:
+        return (t if rows is None else t.index_select(0, rows.to(t.device))).contiguous()
+
     extension.ops().velo_apply(
-        *lists, decays, list(grad_wd), VELO_GRAD_CLIP, sumsq, weights.contiguous(),
-        hparams["ff_hidden_size"], hparams["ff_hidden_layers"], lr_mult.contiguous(),
-        param_scale.contiguous(), list(lr), list(decay_mult), hparams["exp_mult"],
-        hparams["step_mult"])
+        *a.lists, decays, [float(grad_wd[i]) for i in live], VELO_GRAD_CLIP, pick(a.sumsq),
+        pick(weights), hparams["ff_hidden_size"], hparams["ff_hidden_layers"], pick(lr_mult),
+        pick(param_scale), [float(lr[i]) for i in live], [float(decay_mult[i]) for i in live],
+        hparams["exp_mult"], hparams["step_mult"], a.counts)

@@ -47,11 +47,13 @@ class MLPFusedStep:
     """Phase A's outputs, for the per-tensor network and phase B."""
 
     params: list[torch.Tensor]
-    lists: tuple[list, ...]
+    phase: velo_fused.PhaseA
     grad_wd: list[float]
-    #: ``[n, 2 + 3M]``: mean p^2, then the statistics the LSTM inputs read.
-    stats: torch.Tensor
-    sumsq: torch.Tensor
+
+    @property
+    def stats(self) -> torch.Tensor:
+        """``[n, 2 + 3M]``: mean p^2, then the statistics the LSTM inputs read."""
+        return self.phase.stats
 
     def mean_p2(self, index: Sequence[int]) -> torch.Tensor:
         """``mean(p^2)`` of the tensors ``index``."""
@@ -233,9 +235,8 @@ class MLPRule:
                     ) -> MLPFusedStep:
         """Phase A for every tensor: prefab weight decay, the clip, the statistics, the moving
         averages, the features' sums of squares."""
-        lists, stats, sumsq = velo_fused.phase_a(params, grads, states, self.decay_vector,
-                                                 grad_wd)
-        return MLPFusedStep(list(params), lists, list(grad_wd), stats, sumsq)
+        phase = velo_fused.phase_a(params, grads, states, self.decay_vector, grad_wd)
+        return MLPFusedStep(list(params), phase, list(grad_wd))
 
     def fused_finish(self, prep: MLPFusedStep, controls: torch.Tensor, lr_mult: torch.Tensor,
                      groups: Sequence[Mapping[str, Any]], *, decoupled_weight_decay: bool,
@@ -245,8 +246,8 @@ class MLPRule:
         lr = [float(g["lr"]) for g in groups]
         decay = [1.0 - g["lr"] * g["weight_decay"] if decoupled_weight_decay else 1.0
                  for g in groups]
-        velo_fused.phase_b(prep.lists, self.decay_vector, prep.grad_wd, prep.sumsq,
-                           self.mixed(controls), self.hparams, lr_mult, param_scale, lr, decay)
+        velo_fused.phase_b(prep.phase, self.decay_vector, prep.grad_wd, self.mixed(controls),
+                           self.hparams, lr_mult, param_scale, lr, decay)
 
 
 def apply_step(p: torch.Tensor, step: torch.Tensor, group: Mapping[str, Any],

@@ -24,7 +24,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: The ops the binding registers (csrc/bind.cpp); each needs a CPU and a CUDA kernel.
-EXPECTED_OPS = ("small_fc_reduce", "small_fc_accumulate", "small_fc_apply",
+EXPECTED_OPS = ("factored_sums", "small_fc_reduce", "small_fc_accumulate", "small_fc_apply",
                 "velo_accumulate", "velo_apply")
 
 

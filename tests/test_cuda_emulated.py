@@ -15,6 +15,7 @@ Both backends form every sum in one order (``csrc/reduction_order.h``) with one 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import sys
@@ -90,6 +91,9 @@ def _clone(x: Any) -> Any:
     """A deep copy of tensors inside dicts, lists and tuples (other values as they are)."""
     if isinstance(x, torch.Tensor):
         return x.clone()
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return dataclasses.replace(x, **{f.name: _clone(getattr(x, f.name))
+                                         for f in dataclasses.fields(x)})
     if isinstance(x, dict):
         return {k: _clone(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
@@ -120,9 +124,9 @@ def test_velo_phases_agree(case: Any, monkeypatch: pytest.MonkeyPatch) -> None:
                          _clone(list(states)), _clone(rest))
         return real_a(params, states, *rest)
 
-    def capture_b(lists: Any, *rest: Any) -> None:
-        captured["b"] = (_clone(lists), _clone(rest))
-        real_b(lists, *rest)
+    def capture_b(phase: Any, *rest: Any) -> None:
+        captured["b"] = (_clone(phase), _clone(rest))
+        real_b(phase, *rest)
 
     monkeypatch.setattr(velo_fused, "phase_a", capture_a)
     monkeypatch.setattr(velo_fused, "phase_b", capture_b)
@@ -143,12 +147,13 @@ def test_velo_phases_agree(case: Any, monkeypatch: pytest.MonkeyPatch) -> None:
             ps = [p.clone() for p, _ in a_params]
             for p, (_, g) in zip(ps, a_params, strict=True):
                 p.grad = g.clone()
-            lists, stats, sumsq = real_a(ps, _clone(a_states), *_clone(a_rest))
-            b_lists, b_rest = _clone(captured["b"])
-            real_b(b_lists, *b_rest)
+            a = real_a(ps, _clone(a_states), *_clone(a_rest))
+            lists, stats, sumsq = a.lists, a.stats, a.sumsq
+            b_phase, b_rest = _clone(captured["b"])
+            real_b(b_phase, *b_rest)
         outputs[backend] = {"phase A state and scratch": _tensors(lists),
                             "phase A statistics": [stats], "phase A sums of squares": [sumsq],
-                            "phase B params and state": _tensors(b_lists)}
+                            "phase B params and state": _tensors(b_phase.lists)}
     cpu, emulated = (outputs[b] for b in table.BACKENDS)
     for what, tensors in cpu.items():
         for i, (a, b) in enumerate(zip(tensors, emulated[what], strict=True)):

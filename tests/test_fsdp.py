@@ -1,5 +1,6 @@
-"""FSDP2: parameters sharded by ``fully_shard`` over 2 CPU processes (gloo, loopback) train
-exactly as the same model in one process, with a constant number of collectives per step."""
+"""FSDP2: parameters sharded by ``fully_shard`` over 2 or 4 CPU processes (gloo, loopback)
+train as the same model in one process, on the eager and on the fused path, with a constant
+number of collectives per step; a run resumed from its sharded state is bit-exact."""
 
 from __future__ import annotations
 
@@ -7,28 +8,77 @@ import pytest
 
 import converters
 from tests import fsdp_worker
-from tests.conftest import checkpoint_dir, slow_except
+from tests.conftest import checkpoint_dir, needs_emulation, slow_except
 
 pytestmark = pytest.mark.fsdp
 
-# Rounds of batched all_reduce per step, whatever the number of tensors:
+# Rounds of batched all_reduce per step, whatever the number of tensors. Eager:
 # small_fc_lopt: factored row/column means, the row-column mean of v_row, the feature sums
 # of squares; VeLO: mean p^2, the old momentum and rms means, their variances (the LSTM
-# inputs), then the same three as small_fc_lopt; MuLO: small_fc_lopt's; Celo: VeLO's
-# per-parameter three and mean p^2 (param_scale; its LSTM inputs are global); Celo-Adam:
-# none (elementwise).
-EXPECTED_COLLECTIVES = {"small_fc_lopt": 3, "velo": 6, "mulo": 3, "celo": 4, "celo_adam": 0}
+# inputs), then the same three as small_fc_lopt; MuLO: its global-norm clip, then
+# small_fc_lopt's; Celo: VeLO's per-parameter three and mean p^2 (param_scale; its LSTM
+# inputs are global); Celo-Adam: none (elementwise).
+EXPECTED_COLLECTIVES = {"small_fc_lopt": 3, "velo": 6, "mulo": 4, "celo": 4, "celo_adam": 0}
+# Fused (lopt_port/fused_shards.py): the factored means, the row-column means, and the
+# kernels' per-tensor sums (VeLO's and Celo's moments with the feature sums of squares in the
+# same round, so mean p^2 needs none of its own); MuLO's clip one more; Celo-Adam none.
+EXPECTED_FUSED = {"small_fc_lopt": 3, "velo": 3, "mulo": 4, "celo": 3, "celo_adam": 0}
 CHECKPOINTS = {"small_fc_lopt": "small_fc_h32_sm0p01", "velo": "velo_small",
                "mulo": "mulo_h32_sm0p01", "celo": "celo", "celo_adam": "celo_adam"}
+# Params after every step against the one-process run on the same path, relative to the
+# tensor's largest value. float32: sums over shards round differently from one sum (each
+# rank's share, then the ranks), ~1e-7 of a statistic, which moves a step by as much.
+FLOAT32_BOUND = 1e-6
+# bfloat16: the step is the float32 one within ~1e-7, but a value that lands within that of
+# a rounding boundary of bfloat16 (8 bits) rounds the other way: one bfloat16 ulp, 2^-8 of
+# the value, which the later steps carry on (each such flip changes that element's features).
+BFLOAT16_BOUND = 2.0 ** -6
+
+
+def _weights(kind: str, tmp_path) -> str:
+    weights = str(tmp_path / "w.safetensors")
+    converters.convert(checkpoint_dir(CHECKPOINTS[kind])).save(weights)
+    return weights
 
 
 @pytest.mark.parametrize("kind", slow_except(sorted(EXPECTED_COLLECTIVES),
                                              lambda kind: kind == "velo"))
 def test_fully_sharded_training_matches_one_process(kind, tmp_path):
-    weights = str(tmp_path / "w.safetensors")
-    converters.convert(checkpoint_dir(CHECKPOINTS[kind])).save(weights)
-    result = fsdp_worker.spawn(kind, weights, str(tmp_path))
-    # Params after every step within 1e-6 relative of the one-process run (asserted in the
-    # workers; sums over shards round differently from one sum, ~1e-7).
-    assert result["worst"] <= 1e-6
+    result = fsdp_worker.spawn(kind, _weights(kind, tmp_path), str(tmp_path),
+                               tolerance=FLOAT32_BOUND)
+    assert result["worst"] <= FLOAT32_BOUND
     assert result["collectives"] == [EXPECTED_COLLECTIVES[kind]] * fsdp_worker.STEPS
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("kind", slow_except(sorted(EXPECTED_FUSED),
+                                             lambda kind: kind in ("velo", "small_fc_lopt")))
+def test_fused_sharded_training_matches_one_process(kind, dtype, tmp_path):
+    bound = FLOAT32_BOUND if dtype == "float32" else BFLOAT16_BOUND
+    result = fsdp_worker.spawn(kind, _weights(kind, tmp_path), str(tmp_path), fused=True,
+                               dtype=dtype, tolerance=bound)
+    assert result["worst"] <= bound
+    assert result["collectives"] == [EXPECTED_FUSED[kind]] * fsdp_worker.STEPS
+
+
+@pytest.mark.slow
+def test_fused_velo_on_four_ranks(tmp_path):
+    """4 ranks: the (5, 12) and (1, 5) parameters leave empty shards on 1 and 3 ranks."""
+    result = fsdp_worker.spawn("velo", _weights("velo", tmp_path), str(tmp_path), world=4,
+                               fused=True, tolerance=FLOAT32_BOUND)
+    assert result["worst"] <= FLOAT32_BOUND
+    assert result["collectives"] == [EXPECTED_FUSED["velo"]] * fsdp_worker.STEPS
+
+
+@needs_emulation
+@pytest.mark.emulated
+@pytest.mark.parametrize("kind", slow_except(["small_fc_lopt", "velo"],
+                                             lambda kind: kind == "velo"))
+def test_fused_sharded_training_on_the_emulated_cuda_kernels(kind, tmp_path, monkeypatch):
+    """The same run with every fused op on the emulated CUDA backend (the CUDA kernels'
+    sources, run on the CPU): the launchers take local shards, empty ones excluded."""
+    monkeypatch.setenv("LOPT_PORT_FUSED_BACKEND", "cuda-emulated")
+    result = fsdp_worker.spawn(kind, _weights(kind, tmp_path), str(tmp_path), fused=True,
+                               tolerance=FLOAT32_BOUND)
+    assert result["worst"] <= FLOAT32_BOUND
+    assert result["collectives"] == [EXPECTED_FUSED[kind]] * fsdp_worker.STEPS

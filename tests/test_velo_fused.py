@@ -3,6 +3,7 @@ resume across implementations, refusal and fallback, weight decay and param grou
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import pytest
@@ -142,9 +143,9 @@ def test_fused_kernels_are_bitwise_independent_of_thread_count(weights, monkeypa
                            for k, v in s.items()} for s in states], rest)
         return real_a(params, grads, states, *rest)
 
-    def capture_b(lists, *rest):
-        captured["b"] = (_clone_lists(lists), rest)
-        return real_b(lists, *rest)
+    def capture_b(phase, *rest):
+        captured["b"] = (dataclasses.replace(phase, lists=_clone_lists(phase.lists)), rest)
+        return real_b(phase, *rest)
 
     monkeypatch.setattr(velo_fused, "phase_a", capture_a)
     monkeypatch.setattr(velo_fused, "phase_b", capture_b)
@@ -164,10 +165,11 @@ def test_fused_kernels_are_bitwise_independent_of_thread_count(weights, monkeypa
             ps = [p.clone() for p, _ in a_params]
             states = [{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
                       for s in a_states]
-            _, stats, sumsq = real_a(ps, [g.clone() for _, g in a_params], states, *a_rest)
-            b_lists, b_rest = captured["b"]
-            lists = _clone_lists(b_lists)
-            real_b(lists, *b_rest)
+            a = real_a(ps, [g.clone() for _, g in a_params], states, *a_rest)
+            stats, sumsq = a.stats, a.sumsq
+            b_phase, b_rest = captured["b"]
+            lists = _clone_lists(b_phase.lists)
+            real_b(dataclasses.replace(b_phase, lists=lists), *b_rest)
             outputs.append([stats, sumsq, *[s[k] for s in states for k in sorted(s)
                                              if isinstance(s[k], torch.Tensor)], *lists[0]])
     finally:
