@@ -84,6 +84,24 @@ class LocalStep:
         return [math.prod(self.shapes[i]) for i in index]
 
 
+def rows(t: torch.Tensor, index: Sequence[int]) -> torch.Tensor:
+    """Rows ``index`` of ``t`` (ascending), by slices: an index tensor would be copied to the
+    device, and that copy waits for the device."""
+    if list(index) == list(range(t.shape[0])):
+        return t
+    return torch.cat([t[i:i + 1] for i in index])
+
+
+def spread(t: torch.Tensor, index: Sequence[int], n: int) -> torch.Tensor:
+    """``n`` rows: row ``index[j]`` is ``t[j]``, the others zero (the partial sums of the
+    tensors with no local elements)."""
+    if list(index) == list(range(n)):
+        return t
+    at = {i: j for j, i in enumerate(index)}
+    zero = t.new_zeros((1, *t.shape[1:]))
+    return torch.cat([t[at[i]:at[i] + 1] if i in at else zero for i in range(n)])
+
+
 def complete(partials: torch.Tensor, specs: Sequence[ShardSpec | None]) -> torch.Tensor:
     """Rows of ``partials`` (one per tensor) summed over the ranks for the sharded tensors:
     one ``all_reduce`` per process group; the other rows as they are."""
@@ -93,11 +111,13 @@ def complete(partials: torch.Tensor, specs: Sequence[ShardSpec | None]) -> torch
             by_group.setdefault(spec.group, []).append(i)
     if not by_group:
         return partials
-    out = partials.clone()
+    done: dict[int, torch.Tensor] = {}
     for group, index in by_group.items():
-        (total,) = all_reduce_batched([partials[index]], group)
-        out[index] = total
-    return out
+        (total,) = all_reduce_batched([rows(partials, index)], group)
+        if len(index) == len(specs):
+            return total
+        done.update({i: total[j:j + 1] for j, i in enumerate(index)})
+    return torch.cat([done.get(i, partials[i:i + 1]) for i in range(len(specs))])
 
 
 def complete_each(partials: Sequence[torch.Tensor | None], specs: Sequence[ShardSpec | None]
@@ -159,7 +179,7 @@ def finish_factored(step: LocalStep, ops: Any, lists: tuple[list, ...] | None,
         row_specs.append(spec if d0 == 0 else None)
         col_specs.append(spec if d1 == 0 else None)
     completed = complete_each(rows + cols, row_specs + col_specs)
-    c = decays[k + 1:].clamp(0.0, 1.0).to(device)
+    c = _on_device(decays[k + 1:].clamp(0.0, 1.0), device)
     mix = 1.0 - c
     rcm, rcm_specs = [], []
     for j, i in enumerate(factored):
@@ -184,14 +204,26 @@ def finish_factored(step: LocalStep, ops: Any, lists: tuple[list, ...] | None,
         lists[8][position[i]].copy_(_safe_rsqrt(s["v_col"]))
 
 
+_ON_DEVICE: dict[tuple[Any, ...], torch.Tensor] = {}
+
+
+def _on_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A copy on ``device`` of the small CPU tensor ``t``, made once per value (a copy to the
+    device in every step would wait for the device)."""
+    key = (t.dtype, tuple(t.shape), tuple(t.reshape(-1).tolist()), device)
+    if key not in _ON_DEVICE:
+        _ON_DEVICE[key] = t.to(device)
+    return _ON_DEVICE[key]
+
+
 def velo_stats(moments: torch.Tensor, counts: Sequence[int], k: int) -> torch.Tensor:
     """VeLO's per-tensor statistics ``[n, 2 + 3k]`` (float32) from the moment sums
     ``[n, 3 + 2k]`` (float64: sum p^2, sum m (k), sum m^2 (k), sum rms, sum rms^2) over
     ``counts`` elements: mean p^2, mean m, ``E[m^2] - mean m^2``, mean rms, and upstream's
     ``var_rms = E[rms^2] - 2 mean_m mean_rms + mean_m^2``, variances clamped at 0 (NaN to 0),
     each cast once: the kernels' ``velo_stats``, operation for operation, in float64."""
-    count = torch.tensor(counts, dtype=torch.float64, device=moments.device)[:, None]
-    mo = moments / count
+    count = torch.tensor(counts, dtype=torch.float64)[:, None]
+    mo = moments / _on_device(count, moments.device)
     mean, mean2 = mo[:, 1:1 + k], mo[:, 1 + k:1 + 2 * k]
     mean_rms, mean_rms2 = mo[:, 1 + 2 * k:2 + 2 * k], mo[:, 2 + 2 * k:3 + 2 * k]
     var_m = mean2 - mean * mean

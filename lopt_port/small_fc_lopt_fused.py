@@ -17,7 +17,14 @@ import torch
 
 from lopt_port import extension
 from lopt_port.features import time_features
-from lopt_port.fused_shards import LocalStep, any_dtensor, complete, finish_factored
+from lopt_port.fused_shards import (
+    LocalStep,
+    any_dtensor,
+    complete,
+    finish_factored,
+    rows,
+    spread,
+)
 from lopt_port.sharding import is_dtensor, local, shard_spec
 
 MAX_DECAYS = 4
@@ -157,14 +164,14 @@ def _sharded_group_step(params: Sequence[torch.Tensor], states: Sequence[dict[st
                           device=params[0].device)
     if live:
         _, sums = ops.small_fc_accumulate(*lists, decays, head, True)
-        partial[live] = sums
+        partial = spread(sums, live, len(params))
     sumsq = complete(partial, step.specs).to(torch.float32)
     if live:
         steps = [float(states[i]["step"]) for i in live]
         by_step = {t: time_features(t, scales) for t in set(steps)}
         tfeat = torch.stack([by_step[t] for t in steps])
         mlp = [t for pair in layers for t in pair]
-        ops.small_fc_apply(*lists, decays, head, sumsq[live].contiguous(), tfeat, mlp,
+        ops.small_fc_apply(*lists, decays, head, rows(sumsq, live).contiguous(), tfeat, mlp,
                            hparams["exp_mult"], hparams["step_mult"], lr,
                            [float(step_scales[i]) for i in live] if step_scales else [],
                            step.counts(live))

@@ -25,7 +25,15 @@ import torch
 
 from lopt_port import extension
 from lopt_port.constants import VELO_GRAD_CLIP
-from lopt_port.fused_shards import LocalStep, any_dtensor, complete, finish_factored, velo_stats
+from lopt_port.fused_shards import (
+    LocalStep,
+    any_dtensor,
+    complete,
+    finish_factored,
+    rows,
+    spread,
+    velo_stats,
+)
 from lopt_port.small_fc_lopt_fused import (
     decays_unsupported_reason,
     param_unsupported_reason,
@@ -96,7 +104,7 @@ def _sharded_phase_a(params: Sequence[torch.Tensor], grads: Sequence[torch.Tenso
                           device=params[0].device)
     if live:
         _, _, sums = ops.velo_accumulate(*lists, decays, wd, VELO_GRAD_CLIP, True)
-        partial[live] = sums
+        partial = spread(sums, live, len(params))
     total = complete(partial, step.specs)
     stats = velo_stats(total[:, :moments], step.counts(range(len(params))), k)
     return PhaseA(lists, stats, total[:, moments:].to(torch.float32), live, step.counts(live))
@@ -110,10 +118,9 @@ def phase_b(a: PhaseA, decays: torch.Tensor, grad_wd: Sequence[float], weights: 
     if a.lists is None:
         return
     live = a.live
-    rows = torch.tensor(live, device=a.sumsq.device) if a.counts else None
 
     def pick(t: torch.Tensor) -> torch.Tensor:
-        return (t if rows is None else t.index_select(0, rows.to(t.device))).contiguous()
+        return rows(t, live).contiguous()
 
     extension.ops().velo_apply(
         *a.lists, decays, [float(grad_wd[i]) for i in live], VELO_GRAD_CLIP, pick(a.sumsq),

@@ -157,7 +157,9 @@ def run(rank: int, world: int, init_file: str, kind: str, weights: str, out: str
                                        if hasattr(loaded, "full_tensor") else loaded), key
         if rank == 0:
             with open(out, "w") as f:
-                json.dump({"worst": worst, "collectives": per_step}, f)
+                from lopt_port import extension
+                json.dump({"worst": worst, "collectives": per_step,
+                           "ops": extension.ops().name if fused else None}, f)
     finally:
         dist.destroy_process_group()
 

@@ -57,6 +57,7 @@ def test_fused_sharded_training_matches_one_process(kind, dtype, tmp_path):
     bound = FLOAT32_BOUND if dtype == "float32" else BFLOAT16_BOUND
     result = fsdp_worker.spawn(kind, _weights(kind, tmp_path), str(tmp_path), fused=True,
                                dtype=dtype, tolerance=bound)
+    assert result["ops"] == "lopt_port"
     assert result["worst"] <= bound
     assert result["collectives"] == [EXPECTED_FUSED[kind]] * fsdp_worker.STEPS
 
@@ -80,5 +81,32 @@ def test_fused_sharded_training_on_the_emulated_cuda_kernels(kind, tmp_path, mon
     monkeypatch.setenv("LOPT_PORT_FUSED_BACKEND", "cuda-emulated")
     result = fsdp_worker.spawn(kind, _weights(kind, tmp_path), str(tmp_path), fused=True,
                                tolerance=FLOAT32_BOUND)
+    assert result["ops"] == "lopt_port_emulated"
     assert result["worst"] <= FLOAT32_BOUND
     assert result["collectives"] == [EXPECTED_FUSED[kind]] * fsdp_worker.STEPS
+
+
+def test_other_layouts_are_refused_by_name(tmp_path):
+    """A DTensor split along axis 1 (tensor parallelism's layout) on a 1-D mesh: fused=True
+    refuses it naming the layout, and the eager path raises ValueError naming it."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from lopt_port import SmallFCLOpt
+
+    weights = _weights("small_fc_lopt", tmp_path)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0,
+                            world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        p = torch.nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh, [Shard(1)]))
+        p.grad = distribute_tensor(torch.randn(4, 6), mesh, [Shard(1)])
+        with pytest.raises(RuntimeError, match=r"fused=True, but .*Shard\(dim=1\).*no tensor "
+                                               r"parallelism"):
+            SmallFCLOpt([p], weights, fused=True).step()
+        with pytest.raises(ValueError, match=r"Shard\(0\) or Replicate\(\)"):
+            SmallFCLOpt([p], weights, fused=False).step()
+    finally:
+        dist.destroy_process_group()
