@@ -17,8 +17,9 @@ multi-tensor ops) over the model's float32 parameters, with fixed random gradien
   to it under emulation), so it should be 0; the check fails above ``TOLERANCE``.
 
 Without a CUDA GPU it prints one line saying so and exits 0. Exit 1 when a CUDA vs CPU check
-fails. The optimizers use the bundled checkpoints (test fixtures: the timing does not depend on
-the weights' values).
+fails, 2 when a GPU is present but the fused CUDA step cannot run (kernels built without
+nvcc). The optimizers use the bundled checkpoints (test fixtures: the timing does not depend
+on the weights' values).
 """
 
 from __future__ import annotations
@@ -148,10 +149,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lopt_port import extension
 
     extension.load()
+    device = torch.device("cuda")
+    reason = extension.backend_unsupported_reason(device)
+    if reason is not None:
+        print(f"bench_gpu: a GPU is here but the fused CUDA step cannot run: {reason}")
+        return 2
     shapes = gpu_model.MODELS[args.model]
     n = sum(math.prod(s) for s in shapes)
     gpu = modeled_gpu()
-    device = torch.device("cuda")
     print(f"bench_gpu: {torch.cuda.get_device_name()}, {args.model}: {len(shapes)} tensors, "
           f"{n:,} float32 parameters; medians of {args.repeats} steps after {args.warmup}")
     if gpu is None:
@@ -185,6 +190,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         ratio = f"{ms / (model.seconds * 1e3):.2f}" if model else "-"
         check = "-" if diff is None else (f"{diff:.1e} ({'ok' if diff <= TOLERANCE else 'FAIL'})")
         print(f"| {name} | {ms:.2f} | {ms / adamw_ms:.2f} | {modeled} | {ratio} | {check} |")
+    print("\nModeled: the fused kernels' (or Celo-Adam's multi-tensor ops') roofline only; the "
+          "measured step also runs the per-tensor network (VeLO's and Celo's LSTM) and the "
+          "host's work.")
     if failed:
         print(f"\nbench_gpu: CUDA vs CPU above {TOLERANCE:g} for: {', '.join(failed)}")
         return 1
