@@ -169,8 +169,9 @@ class TensorInfo:
 
 
 def tensor_info(shape: Sequence[int]) -> TensorInfo:
-    """``n`` and, when factored (upstream's rule, ``factored_dims``), the row, column and
-    row-column-mean entries: ``n / size[d0]``, ``n / size[d1]``, ``n / (size[d0] size[d1])``."""
+    """``n`` of a non-empty tensor and, when factored (upstream's rule, ``factored_dims``), the
+    row, column and row-column-mean entries: ``n / size[d0]``, ``n / size[d1]``,
+    ``n / (size[d0] size[d1])``."""
     n = math.prod(shape)
     dims = factored_dims(shape)
     if dims is None:
@@ -474,7 +475,7 @@ PYLO_A100_VIT_STEP_MS = {"small_fc_lopt": 99.6, "VeLO": 113.6}
 def markdown_table(models: Sequence[str] = ("GPT-2 small", "GPT 1.3B")) -> str:
     """The README's table: modeled ms per step (and x AdamW(fused)) per optimizer, model and
     GPU, and the launches per step."""
-    head = ["optimizer"]
+    head = ["optimizer (modeled)"]
     cols: list[list[StepModel]] = []
     for m in models:
         n = sum(math.prod(s) for s in MODELS[m])
@@ -500,7 +501,7 @@ def detail_table(model: str) -> str:
     shapes = MODELS[model]
     n = sum(math.prod(s) for s in shapes)
     rows = {g: step_models(shapes, GPUS[g]) for g in GPUS}
-    lines = ["| optimizer | launches | bytes/param | GB | GFLOP fp32 | GFLOP fp64 | "
+    lines = ["| optimizer (modeled) | launches | bytes/param | GB | GFLOP fp32 | GFLOP fp64 | "
              + " | ".join(f"{g} ms" for g in GPUS) + " |", "|" + "---|" * (6 + len(GPUS))]
     for i, s in enumerate(rows["H100"]):
         lines.append(f"| {s.optimizer} | {s.launches} | {s.bytes / n:.1f} | {s.bytes / 1e9:.2f} "

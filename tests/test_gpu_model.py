@@ -205,11 +205,15 @@ def test_torch_multi_tensor_launches() -> None:
     assert gpu_model.torch_multi_tensor_launches([65536 * 320 + 1], 4) == 2
 
 
-def test_readme_table_is_the_models() -> None:
+def test_readme_and_docs_tables_are_the_models() -> None:
     """The README's GPU model table is what ``python -m lopt_port.gpu_model --markdown``
-    prints."""
+    prints, and docs/benchmarks.md's per-model tables what it prints without ``--markdown``."""
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         assert gpu_model.markdown_table() in f.read()
+    with open(os.path.join(ROOT, "docs", "benchmarks.md"), encoding="utf-8") as f:
+        docs = f.read()
+    for model in gpu_model.MODELS:
+        assert gpu_model.detail_table(model) in docs, model
 
 
 def _bench() -> Any:
