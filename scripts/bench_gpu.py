@@ -25,6 +25,7 @@ on the weights' values).
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import statistics
@@ -50,6 +51,7 @@ CHECK_SHAPES = [(64, 48), (48,), (3, 5, 7), (4097,), (70, 65), ()]
 NUM_STEPS = 1000
 
 
+@functools.cache
 def _weights(name: str) -> Any:
     import converters
     from lopt_port.weights import LoadedWeights
