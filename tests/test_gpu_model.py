@@ -133,23 +133,29 @@ def _observed(names: Sequence[str]) -> set[tuple[str, int | None]]:
     return out
 
 
+#: The probe's shape lists: three tensors in one chunk (a factored matrix, a vector, a
+#: factored rank-3 tensor), and :data:`SHAPES` (two chunks; 11 s per step: slow).
+PROBE_SHAPES = {"three": [(6, 5), (7,), (2, 3, 4)], "two chunks": SHAPES}
+PROBE_CASES = [("small_fc_lopt", 0.0, "three"), ("velo", 0.0, "three"), ("velo", 0.1, "three"),
+               *(pytest.param(*c, marks=pytest.mark.slow)
+                 for c in (("small_fc_lopt", 0.0, "two chunks"), ("velo", 0.1, "two chunks")))]
+
+
 @pytest.mark.emulated
-@pytest.mark.parametrize(("kind", "weight_decay"), [("small_fc_lopt", 0.0), ("velo", 0.0),
-                                                    ("velo", 0.1)])
+@pytest.mark.parametrize(("kind", "weight_decay", "shapes"), PROBE_CASES,
+                         ids=lambda v: str(v).replace(" ", "-"))
 def test_declared_traffic_is_what_each_launch_reads_and_writes(
-        emulated: Any, kind: str, weight_decay: float) -> None:
-    """Probing every buffer of every launch (a factored matrix, a vector, a factored rank-3
-    tensor): the arrays each launch writes, and those it reads, are its kernel's declaration
-    over the tensors it works on. VeLO with prefab weight decay reads the parameters in the
-    reduce (``p*2[wd]``)."""
-    shapes = [(6, 5), (7,), (2, 3, 4)]
+        emulated: Any, kind: str, weight_decay: float, shapes: str) -> None:
+    """Probing every buffer of every launch: the arrays each launch writes, and those it reads,
+    are its kernel's declaration over the tensors it works on. VeLO with prefab weight decay
+    reads the parameters in the reduce (``p*2[wd]``)."""
     hidden = 32 if kind == "small_fc_lopt" else 4
     model = _model(kind, hidden)
-    log = _logged_step(emulated, kind, hidden, shapes, 2, weight_decay)
-    launches = model.launches(shapes)
+    log = _logged_step(emulated, kind, hidden, PROBE_SHAPES[shapes], 2, weight_decay)
+    launches = model.launches(PROBE_SHAPES[shapes])
     assert [c[0] for c in _configs(log)] == [x.kernel for x in launches]
     traffic = gpu_model.kernel_traffic(model.family)
-    infos = [gpu_model.tensor_info(s) for s in shapes]
+    infos = [gpu_model.tensor_info(s) for s in PROBE_SHAPES[shapes]]
     for entry, launch in zip(log, launches, strict=True):
         decl = traffic[launch.kernel]
         for reads, key in ((True, "reads"), (False, "writes")):
