@@ -633,3 +633,20 @@ TORCH_LIBRARY_IMPL(LOPT_OPS_LIBRARY, CUDA, m) {
   m.impl("velo_apply", velo_apply);
 }
 #endif
+
+// ---------------------------------------------------------------------------------------
+// The emulator's launch log (lopt_emu_launch_log, cuda_emulation/cuda_runtime.h), for
+// tests/test_gpu_model.py: `launch_log(mode)` returns the launches since its last call as
+// JSON and sets the mode for the following ones (0 off, 1 configurations, 2 probe buffers).
+#if defined(LOPT_CUDA_EMULATION)
+extern "C" const char* lopt_emu_launch_log(int mode);
+
+namespace {
+std::string launch_log(int64_t mode) {
+  TORCH_CHECK(mode >= 0 && mode <= 2, "launch_log mode must be 0, 1 or 2, got ", mode);
+  return lopt_emu_launch_log(static_cast<int>(mode));
+}
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(LOPT_OPS_LIBRARY, m) { m.def("launch_log(int mode) -> str", &launch_log); }
+#endif

@@ -189,6 +189,22 @@ apply_kernel(const __grid_constant__ Chunk c, const __grid_constant__ GroupDecay
   }
 }
 
+// ---- GPU model: memory traffic per kernel ------------------------------------------------
+// One line per kernel: the arrays it reads and writes per element of the tensors it runs
+// over, then after `|` those it reads or writes per factored entry or per tensor (a small
+// share). `x*k`: k floats per element; `x*2`: read twice; `p`, `g`: one value in the
+// parameter's dtype, every other array float32; `[wd]`: only with a nonzero grad_wd. Reads
+// are the arrays the results depend on (what the emulator's probe sees).
+// lopt_port/gpu_model.py parses these lines (its bytes per parameter follow from them) and
+// tests/test_gpu_model.py holds them against the buffers each launch reads and writes under
+// the emulator's probe. Keep them in step with the kernels.
+// traffic rowcol_kernel: reads g*2 p*2[wd] | v_row v_col; writes | v_row v_col
+// traffic factor_kernel: reads | v_row v_col; writes | row_factor col_factor
+// traffic accumulate_kernel: reads p g m*k rms v_diag*k | v_row v_col row_factor col_factor; writes m*k rms v_diag*k | partials
+// traffic sumsq_kernel: reads | partials; writes | sumsq
+// traffic apply_kernel: reads p g m*k rms v_diag*k | v_row v_col row_factor col_factor sumsq mlp; writes p
+// ---- end of GPU model ----------------------------------------------------------------------
+
 // ---------------------------------------------------------------------------------------
 // Launchers.
 

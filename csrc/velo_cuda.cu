@@ -216,6 +216,16 @@ apply_kernel(const __grid_constant__ Chunk c, const __grid_constant__ GroupDecay
   }
 }
 
+// ---- GPU model: memory traffic per kernel ------------------------------------------------
+// As in small_fc_lopt_cuda.cu (whose rowcol_kernel and factor_kernel phase A launches first):
+// per element `|` per factored entry or per tensor; lopt_port/gpu_model.py parses these lines
+// and tests/test_gpu_model.py holds them against the emulator's probe.
+// traffic update_kernel: reads p g m*k rms v_diag*k | row_factor col_factor; writes m*k rms v_diag*k | partials
+// traffic side_kernel: reads | v_row v_col; writes | partials
+// traffic stats_kernel: reads | partials; writes | stats sumsq
+// traffic apply_kernel: reads p g m*k rms v_diag*k | v_row v_col row_factor col_factor sumsq weights lr_mult param_scale; writes p
+// ---- end of GPU model ----------------------------------------------------------------------
+
 // ---------------------------------------------------------------------------------------
 // Launchers.
 

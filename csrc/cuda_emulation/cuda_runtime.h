@@ -22,6 +22,10 @@
 // absent lane, lanes that disagree on the mask, a deadlock) fails the launch with a message
 // (lopt_emu_failure_detail).
 //
+// The launch log (lopt_emu_launch_log; tests/test_gpu_model.py holds lopt_port/gpu_model.py's
+// launches and grids against it): each launch's kernel, grid, block and dynamic shared
+// memory and, when probing, which device buffers (device_memory.h) it writes and reads.
+//
 // Not emulated: real warp divergence (a thread runs alone between sync points), the memory
 // model, register and occupancy limits, device math functions (the host's libm), speed.
 #pragma once
@@ -92,6 +96,7 @@ struct LaunchConfig {
   dim3 grid, block;
   size_t dynamic_smem;
   const void* kernel;
+  const char* name;  // the kernel as the launch spells it, e.g. "apply_kernel<K, H>"
 };
 
 // Runs body(closure) as every thread of every block; the cudaError_t of the launch.
@@ -120,9 +125,10 @@ struct Launch {
 };
 
 template <typename... P>
-Launch<P...> launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t) {
-  return Launch<P...>{kernel,
-                      LaunchConfig{grid, block, smem, reinterpret_cast<const void*>(kernel)}};
+Launch<P...> launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t,
+                    const char* name) {
+  return Launch<P...>{
+      kernel, LaunchConfig{grid, block, smem, reinterpret_cast<const void*>(kernel), name}};
 }
 
 }  // namespace lopt_emu
@@ -135,7 +141,7 @@ Launch<P...> launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cu
 // kernel<<<grid, block, smem, stream>>>(args...) is LOPT_LAUNCH(grid, block, smem, stream,
 // kernel)(args...) in the sources (multi_tensor_cuda.cuh defines it for nvcc).
 #define LOPT_LAUNCH(grid, block, smem, stream, ...) \
-  ::lopt_emu::launch(__VA_ARGS__, grid, block, smem, stream)
+  ::lopt_emu::launch(__VA_ARGS__, grid, block, smem, stream, #__VA_ARGS__)
 #define LOPT_DYNAMIC_SHARED(T, name) T* const name = static_cast<T*>(::lopt_emu::dynamic_shared())
 
 inline void __syncthreads() { ::lopt_emu::syncthreads(); }
@@ -171,4 +177,11 @@ const char* cudaGetErrorString(cudaError_t code);
 extern "C" {
 // What made the last failed launch fail, in words ("" when none has failed).
 const char* lopt_emu_failure_detail();
+// The launches since the last call, as a JSON list, and the log's mode from now on: 0 off,
+// 1 each launch's kernel, grid, block and dynamic shared memory, 2 (probe) also the device
+// buffers it writes (those whose bytes it changes) and reads (those whose NaN poisoning,
+// one buffer at a time on a rerun from the same inputs, changes another buffer's result or
+// a byte of its own that the launch writes): reads are what the results depend on. Probing
+// reruns each launch once per buffer.
+const char* lopt_emu_launch_log(int mode);
 }

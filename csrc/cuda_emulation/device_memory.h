@@ -2,6 +2,7 @@
 // is a copy between two guard regions, so that out-of-bounds accesses show. Guards and
 // scratch hold NaN bytes (0xFF): a read past an end or of unwritten scratch turns results
 // into NaN; a write past an end changes a guard, which finish() reports by buffer name.
+// Each copy is known to the emulator by name while it lives (its launch log's probe).
 #pragma once
 
 #include <cstddef>
@@ -11,10 +12,23 @@
 #include <string>
 #include <vector>
 
+extern "C" {
+// The emulator's list of live device buffers (emulator.cpp): what the launch log probes.
+void lopt_emu_buffer_added(void* device, size_t bytes, const char* what);
+void lopt_emu_buffer_removed(const void* device);
+}
+
 namespace lopt_emu {
 
 class DeviceCopies {
  public:
+  DeviceCopies() = default;
+  DeviceCopies(const DeviceCopies&) = delete;
+  DeviceCopies& operator=(const DeviceCopies&) = delete;
+  ~DeviceCopies() {
+    for (const Buffer& b : buffers_) lopt_emu_buffer_removed(b.device);
+  }
+
   static constexpr size_t kGuardBytes = 4096;
   static constexpr unsigned char kPoison = 0xFF;
 
@@ -35,6 +49,7 @@ class DeviceCopies {
     b.device = reinterpret_cast<unsigned char*>(base);
     std::memset(b.device - kGuardBytes, kPoison, bytes + 2 * kGuardBytes);
     if (copy_in) std::memcpy(b.device, b.host, bytes);
+    lopt_emu_buffer_added(b.device, bytes, b.what.c_str());
     buffers_.push_back(std::move(b));
     return reinterpret_cast<T*>(buffers_.back().device);
   }
@@ -46,6 +61,7 @@ class DeviceCopies {
       if (error.empty()) error = check(b, true);
       if (error.empty()) error = check(b, false);
       std::memcpy(b.host, b.device, b.bytes);
+      lopt_emu_buffer_removed(b.device);
     }
     buffers_.clear();
     return error;

@@ -385,6 +385,100 @@ std::string check_config(const LaunchConfig& c) {
   return "";
 }
 
+// Runs every block of the launch `config` (g_body and friends set), in an order shuffled by
+// `rng` under fault exposure; the cudaError_t, g_detail set on failure.
+int run_grid(const LaunchConfig& config, uint64_t rng, const Segment& shared) {
+  const int n = static_cast<int>(config.block.x * config.block.y * config.block.z);
+  const bool faults = faults_enabled();
+  const uint64_t blocks = uint64_t{config.grid.x} * config.grid.y * config.grid.z;
+  std::vector<uint64_t> order(blocks);
+  for (uint64_t b = 0; b < blocks; ++b) order[b] = b;
+  if (faults) shuffle_order(order, rng);
+  for (const uint64_t b : order) {
+    g_block_idx = uint3{static_cast<unsigned>(b % config.grid.x),
+                        static_cast<unsigned>((b / config.grid.x) % config.grid.y),
+                        static_cast<unsigned>(b / (uint64_t{config.grid.x} * config.grid.y))};
+    const std::string e = run_block(n, faults, rng + b, shared);
+    if (!e.empty()) {
+      g_detail = e;
+      return cudaErrorLaunchFailure;
+    }
+  }
+  return cudaSuccess;
+}
+
+// ---------------------------------------------------------------------------------------
+// The launch log (lopt_emu_launch_log) and the device buffers it probes (device_memory.h).
+
+struct DeviceBuffer {
+  unsigned char* data;
+  size_t bytes;
+  std::string what;
+};
+std::vector<DeviceBuffer> g_buffers;
+int g_log_mode = 0;
+std::string g_log;       // the entries since the last lopt_emu_launch_log, comma-separated
+std::string g_log_out;   // what lopt_emu_launch_log returned last
+
+using Snapshot = std::vector<std::vector<unsigned char>>;
+
+Snapshot snapshot() {
+  Snapshot s;
+  for (const DeviceBuffer& b : g_buffers) s.emplace_back(b.data, b.data + b.bytes);
+  return s;
+}
+
+void restore(const Snapshot& s) {
+  for (size_t i = 0; i < g_buffers.size(); ++i)
+    std::memcpy(g_buffers[i].data, s[i].data(), g_buffers[i].bytes);
+}
+
+bool same(size_t i, const Snapshot& s) {
+  return std::memcmp(g_buffers[i].data, s[i].data(), g_buffers[i].bytes) == 0;
+}
+
+std::string json_names(const std::vector<std::string>& names) {
+  std::string out = "[";
+  for (size_t i = 0; i < names.size(); ++i) out += (i ? ",\"" : "\"") + names[i] + "\"";
+  return out + "]";
+}
+
+// run_grid, then the launch's log entry; probing (mode 2), the buffers it writes and reads.
+int run_logged(const LaunchConfig& config, uint64_t rng, const Segment& shared) {
+  const Snapshot before = g_log_mode == 2 ? snapshot() : Snapshot{};
+  const int err = run_grid(config, rng, shared);
+  if (err != cudaSuccess) return err;
+  char dims[160];
+  std::snprintf(dims, sizeof dims, "\"grid\":[%u,%u,%u],\"block\":[%u,%u,%u],\"smem\":%zu",
+                config.grid.x, config.grid.y, config.grid.z, config.block.x, config.block.y,
+                config.block.z, config.dynamic_smem);
+  std::string entry = std::string("{\"kernel\":\"") + config.name + "\"," + dims;
+  if (g_log_mode == 2) {
+    const Snapshot after = snapshot();
+    std::vector<bool> written(g_buffers.size());
+    std::vector<std::string> writes, reads;
+    for (size_t i = 0; i < g_buffers.size(); ++i)
+      if ((written[i] = !same(i, before))) writes.push_back(g_buffers[i].what);
+    for (size_t p = 0; p < g_buffers.size(); ++p) {
+      restore(before);
+      std::memset(g_buffers[p].data, kPoison, g_buffers[p].bytes);
+      const int rerun = run_grid(config, rng, shared);
+      if (rerun != cudaSuccess) return rerun;
+      bool read = false;
+      for (size_t i = 0; i < g_buffers.size() && !read; ++i)
+        read = i != p && !same(i, after);
+      // The poisoned buffer itself: only the bytes that the first run changed.
+      for (size_t j = 0; j < g_buffers[p].bytes && written[p] && !read; ++j)
+        read = after[p][j] != before[p][j] && g_buffers[p].data[j] != after[p][j];
+      if (read) reads.push_back(g_buffers[p].what);
+    }
+    restore(after);
+    entry += ",\"writes\":" + json_names(writes) + ",\"reads\":" + json_names(reads);
+  }
+  g_log += (g_log.empty() ? "" : ",") + entry + "}";
+  return cudaSuccess;
+}
+
 }  // namespace
 
 extern "C" [[noreturn]] void lopt_emu_fiber_main(Thread* t) {
@@ -446,23 +540,9 @@ int run_launch(const LaunchConfig& config, void (*body)(void*), void* closure) {
   g_closure = closure;
   g_block_dim = config.block;
   g_grid_dim = config.grid;
-  const bool faults = faults_enabled();
-  uint64_t rng = fault_seed() ^ (0xC0FFEEull + 0x10001ull * ++g_launch_count);
-  const uint64_t blocks = uint64_t{config.grid.x} * config.grid.y * config.grid.z;
-  std::vector<uint64_t> order(blocks);
-  for (uint64_t b = 0; b < blocks; ++b) order[b] = b;
-  if (faults) shuffle_order(order, rng);
-  for (const uint64_t b : order) {
-    g_block_idx = uint3{static_cast<unsigned>(b % config.grid.x),
-                        static_cast<unsigned>((b / config.grid.x) % config.grid.y),
-                        static_cast<unsigned>(b / (uint64_t{config.grid.x} * config.grid.y))};
-    const std::string e = run_block(n, faults, rng + b, shared);
-    if (!e.empty()) {
-      g_detail = e;
-      return cudaErrorLaunchFailure;
-    }
-  }
-  return cudaSuccess;
+  const uint64_t rng = fault_seed() ^ (0xC0FFEEull + 0x10001ull * ++g_launch_count);
+  if (g_log_mode == 0) return run_grid(config, rng, shared);
+  return run_logged(config, rng, shared);
 }
 
 int set_max_dynamic_smem(const void* kernel, int bytes) {
@@ -504,3 +584,26 @@ const char* cudaGetErrorString(cudaError_t code) {
 }
 
 extern "C" const char* lopt_emu_failure_detail() { return lopt_emu::g_detail.c_str(); }
+
+extern "C" void lopt_emu_buffer_added(void* device, size_t bytes, const char* what) {
+  std::lock_guard<std::mutex> lock(lopt_emu::g_mutex);
+  lopt_emu::g_buffers.push_back({static_cast<unsigned char*>(device), bytes, what});
+}
+
+extern "C" void lopt_emu_buffer_removed(const void* device) {
+  std::lock_guard<std::mutex> lock(lopt_emu::g_mutex);
+  auto& v = lopt_emu::g_buffers;
+  for (size_t i = 0; i < v.size(); ++i)
+    if (v[i].data == device) {
+      v.erase(v.begin() + static_cast<std::ptrdiff_t>(i));
+      return;
+    }
+}
+
+extern "C" const char* lopt_emu_launch_log(int mode) {
+  std::lock_guard<std::mutex> lock(lopt_emu::g_mutex);
+  lopt_emu::g_log_out = "[" + lopt_emu::g_log + "]";
+  lopt_emu::g_log.clear();
+  lopt_emu::g_log_mode = mode;
+  return lopt_emu::g_log_out.c_str();
+}
