@@ -134,15 +134,20 @@ def group_step(params: Sequence[torch.Tensor], states: Sequence[dict[str, Any]],
     tensors = (*state_lists(params, states, grads), decays)
     ops.small_fc_reduce(*tensors)
     sumsq, _ = ops.small_fc_accumulate(*tensors, head, False)
-    # Time features per distinct step count (usually one for the whole group), computed as
-    # the eager path computes them, so both paths see the same bits.
+    mlp = [t for pair in layers for t in pair]
+    ops.small_fc_apply(*tensors, head, sumsq, _time_features(states, scales), mlp,
+                       hparams["exp_mult"], hparams["step_mult"], lr,
+                       [float(x) for x in step_scales], [])
+    torch._foreach_add_([s["step"] for s in states], 1.0)
+
+
+def _time_features(states: Sequence[dict[str, Any]], scales: torch.Tensor) -> torch.Tensor:
+    """``[n, 11]``: each tensor's time features, computed once per distinct step count
+    (usually one for the whole group) as the eager path computes them, so both paths see the
+    same bits."""
     steps = [float(s["step"]) for s in states]
     by_step = {t: time_features(t, scales) for t in set(steps)}
-    tfeat = torch.stack([by_step[t] for t in steps])
-    mlp = [t for pair in layers for t in pair]
-    ops.small_fc_apply(*tensors, head, sumsq, tfeat, mlp, hparams["exp_mult"],
-                       hparams["step_mult"], lr, [float(x) for x in step_scales], [])
-    torch._foreach_add_([s["step"] for s in states], 1.0)
+    return torch.stack([by_step[t] for t in steps])
 
 
 def _sharded_group_step(params: Sequence[torch.Tensor], states: Sequence[dict[str, Any]],
@@ -159,19 +164,18 @@ def _sharded_group_step(params: Sequence[torch.Tensor], states: Sequence[dict[st
     lists = (state_lists([step.params[i] for i in live], [step.states[i] for i in live],
                          [step.grads[i] for i in live]) if live else None)
     finish_factored(step, ops, lists, decays, [0.0] * len(live), math.inf)
-    features = 4 + 8 * ((decays.numel() - 1) // 2)
-    partial = torch.zeros(len(params), features, dtype=torch.float64,
-                          device=params[0].device)
     if live:
         _, sums = ops.small_fc_accumulate(*lists, decays, head, True)
         partial = spread(sums, live, len(params))
+    else:
+        features = 4 + 8 * ((decays.numel() - 1) // 2)
+        partial = torch.zeros(len(params), features, dtype=torch.float64,
+                              device=params[0].device)
     sumsq = complete(partial, step.specs).to(torch.float32)
     if live:
-        steps = [float(states[i]["step"]) for i in live]
-        by_step = {t: time_features(t, scales) for t in set(steps)}
-        tfeat = torch.stack([by_step[t] for t in steps])
         mlp = [t for pair in layers for t in pair]
-        ops.small_fc_apply(*lists, decays, head, rows(sumsq, live).contiguous(), tfeat, mlp,
+        ops.small_fc_apply(*lists, decays, head, rows(sumsq, live).contiguous(),
+                           _time_features([states[i] for i in live], scales), mlp,
                            hparams["exp_mult"], hparams["step_mult"], lr,
                            [float(step_scales[i]) for i in live] if step_scales else [],
                            step.counts(live))

@@ -13,6 +13,8 @@ Per step, for every tensor at once:
 
 Nothing leaves the device (``lr_mult`` and the statistics are read by the kernels where they
 are). The state is the eager path's, so runs can switch between ``fused=True`` and ``False``.
+FSDP2 parameters run on their local shards, phase A's statistics and sums of squares
+completed over the ranks (:mod:`lopt_port.fused_shards`).
 """
 
 from __future__ import annotations
@@ -100,11 +102,12 @@ def _sharded_phase_a(params: Sequence[torch.Tensor], grads: Sequence[torch.Tenso
     finish_factored(step, ops, lists, decays, wd, VELO_GRAD_CLIP)
     k = (decays.numel() - 1) // 2
     moments = 3 + 2 * k
-    partial = torch.zeros(len(params), moments + 6 + 8 * k, dtype=torch.float64,
-                          device=params[0].device)
     if live:
         _, _, sums = ops.velo_accumulate(*lists, decays, wd, VELO_GRAD_CLIP, True)
         partial = spread(sums, live, len(params))
+    else:
+        partial = torch.zeros(len(params), moments + 6 + 8 * k, dtype=torch.float64,
+                              device=params[0].device)
     total = complete(partial, step.specs)
     stats = velo_stats(total[:, :moments], step.counts(range(len(params))), k)
     return PhaseA(lists, stats, total[:, moments:].to(torch.float32), live, step.counts(live))
