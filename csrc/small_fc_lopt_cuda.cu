@@ -208,6 +208,19 @@ apply_kernel(const __grid_constant__ Chunk c, const __grid_constant__ GroupDecay
 // ---------------------------------------------------------------------------------------
 // Launchers.
 
+// Phase 1a over every chunk: a warp per v_row and v_col entry of the factored tensors.
+int rowcol_launches(const TensorArgs* tensors, int count, const GroupDecays& d,
+                    cudaStream_t s) {
+  return for_each_chunk(
+      tensors, count,
+      [](const TensorArgs& t) { return t.factored ? t.n_row + t.n_col : int64_t{0}; },
+      [&](Chunk& c, int) {
+        LOPT_LAUNCH(static_cast<unsigned>(blocks_for(c.offset[c.count], kWarps)), kThreads, 0,
+                    s, rowcol_kernel)(c, d);
+        return last_error();
+      });
+}
+
 template <int K>
 int accumulate_k(const TensorArgs* tensors, int count, const GroupDecays& d, bool head,
                  double* partials, cudaStream_t stream) {
@@ -268,30 +281,14 @@ extern "C" {
 
 int lopt_factored_sums_cuda(const TensorArgs* tensors, int count, const GroupDecays* decays,
                             void* stream) {
-  const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  const GroupDecays d = *decays;
-  return for_each_chunk(
-      tensors, count,
-      [](const TensorArgs& t) { return t.factored ? t.n_row + t.n_col : int64_t{0}; },
-      [&](Chunk& c, int) {
-        LOPT_LAUNCH(static_cast<unsigned>(blocks_for(c.offset[c.count], kWarps)), kThreads, 0,
-                    s, rowcol_kernel)(c, d);
-        return last_error();
-      });
+  return rowcol_launches(tensors, count, *decays, static_cast<cudaStream_t>(stream));
 }
 
 int lopt_small_fc_reduce_cuda(const TensorArgs* tensors, int count, const GroupDecays* decays,
                               void* stream) {
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   const GroupDecays d = *decays;
-  int err = for_each_chunk(
-      tensors, count,
-      [](const TensorArgs& t) { return t.factored ? t.n_row + t.n_col : int64_t{0}; },
-      [&](Chunk& c, int) {
-        LOPT_LAUNCH(static_cast<unsigned>(blocks_for(c.offset[c.count], kWarps)), kThreads, 0,
-                    s, rowcol_kernel)(c, d);
-        return last_error();
-      });
+  const int err = rowcol_launches(tensors, count, d, s);
   if (err != 0) return err;
   const int k = d.k;
   return for_each_chunk(
