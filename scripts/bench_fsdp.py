@@ -31,7 +31,7 @@ own ``ru_maxrss`` at the end (the runtime and every implementation together).
 
 The default run (``--ranks 1 2 4 --optimizers velo --impls fused adamw``) takes a few
 minutes; ``eager`` is not in it: VeLO's eager path takes one to two minutes per step of GPT-2
-small here, so ``--impls fused eager adamw`` takes about 6 minutes per rank count.
+small here, so with ``--impls fused eager adamw`` each rank count takes 5 to 10 minutes.
 
 The ranks share this machine's cores (each gets ``cores / ranks`` threads unless
 ``--threads`` says otherwise), so times across rank counts are not speedups: compare the
