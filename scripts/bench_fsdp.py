@@ -27,7 +27,8 @@ memory the implementation added to its rank process while it was built and took 
 steps (its parameters, gradients, optimizer state and the temporaries of a step; the kernel's
 high-water mark, ``VmHWM``, reset before and compared with the resident size before), of
 which ``state`` is the optimizer state's local tensors. ``rank peak`` is each rank process's
-own ``ru_maxrss`` at the end (the runtime and every implementation together).
+peak resident memory over the whole run (the runtime, every implementation together, and
+those that failed while they were tried).
 
 The default run (``--ranks 1 2 4 --optimizers velo --impls fused adamw``) takes a few
 minutes; ``eager`` is not in it: VeLO's eager path takes one to two minutes per step of GPT-2
@@ -53,7 +54,6 @@ import ctypes
 import gc
 import json
 import os
-import resource
 import statistics
 import sys
 import tempfile
@@ -198,15 +198,28 @@ def resident_kb(key: str = "VmRSS") -> int:
         return int(next(ln for ln in f if ln.startswith(key + ":")).split()[1])
 
 
-def reset_peak() -> int:
-    """Free what can be freed, reset the kernel's high-water mark of resident memory
-    (``/proc/self/clear_refs`` = 5) and return the resident size in KiB."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap back to the kernel (glibc)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return resident_kb()
+class Peaks:
+    """The kernel's high-water mark of this process's resident memory (``VmHWM``), reset at
+    the start of each implementation's measurement, and the largest one over the whole run
+    (``ru_maxrss`` cannot tell it: the reset lowers it too)."""
+
+    def __init__(self) -> None:
+        self.run_kb = 0
+
+    def reset(self) -> int:
+        """Free what can be freed, reset the high-water mark (``/proc/self/clear_refs`` = 5)
+        and return the resident size in KiB."""
+        self.run_kb = self.run()
+        gc.collect()
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap back to the kernel (glibc)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return resident_kb()
+
+    def run(self) -> int:
+        """The peak resident memory of the whole run so far, in KiB."""
+        return max(self.run_kb, resident_kb("VmHWM"))
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -287,12 +300,12 @@ def agreed_failure(message: str | None) -> str | None:
     return next((m for m in messages if m is not None), None)
 
 
-def prepare(entry: Entry, cfg: Config, mesh: Any, gen: torch.Generator,
+def prepare(entry: Entry, cfg: Config, mesh: Any, gen: torch.Generator, peaks: Peaks,
             adamw_fused: bool = False) -> str | None:
     """Build the entry and take its warm-up steps, the last one recording its collectives, and
     measure the memory it adds. Returns why it failed (on any rank), ``None`` if it did not."""
     row = entry.row
-    before = reset_peak()
+    before = peaks.reset()
     failure = None
     try:
         entry.model = sharded_model(cfg, mesh)
@@ -343,15 +356,16 @@ def planned(cfg: Config, world: int) -> list[Entry]:
     return entries
 
 
-def prepare_adamw(world: int, cfg: Config, mesh: Any, gen: torch.Generator) -> Entry:
+def prepare_adamw(world: int, cfg: Config, mesh: Any, gen: torch.Generator,
+                  peaks: Peaks) -> Entry:
     """AdamW with ``fused=True``, or with ``foreach=True`` where that fails (the row says so)."""
     entry = Entry(Row(world, "adamw", "adamw", "AdamW(fused=True)"))
-    failure = prepare(entry, cfg, mesh, gen, adamw_fused=True)
+    failure = prepare(entry, cfg, mesh, gen, peaks, adamw_fused=True)
     if failure is None:
         return entry
     entry = Entry(Row(world, "adamw", "adamw", "AdamW(foreach=True)",
                       reason=f"fused=True failed: {failure}"))
-    failure = prepare(entry, cfg, mesh, gen)
+    failure = prepare(entry, cfg, mesh, gen, peaks)
     if failure is not None:
         entry.row.available, entry.row.reason = False, failure
     return entry
@@ -377,21 +391,21 @@ def worker(rank: int, world: int, cfg: Config) -> None:
     try:
         mesh = init_device_mesh("cpu", (world,))
         gen = torch.Generator().manual_seed(1000 + rank)
+        peaks = Peaks()
         warm_runtime(cfg, mesh, gen)
         entries = planned(cfg, world)
         if "adamw" in cfg.impls:
-            entries.insert(0, prepare_adamw(world, cfg, mesh, gen))
+            entries.insert(0, prepare_adamw(world, cfg, mesh, gen, peaks))
         for entry in entries:
             if entry.row.available and entry.opt is None:
-                failure = prepare(entry, cfg, mesh, gen)
+                failure = prepare(entry, cfg, mesh, gen, peaks)
                 if failure is not None:
                     entry.row.available, entry.row.reason = False, f"not available: {failure}"
         live = [e for e in entries if e.opt is not None]
         for _ in range(cfg.repeats):  # interleaved: the machine's load falls on all alike
             for entry in live:
                 entry.times.append(entry.step(gen))
-        mine = ([(e.times, e.mem_kb, e.state_bytes) for e in entries],
-                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        mine = ([(e.times, e.mem_kb, e.state_bytes) for e in entries], peaks.run())
         everyone: list[Any] = [None] * world
         dist.all_gather_object(everyone, mine)
         if rank == 0:
@@ -498,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
             for line in table([Row(**r) for r in result["rows"]]):
                 print(line, flush=True)
             peaks = ", ".join(f"{p:,.0f}" for p in result["rank_peak_mib"])
-            print(f"{'':>5}  rank peak RSS (MiB, all implementations together): {peaks}; "
+            print(f"{'':>5}  rank peak RSS (MiB, the whole run): {peaks}; "
                   f"{result['threads']} threads per rank", flush=True)
             rows += [{**r, "median_ms": Row(**r).median_ms, "threads": result["threads"]}
                      for r in result["rows"]]
