@@ -154,6 +154,7 @@ class Row:
 
     @property
     def median_ms(self) -> float | None:
+        """The median of the timed steps, ``None`` when there were none."""
         return statistics.median(self.step_ms) if self.step_ms else None
 
 
@@ -367,7 +368,7 @@ def prepare_adamw(world: int, cfg: Config, mesh: Any, gen: torch.Generator,
                       reason=f"fused=True failed: {failure}"))
     failure = prepare(entry, cfg, mesh, gen, peaks)
     if failure is not None:
-        entry.row.available, entry.row.reason = False, failure
+        entry.row.available, entry.row.reason = False, f"not available: {failure}"
     return entry
 
 
