@@ -398,6 +398,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if groups and self.requires_loss and loss is None and not lr_zero:
             raise RuntimeError(f"{type(self).__name__} needs the training loss; add the one "
                                f"line for your loop: {LOSS_HANDOFF}")
+        if self.fused is True and groups:  # refused before any state is created
+            self._fused_flags([p for lists in groups for p in lists.params])
         for lists in groups:
             self._init_group(lists.group, skip_empty)
             for p in lists.params:

@@ -295,3 +295,16 @@ def test_sparse_grads_are_refused(make):
     p.grad = torch.eye(3).to_sparse()
     with pytest.raises(RuntimeError, match="sparse"):
         _step(opt)
+
+
+@pytest.mark.parametrize("kind", ["small_fc_lopt", "velo", "mulo", "celo"])
+def test_refused_fused_step_creates_no_state(kind):
+    """``fused=True`` refuses a parameter the kernels cannot take (float64) before any state
+    exists: the refused step leaves the optimizer as it was."""
+    params = _params()
+    params[3] = params[3].double()
+    opt = OPTIMIZERS[f"{kind}-eager"](params, fused=True)  # the factory that takes fused=
+    _grads(params, 0)
+    with pytest.raises(RuntimeError, match=r"fused=True, but .*float64"):
+        _step(opt)
+    assert not opt.state
