@@ -330,7 +330,7 @@ Tensor factored_sums(at::TensorList params, at::TensorList grads, at::TensorList
   const int count = static_cast<int>(g.tensors.size());
   if constexpr (!kEmulated) {
     if (g.device.is_cpu()) {
-      lopt::factored_sums_cpu(g.tensors.data(), count);
+      lopt::factored_sums_cpu(g.tensors.data(), count, g.decays);
       return out;
     }
   }

@@ -8,7 +8,6 @@
 #include "small_fc_lopt_cpu.h"
 
 #include <algorithm>
-#include <utility>
 
 #include "cpu_lanes.h"
 #include <vector>
@@ -152,8 +151,7 @@ void apply_k(const TensorArgs* t, int count, const GroupDecays& d, bool head_var
 // Phase 1's sums for one tensor in one pass over its elements, in reduction order 4: an
 // element's term goes to lane (its coordinate along d0) mod 32 of its v_row entry's sum and to
 // lane (its coordinate along d1) mod 32 of its v_col entry's (lane-major accumulators).
-// The per-entry sums: v_row's entries, then v_col's.
-std::pair<std::vector<double>, std::vector<double>> entry_sums(const TensorArgs& t) {
+void reduce_one(const TensorArgs& t, const GroupDecays& d) {
   std::vector<double> row_acc(kReduceLanes * t.n_row, 0.0), col_acc(kReduceLanes * t.n_col, 0.0);
   FactoredCursor cur;
   cur.start(t.ix, 0);
@@ -164,18 +162,19 @@ std::pair<std::vector<double>, std::vector<double>> entry_sums(const TensorArgs&
     row_acc[(cur.coord[t.d0] % kReduceLanes) * t.n_row + cur.row] += gs;
     col_acc[(cur.coord[t.d1] % kReduceLanes) * t.n_col + cur.col] += gs;
   }
-  return {cpu::entry_totals(row_acc.data(), t.n_row), cpu::entry_totals(col_acc.data(), t.n_col)};
-}
-
-void reduce_one(const TensorArgs& t, const GroupDecays& d) {
-  const auto [rows, cols] = entry_sums(t);
-  small_fc_reduce_finish(t, d, rows.data(), cols.data());
+  small_fc_reduce_finish(t, d, cpu::entry_totals(row_acc.data(), t.n_row).data(),
+                         cpu::entry_totals(col_acc.data(), t.n_col).data());
 }
 
 }  // namespace
 
 void small_fc_reduce_finish(const TensorArgs& t, const GroupDecays& d, const double* row_sum,
                             const double* col_sum) {
+  if (t.entry_sums != nullptr) {  // a sharded tensor: the caller completes and finishes
+    std::copy(row_sum, row_sum + t.n_row, t.entry_sums);
+    std::copy(col_sum, col_sum + t.n_col, t.entry_sums + t.n_row);
+    return;
+  }
   const int k = d.k;
   const int rank = t.ix.rank;
   const double n0 = static_cast<double>(t.ix.size[t.d0]);
@@ -218,16 +217,6 @@ void small_fc_reduce_cpu(const TensorArgs* t, int count, const GroupDecays& d) {
 #pragma omp parallel for schedule(dynamic, 1)
   for (int i = 0; i < count; ++i)
     if (t[i].factored && t[i].n > 0) reduce_one(t[i], d);
-}
-
-void factored_sums_cpu(const TensorArgs* t, int count) {
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int i = 0; i < count; ++i) {
-    if (!t[i].factored || t[i].n == 0) continue;
-    const auto [rows, cols] = entry_sums(t[i]);
-    std::copy(rows.begin(), rows.end(), t[i].entry_sums);
-    std::copy(cols.begin(), cols.end(), t[i].entry_sums + t[i].n_row);
-  }
 }
 
 void small_fc_accumulate_cpu(const TensorArgs* t, int count, const GroupDecays& d,

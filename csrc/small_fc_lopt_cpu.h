@@ -12,16 +12,13 @@ namespace lopt {
 void small_fc_reduce_cpu(const TensorArgs* t, int count, const GroupDecays& d);
 
 // The rest of phase 1 for one factored tensor, from the sums of g^2 + 1e-30 over each v_row
-// entry's and each v_col entry's elements: the moving averages and the factors.
+// entry's and each v_col entry's elements: the moving averages and the factors; for a sharded
+// tensor (entry_sums set) only the sums, copied to entry_sums for the caller to complete.
 void small_fc_reduce_finish(const TensorArgs& t, const GroupDecays& d, const double* row_sum,
                             const double* col_sum);
 
 // Phase 2: momentum, rms and v_diag moving averages; per-feature sums of squares of the raw
 // features into each tensor's sumsq (summed per accumulate_tile, then the tiles in order).
-// Sharded parameters: each factored tensor's per-entry sums of g^2 + 1e-30 into entry_sums
-// (v_row's entries, then v_col's; reduction order 4 over this rank's elements), nothing else.
-void factored_sums_cpu(const TensorArgs* t, int count);
-
 void small_fc_accumulate_cpu(const TensorArgs* t, int count, const GroupDecays& d,
                              bool head_variant);
 

@@ -890,6 +890,16 @@ void accumulate_k(const TensorArgs* t, int count, const GroupDecays& d, bool fac
   }
 }
 
+}  // namespace
+
+void factored_sums_cpu(const TensorArgs* t, int count, const GroupDecays& d) {
+  std::vector<RunLayout> layout(count);
+  for (int i = 0; i < count; ++i) layout[i] = run_layout(t[i]);
+  velo_reduce(t, count, d, layout);
+}
+
+namespace {
+
 template <int K>
 void apply_k(const TensorArgs* t, int count, const GroupDecays& d, const VeloApplyArgs& a) {
   constexpr int F = 6 + 8 * K;

@@ -11,6 +11,11 @@ namespace lopt {
 // velo_math.h: velo_stats_count(k) floats per tensor); the factored statistics (as
 // small_fc_reduce_cpu); the moving averages; the per-feature sums of squares of the 6 + 8k
 // features into sumsq. Gradients are effective_grad (weight decay, clip) throughout.
+// Sharded parameters, phase A's factored sums alone (velo_accumulate_cpu's, in the order of
+// small_fc_reduce_cpu): each factored tensor's sums of g^2 + 1e-30 per v_row entry, then per
+// v_col entry, over this rank's elements into its entry_sums (which must be set).
+void factored_sums_cpu(const TensorArgs* t, int count, const GroupDecays& d);
+
 // factored_ready: v_row, v_col and the row and column factors are this step's already
 // (sharded parameters: factored_sums, completed over the ranks); otherwise phase A forms them.
 void velo_accumulate_cpu(const TensorArgs* t, int count, const GroupDecays& d,
