@@ -1,7 +1,8 @@
 """Build (just in time, cached) and load the fused-kernel extension from ``csrc/``.
 
-The extension registers ``torch.ops.lopt_port.*``: three multi-tensor ops per optimizer,
-dispatched by device. It is built in two parts:
+The extension registers ``torch.ops.lopt_port.*``: one multi-tensor op per fused phase
+(small_fc_lopt three, VeLO two, and ``factored_sums`` for sharded parameters), dispatched by
+device. It is built in two parts:
 
 - when ``nvcc`` is found (``$CUDA_HOME/bin/nvcc``, else ``/usr/local/cuda/bin/nvcc``), the
   pure-CUDA kernels (``*.cu``, no torch headers) are compiled into one object for the
