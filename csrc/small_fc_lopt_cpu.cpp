@@ -191,7 +191,7 @@ void small_fc_reduce_finish(const TensorArgs& t, const GroupDecays& d, const dou
   }
   // Row factors: v_row over its mean along the remaining copy of d1 (upstream's
   // reduced_d1), per decay; the header's index math walks that axis per mean entry.
-  int64_t row_shape[kMaxRank];
+  int64_t row_shape[kMaxRank] = {};  // zeroed: GCC 12 (avx2 level) cannot see j < rank fill it
   int j = 0;
   for (int dim = 0; dim < rank; ++dim)
     if (dim != t.d0) row_shape[j++] = t.ix.size[dim];
