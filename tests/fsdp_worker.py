@@ -56,6 +56,9 @@ def _step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
 
 def run(rank: int, world: int, init_file: str, kind: str, weights: str, out: str,
         fused: bool = False, dtype: str = "float32", tolerance: float = 1e-6) -> None:
+    """One rank. ``tolerance``: the largest error allowed after any step, relative to the
+    tensor's largest value; tests/test_fsdp.py passes its stated bounds (the default, 1e-6,
+    is its float32 bound: sums over shards round differently from one sum, ~1e-7)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Replicate, distribute_tensor
@@ -166,7 +169,7 @@ def run(rank: int, world: int, init_file: str, kind: str, weights: str, out: str
 
 def spawn(kind: str, weights: str, folder: str, world: int = 2, *, fused: bool = False,
           dtype: str = "float32", tolerance: float = 1e-6) -> dict:
-    """Run ``world`` ranks; returns rank 0's measurements."""
+    """Run ``world`` ranks; returns rank 0's measurements (``tolerance``: as :func:`run`)."""
     import torch.multiprocessing as mp
     init_file = os.path.join(folder, "init")
     out = os.path.join(folder, "result.json")

@@ -232,7 +232,8 @@ def _bench() -> Any:
     return module
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the skip is for machines without a GPU")
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason="a CUDA GPU is present: bench_gpu.py measures instead of skipping")
 def test_bench_gpu_skips_without_a_gpu(capsys: pytest.CaptureFixture[str]) -> None:
     assert _bench().main([]) == 0
     assert capsys.readouterr().out.startswith("bench_gpu: SKIPPED: no CUDA GPU")
