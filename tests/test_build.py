@@ -221,10 +221,30 @@ def test_a_lower_level_is_taken(host, monkeypatch):
     for isa in ("avx2", "generic", "avx512"):
         monkeypatch.setenv("LOPT_CPU_ISA", isa)
         assert extension.cpu_isa() == isa
-    assert extension.isa_flags("avx512") == ["-march=x86-64-v4", "-mtune=native"]
+    monkeypatch.setattr(extension, "compiler_accepts", lambda flags: True)
+    assert extension.isa_flags("avx512") == ["-march=x86-64-v4", "-mtune=native",
+                                            "-mprefer-vector-width=512", "-mmove-max=512",
+                                            "-mstore-max=512"]
     assert extension.isa_flags("avx2") == ["-march=x86-64-v3", "-mtune=native"]
     assert extension.isa_flags("generic") == ["-march=x86-64", "-mtune=native"]
     assert extension.binding_name("avx2") == "lopt_port_kernels_avx2"
+
+
+def test_wide_moves_only_where_the_compiler_takes_them(host, monkeypatch):
+    """GCC before 12 and clang do not know -mmove-max / -mstore-max: the avx512 build then
+    goes without them rather than failing."""
+    host(AVX512_HOST)
+    asked = []
+    monkeypatch.setattr(extension, "compiler_accepts", lambda flags: asked.append(flags) or False)
+    assert extension.isa_flags("avx512") == ["-march=x86-64-v4", "-mtune=native",
+                                            "-mprefer-vector-width=512"]
+    assert asked == [extension.WIDE_MOVES]
+
+
+def test_the_compiler_probe_tells_flags_apart():
+    """The probe compiles: a flag the compiler knows passes, an invented one does not."""
+    assert extension.compiler_accepts(("-O2",))
+    assert not extension.compiler_accepts(("-mno-such-option-lopt",))
 
 
 def test_a_level_the_cpu_lacks_is_refused_before_building(host, monkeypatch):
