@@ -519,9 +519,8 @@ def main(argv: list[str] | None = None) -> int:
                      for r in result["rows"]]
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        from bench_step import write_json
+        write_json(args.json, rows)
     return 0
 
 

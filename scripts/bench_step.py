@@ -199,6 +199,13 @@ def default_weights(optimizer: str) -> str:
     return full if os.path.isdir(full) else os.path.join(ROOT, "checkpoints", "velo_small")
 
 
+def write_json(path: str, rows: list[dict]) -> None:
+    """The measured rows to ``path`` (its folder made if missing), as indented JSON."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(rows, f, indent=1)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--optimizer", choices=["small_fc_lopt", "velo", "mulo", "celo",
@@ -280,9 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             parts.append(f"compiled / adamw-compiled = {ratio:.3g}x")
         print(f"{layout:>9}: " + ", ".join(parts))
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        write_json(args.json, rows)
     return 0
 
 
